@@ -1,0 +1,33 @@
+"""attnsurgeon: attention surgery for torchvision models.
+
+Importing the package does not import torch; the functions below load it on first use.
+
+>>> import attnsurgeon, torchvision
+>>> model = torchvision.models.resnet18()
+>>> changes = attnsurgeon.apply(model, "se", layers="layer3:", init="preserve")
+>>> model = attnsurgeon.load("se_r50.pt")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "apply", "export_onnx", "load", "set_temperature", "temperature_schedule"]
+
+_LAZY = {
+    "apply": "attnsurgeon.surgery",
+    "load": "attnsurgeon.checkpoint",
+    "export_onnx": "attnsurgeon.onnx_export",
+    "set_temperature": "attnsurgeon.layers.dynamic_conv",
+    "temperature_schedule": "attnsurgeon.layers.dynamic_conv",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attnsurgeon' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from attnsurgeon.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""The ``attnsurgeon`` command line: builds the Typer app and registers the commands.
+
+Commands are thin: they hand typed options to :mod:`attnsurgeon.commands`. torch is only
+imported inside command bodies, so ``--help`` and ``kinds`` are instant. A user error
+(:class:`~attnsurgeon.errors.UsageError`) becomes one line on stderr and exit status 2;
+set ``ATTNSURGEON_DEBUG=1`` to see its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UsageError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="attnsurgeon",
+    help="Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_err = Console(stderr=True)
+
+S = "surgery"  # help panel
+ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
+Attn = Annotated[Optional[str], typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp (see `attnsurgeon kinds`).", rich_help_panel=S)]
+Position = Annotated[Optional[str], typer.Option("--position", help="standard | pre | post | identity (insert kinds; default: the kind's own).", rich_help_panel=S)]
+Layers = Annotated[Optional[str], typer.Option("--layers", help="Blocks to change: a stage (layer3), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
+Params = Annotated[Optional[list[str]], typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]
+Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML recipe instead of --attn/--position/--layers/--param. MODEL, --weights, --head, --init and --seed given on the command line win over the recipe's values.", rich_help_panel=S)]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
+WeightsFile = Annotated[Optional[Path], typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
+Init = Annotated[Optional[str], typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for the new modules' initial weights.", rich_help_panel=S)]
+Head = Annotated[Optional[str], typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout, nothing else.")]
+InputSize = Annotated[int, typer.Option("--input-size", help="Square input size for MAC counts and probes.")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as e:
+        if os.environ.get("ATTNSURGEON_DEBUG"):
+            raise
+        _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,
+          param: list[str] | None, recipe: list[Path] | None, weights: str | None,
+          weights_file: Path | None, init: str | None, seed: int, head: str | None):
+    from .commands import SurgeryOptions
+
+    return SurgeryOptions(model=model, attn=attn, position=position, layers=layers,
+                          params=tuple(param or ()), recipes=tuple(recipe or ()), weights=weights,
+                          weights_file=weights_file, init=init, seed=seed, head=head)
+
+
+@app.command()
+def insert(
+    output: Output,
+    model: ModelArg = None,
+    attn: Attn = None,
+    position: Position = None,
+    layers: Layers = None,
+    param: Params = None,
+    recipe: Recipes = None,
+    weights: Weights = None,
+    weights_file: WeightsFile = None,
+    init: Init = None,
+    seed: Seed = 0,
+    head: Head = None,
+    force: Force = False,
+    input_size: InputSize = 224,
+    json: Json = False,
+) -> None:
+    """Rewrite MODEL's blocks with attention and save a safe .pt checkpoint."""
+    with _user_errors():
+        from .commands import run_insert
+
+        run_insert(_opts(model, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
+                   output=output, force=force, input_size=input_size, as_json=json)
+
+
+@app.command()
+def summarize(
+    target: Annotated[Optional[str], typer.Argument(help="A model name (dry run: nothing is written) or a FILE.pt from insert.", show_default=False)] = None,
+    attn: Attn = None,
+    position: Position = None,
+    layers: Layers = None,
+    param: Params = None,
+    recipe: Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML recipe(s); several (or a directory) print one comparison table. CLI values win over the recipe's.", rich_help_panel=S)] = None,
+    weights: Weights = None,
+    weights_file: WeightsFile = None,
+    init: Init = None,
+    seed: Seed = 0,
+    head: Head = None,
+    input_size: InputSize = 224,
+    json: Json = False,
+) -> None:
+    """Show parameters and MACs per stage before and after surgery (writes nothing)."""
+    with _user_errors():
+        from .commands import run_summarize
+
+        run_summarize(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
+                      input_size=input_size, as_json=json)
+
+
+@app.command()
+def blocks(
+    model: Annotated[str, typer.Argument(help="torchvision model name.", show_default=False)],
+    json: Json = False,
+) -> None:
+    """List MODEL's residual blocks: stages, dotted names, channels, stride, slots."""
+    with _user_errors():
+        from .commands import run_blocks
+
+        run_blocks(model, as_json=json)
+
+
+@app.command()
+def kinds(json: Json = False) -> None:
+    """List the attention kinds, their parameters, defaults and papers."""
+    with _user_errors():
+        from .commands import run_kinds
+
+        run_kinds(as_json=json)
+
+
+def main() -> None:
+    app(prog_name="attnsurgeon")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The work behind each CLI command, as plain functions of typed options.
+
+``cli.py`` only parses options and calls these. Options are validated (recipe, kind,
+params, layer-spec syntax, output path) before any model is loaded, and nothing is
+written until everything has succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from .errors import UsageError
+from .kinds import parse_cli_params
+from .recipe import Recipe, check_head, check_init, load_recipe, rule_from_options
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .surgery import Change
+
+__all__ = ["SurgeryOptions", "run_blocks", "run_insert", "run_kinds", "run_summarize"]
+
+out = Console()  # results: tables (stdout)
+err = Console(stderr=True)  # messages
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """The surgery options shared by insert, summarize and export-onnx."""
+
+    model: str | None = None
+    attn: str | None = None
+    position: str | None = None
+    layers: str | None = None
+    params: Sequence[str] = ()
+    recipes: Sequence[Path] = ()
+    weights: str | None = None
+    weights_file: Path | None = None
+    init: str | None = None
+    seed: int = 0
+    head: str | None = None
+
+    def recipe(self, path: Path | None = None) -> Recipe:
+        """The recipe these options describe: a TOML file (CLI values override its
+        top-level keys) or the one rule of ``--attn/--position/--layers/--param``."""
+        if path is not None:
+            if self.attn or self.position or self.layers or self.params:
+                raise UsageError("--recipe replaces --attn/--position/--layers/--param; give one or the other")
+            recipe = load_recipe(path)
+        else:
+            if self.attn is None and (self.position or self.layers or self.params):
+                raise UsageError("--position/--layers/--param need --attn")
+            rules = ()
+            if self.attn is not None:
+                rules = (rule_from_options(self.attn, position=self.position,
+                                           layers=self.layers or "all",
+                                           params=parse_cli_params(list(self.params))),)
+            recipe = Recipe(rules=rules)
+        recipe = recipe.with_overrides(model=self.model, weights=self.weights, head=self.head,
+                                       init=self.init, seed=self.seed)
+        if recipe.head == "avg":
+            recipe = replace(recipe, head=None)
+        check_head(recipe.head, "--head")
+        check_init(recipe.init, "--init")
+        return recipe
+
+
+@dataclass
+class Prepared:
+    """A model before and after surgery, and what was done."""
+
+    name: str
+    recipe: Recipe
+    original: nn.Module
+    model: nn.Module
+    changes: list[Change] = field(default_factory=list)
+    weights: str = "none"
+
+
+def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
+    from .surgery import apply_recipe
+    from .zoo import build_model, check_model_name
+
+    name = check_model_name(recipe.model)
+    if opts.weights_file is not None and recipe.weights not in (None, "none"):
+        raise UsageError("give --weights or --weights-file, not both")
+    original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
+    model = copy.deepcopy(original)
+    changes = apply_recipe(model, recipe)
+    weights = (f"file:{Path(opts.weights_file).name}" if opts.weights_file
+               else recipe.weights or "none")
+    return Prepared(name, recipe, original, model, changes, weights)
+
+
+def _stages(model: nn.Module) -> list[str]:
+    from .blocks import find_blocks
+
+    return list(dict.fromkeys(info.stage for info, _ in find_blocks(model)))
+
+
+def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True) -> dict[str, Any]:
+    from .report import measure, preservation, summary_data
+
+    stages = _stages(p.original)
+    before = measure(p.original, stages, input_size=input_size)
+    after = measure(p.model, stages, input_size=input_size)
+    pres = preservation(p.original, p.model, input_size=input_size) if probe and p.changes else None
+    return summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
+                        changes=p.changes, input_size=input_size, preservation=pres)
+
+
+def _emit(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        from .render import print_summary
+
+        print_summary(out, data)
+
+
+def _check_input_size(size: int) -> None:
+    if size < 32:
+        raise UsageError(f"--input-size must be >= 32, got {size}")
+
+
+def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool) -> None:
+    from .checkpoint import check_output, save
+
+    _check_input_size(input_size)
+    if len(opts.recipes) > 1:
+        raise UsageError("insert takes one --recipe")
+    recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
+    if not recipe.rules and recipe.head is None:
+        raise UsageError("nothing to insert: give --attn KIND, --head or --recipe FILE")
+    output = check_output(output, force=force)
+    p = prepare(opts, recipe)
+    data = summarize_prepared(p, input_size=input_size)
+    save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
+         preservation=data["preservation"])
+    data["output"] = str(output)
+    _emit(data, as_json)
+    err.print(f"wrote {output}")
+
+
+def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
+    from . import checkpoint
+    from .report import measure, summary_data
+    from .surgery import apply_recipe
+    from .zoo import build_model
+
+    data = checkpoint.read(path)
+    model = checkpoint.rebuild(data, path)
+    recipe = checkpoint.recipe_of(data, path)
+    original = build_model(data["model"], model_kwargs=data["model_kwargs"])
+    probe = copy.deepcopy(original)
+    changes = apply_recipe(probe, recipe)  # the change list, on a throwaway copy
+    stages = _stages(original)
+    result = summary_data(
+        model_name=data["model"], recipe=data["recipe"],
+        before=measure(original, stages, input_size=input_size),
+        after=measure(model, stages, input_size=input_size),
+        changes=changes, input_size=input_size, preservation=data.get("preservation"),
+    )
+    result["checkpoint"] = {"path": str(path), "weights": data.get("weights"),
+                            "versions": data.get("versions")}
+    return result
+
+
+def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool) -> None:
+    _check_input_size(input_size)
+    if target is not None and target.endswith(".pt"):
+        if opts.attn or opts.recipes or opts.head:
+            raise UsageError("summarize FILE.pt takes no surgery options: the file says what was done")
+        data = _summarize_checkpoint(Path(target), input_size=input_size)
+        if not as_json:
+            err.print(f"{target}: made by {_describe(data['recipe'])}")
+        _emit(data, as_json)
+        return
+    opts = SurgeryOptions(**{**opts.__dict__, "model": target})
+    recipes = _expand(opts.recipes)
+    if len(recipes) <= 1:
+        p = prepare(opts, opts.recipe(recipes[0] if recipes else None))
+        _emit(summarize_prepared(p, input_size=input_size), as_json)
+        return
+    rows = []
+    for path in recipes:
+        p = prepare(opts, opts.recipe(path))
+        data = summarize_prepared(p, input_size=input_size, probe=False)
+        data["source"] = str(path)
+        rows.append(data)
+    if as_json:
+        sys.stdout.write(json.dumps({"recipes": rows}, indent=2) + "\n")
+    else:
+        from .render import comparison_table
+
+        out.print(comparison_table(rows))
+
+
+def _describe(recipe: dict[str, Any]) -> str:
+    rules = "; ".join(
+        f"{r['attn']}" + (f" at {r['position']}" if r.get("position") else "") + f" on {r['layers']}"
+        + (" (" + ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()) + ")" if r.get("params") else "")
+        for r in recipe.get("insert", [])
+    )
+    head = f"; head {recipe['head']}" if recipe.get("head") else ""
+    return f"{recipe.get('model')}: {rules or 'no rules'}{head}, init {recipe.get('init', 'paper')}"
+
+
+def _expand(paths: Sequence[Path]) -> list[Path]:
+    """Recipe paths, with a directory standing for its ``*.toml`` files."""
+    result: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.toml"))
+            if not found:
+                raise UsageError(f"--recipe: no .toml files in {path}")
+            result.extend(found)
+        else:
+            result.append(path)
+    return result
+
+
+def run_blocks(model_name: str, *, as_json: bool) -> None:
+    from .blocks import find_blocks
+    from .zoo import build_model
+
+    model = build_model(model_name)
+    blocks = [info.to_data() for info, _ in find_blocks(model)]
+    if as_json:
+        sys.stdout.write(json.dumps({"model": model_name, "blocks": blocks}, indent=2) + "\n")
+        return
+    if not blocks:
+        err.print(f"{model_name}: no supported residual blocks (supported: the ResNet family)")
+        return
+    from .render import blocks_table
+
+    out.print(blocks_table(model_name, blocks))
+
+
+def run_kinds(*, as_json: bool) -> None:
+    from .render import kinds_data, print_kinds
+
+    if as_json:
+        sys.stdout.write(json.dumps(kinds_data(), indent=2) + "\n")
+    else:
+        print_kinds(out)

@@ -1,0 +1,250 @@
+"""What a user can ask for: attention kinds, their parameters, positions and heads.
+
+This module is metadata only and never imports torch, so ``attnsurgeon kinds`` and
+``--help`` stay instant, and every option and recipe is validated before a model is
+loaded. The modules themselves live in :mod:`attnsurgeon.layers`; a kind names its
+builder as ``"module:function"`` and :func:`builder` imports it on first use.
+
+Two families of kinds:
+
+* **insert** kinds add a module at a *position* of a residual block
+  (``standard | pre | post | identity``); their builder is
+  ``build(channels, *, init, **params) -> nn.Module``.
+* **replace** kinds swap convolutions of the block for a richer operator; their builder is
+  ``from_conv(conv, norm, *, init, **params) -> (new_conv, new_norm | None)``, where
+  ``new_norm`` replaces the norm that followed the conv (``None`` keeps it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import UsageError, suggest
+
+__all__ = [
+    "HEADS",
+    "HEAD_BUILDERS",
+    "INIT_MODES",
+    "KINDS",
+    "POSITIONS",
+    "KindSpec",
+    "Param",
+    "builder",
+    "get_kind",
+    "parse_cli_params",
+    "register",
+]
+
+POSITIONS: tuple[str, ...] = ("standard", "pre", "post", "identity")
+INIT_MODES: tuple[str, ...] = ("paper", "preserve")
+HEADS: dict[str, str] = {
+    "avg": "the model's own global average pool (no change)",
+    "dual-pool": "concat(global avg pool, global max pool) -> 1x1 reduce -> dropout -> classifier",
+}
+HEAD_BUILDERS: dict[str, str] = {"dual-pool": "attnsurgeon.layers.dual_pool:build"}
+
+ParamType = type[int] | type[float] | type[str]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One ``--param`` a kind takes: name, type, default, allowed values, meaning."""
+
+    name: str
+    type: ParamType
+    default: Any
+    help: str
+    symbol: str = ""  # the paper's symbol, e.g. "r"
+    minimum: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def parse(self, raw: object, *, where: str) -> Any:
+        """Convert ``raw`` (a CLI string or a TOML value) and check it; raise UsageError."""
+        value: Any
+        if isinstance(raw, str) and self.type is not str:
+            try:
+                value = self.type(raw)
+            except ValueError:
+                raise UsageError(
+                    f"{where}: {self.name} must be {self.type.__name__}, got {raw!r}"
+                ) from None
+        elif self.type is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        elif isinstance(raw, self.type) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise UsageError(
+                f"{where}: {self.name} must be {self.type.__name__}, got {raw!r}"
+            )
+        if self.choices and value not in self.choices:
+            allowed = ", ".join(map(str, self.choices))
+            raise UsageError(f"{where}: {self.name} must be one of {allowed}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise UsageError(f"{where}: {self.name} must be >= {self.minimum:g}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """An attention kind: how the user names it, what it takes, where it comes from."""
+
+    name: str
+    title: str
+    paper: str  # "Title (Authors, Venue): URL"
+    mode: Literal["insert", "replace"]
+    builder: str  # "module:function", imported lazily
+    params: tuple[Param, ...] = ()
+    default_position: str | None = None
+    note: str = ""
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def resolve_params(self, given: Mapping[str, object], *, where: str) -> dict[str, Any]:
+        """Check ``given`` against this kind's params and fill in defaults."""
+        by_name = {p.name: p for p in self.params}
+        out = self.defaults()
+        for key, raw in given.items():
+            if key not in by_name:
+                raise UsageError(
+                    f"{where}: kind {self.name!r} takes no parameter {key!r}"
+                    + suggest(key, by_name)
+                )
+            out[key] = by_name[key].parse(raw, where=where)
+        return out
+
+    def resolve_position(self, position: str | None, *, where: str) -> str | None:
+        if self.mode == "replace":
+            if position is not None:
+                raise UsageError(
+                    f"{where}: {self.name!r} replaces convolutions and takes no position "
+                    f"(got {position!r}); use its params instead"
+                    + (f" ({', '.join(self.param_names)})" if self.params else "")
+                )
+            return None
+        if position is None:
+            return self.default_position
+        if position not in POSITIONS:
+            raise UsageError(f"{where}: unknown position {position!r}" + suggest(position, POSITIONS))
+        return position
+
+
+KINDS: dict[str, KindSpec] = {}
+
+
+def register(spec: KindSpec) -> KindSpec:
+    """Add a kind to the registry; a second kind with the same name is a bug."""
+    if spec.name in KINDS:
+        raise ValueError(f"attention kind {spec.name!r} is already registered")
+    if spec.mode == "insert" and spec.default_position not in POSITIONS:
+        raise ValueError(f"insert kind {spec.name!r} needs a default position")
+    KINDS[spec.name] = spec
+    return spec
+
+
+def get_kind(name: str, *, where: str = "--attn") -> KindSpec:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise UsageError(f"{where}: unknown attention kind {name!r}" + suggest(name, KINDS)) from None
+
+
+def builder(spec: KindSpec | str) -> Callable[..., Any]:
+    """Import and return a builder (this is where torch gets imported).
+
+    ``spec`` is a kind, or a ``"module:function"`` path such as a head builder.
+    """
+    path = spec if isinstance(spec, str) else spec.builder
+    module_name, _, func = path.partition(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def parse_cli_params(items: list[str] | None) -> dict[str, str]:
+    """``["reduction=8", "kernel_size=3"]`` -> ``{"reduction": "8", ...}`` (values still raw)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UsageError(f"--param: expected KEY=VALUE, got {item!r}")
+        if key in out:
+            raise UsageError(f"--param: {key!r} given twice")
+        out[key] = value
+    return out
+
+
+_REDUCTION = Param("reduction", int, 16, "channel reduction ratio of the bottleneck MLP", "r", minimum=1)
+
+register(KindSpec(
+    name="se",
+    title="Squeeze-and-Excitation",
+    paper="Squeeze-and-Excitation Networks (Hu, Shen, Sun; CVPR 2018): https://arxiv.org/abs/1709.01507",
+    mode="insert",
+    builder="attnsurgeon.layers.squeeze_excite:build",
+    params=(_REDUCTION,),
+    default_position="standard",
+))
+
+register(KindSpec(
+    name="cbam",
+    title="Convolutional Block Attention Module",
+    paper="CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon; ECCV 2018): https://arxiv.org/abs/1807.06521",
+    mode="insert",
+    builder="attnsurgeon.layers.cbam:build",
+    params=(
+        _REDUCTION,
+        Param("kernel_size", int, 7, "kernel of the spatial attention conv", "k", choices=(3, 7)),
+    ),
+    default_position="standard",
+))
+
+register(KindSpec(
+    name="sk",
+    title="Selective Kernel convolution",
+    paper="Selective Kernel Networks (Li, Wang, Hu, Yang; CVPR 2019): https://arxiv.org/abs/1903.06586",
+    mode="replace",
+    builder="attnsurgeon.layers.selective_kernel:from_conv",
+    params=(
+        Param("branches", int, 2, "number of paths; path m is a 3x3 conv with dilation m", "M", minimum=1),
+        Param("groups", int, 32, "groups of the extra paths (path 1 keeps the replaced conv's)", "G", minimum=1),
+        Param("reduction", int, 16, "reduction ratio of the fuse FC", "r", minimum=1),
+        Param("min_dim", int, 32, "lower bound of the fuse FC width d = max(C/r, L)", "L", minimum=1),
+    ),
+    note="replaces the block's main 3x3 conv and the norm after it",
+))
+
+register(KindSpec(
+    name="dynconv",
+    title="Dynamic convolution",
+    paper="Dynamic Convolution: Attention over Convolution Kernels (Chen et al.; CVPR 2020): https://arxiv.org/abs/1912.03458",
+    mode="replace",
+    builder="attnsurgeon.layers.dynamic_conv:from_conv",
+    params=(
+        Param("kernels", int, 4, "number of kernels aggregated per sample", "K", minimum=1),
+        Param("temperature", float, 30.0, "softmax temperature (anneal to 1 while training)", "tau", minimum=1e-6),
+        Param("reduction", int, 4, "reduction ratio of the attention MLP", "r", minimum=1),
+        Param("target", str, "spatial", "which convs of the block: 'spatial' (3x3) or 'all'", choices=("spatial", "all")),
+    ),
+    note="replaces convs; the norms after them stay",
+))
+
+register(KindSpec(
+    name="afp",
+    title="Adaptive feature processing (AFP) fusion",
+    paper="Few-shot image classification based on adaptive feature fusion and transformation "
+    "(Computer Engineering and Applications, 2021), as in seed 000; no arXiv version",
+    mode="insert",
+    builder="attnsurgeon.layers.afp:build",
+    params=(
+        Param("reduction", int, 2, "reduction ratio of the SE inside the DConv branch", "r", minimum=1),
+    ),
+    default_position="post",
+    note="four branches (max-pool, avg-pool, DConv+SE, identity) fused by softmax weights",
+))

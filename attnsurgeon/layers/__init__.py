@@ -1,0 +1,25 @@
+"""Attention modules, one file per family, each opening with its paper.
+
+Every insert-kind module takes ``(channels, *, knobs...)`` and has two initialisations:
+
+* ``reset_parameters()``: the paper's / reference code's initialisation (``--init paper``);
+* ``preserve_()``: the module starts as (almost) the identity, so a pretrained network
+  computes the same function right after surgery (``--init preserve``).
+
+Gates that must start "open" cannot be exactly 1 through a sigmoid or softmax; they start
+at :data:`PRESERVE_LOGIT`, which leaves each gate ``1 - 8.3e-7`` away from 1 (a softmax over
+M branches with the same logit gap puts ``8.3e-7`` on each other branch). That is far below
+float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
+and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PRESERVE_LOGIT", "check_init"]
+
+PRESERVE_LOGIT = 14.0
+
+
+def check_init(init: str) -> None:
+    if init not in ("paper", "preserve"):
+        raise ValueError(f"init must be 'paper' or 'preserve', got {init!r}")

@@ -1,0 +1,69 @@
+"""Squeeze-and-Excitation.
+
+Paper: Squeeze-and-Excitation Networks (Hu, Shen, Sun; CVPR 2018),
+https://arxiv.org/abs/1709.01507
+
+``x -> global average pool -> FC(C -> C/r) -> ReLU -> FC(C/r -> C) -> sigmoid -> x * s``
+(Eq. 2-4 of the paper), with biases, r = 16 by default. SE-ResNet-50 built this way has
+28,088,024 parameters: the paper's 28.1M (Tables 10, 13) and CBAM's 28.09M (Table 4).
+
+Departures from the paper:
+
+* the FCs are 1x1 convolutions on the pooled ``(N, C, 1, 1)`` tensor: the same parameters
+  and arithmetic as ``nn.Linear``, without the reshapes that complicate ONNX graphs;
+* the hidden width is ``max(1, C // r)``: the paper only uses C divisible by r;
+* ``--init paper`` is PyTorch's default initialisation, as in the reference
+  implementations (timm, torchvision); the paper names none.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import PRESERVE_LOGIT, check_init
+
+__all__ = ["SqueezeExcite", "build"]
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation gate on ``channels`` channels.
+
+    Args:
+        channels: C, the channels of the feature map it gates.
+        reduction: r, the ratio of the bottleneck MLP (hidden width C / r).
+    """
+
+    def __init__(self, channels: int, *, reduction: int = 16) -> None:
+        super().__init__()
+        if channels < 1 or reduction < 1:
+            raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)  # W1 in Eq. 3
+        self.act = nn.ReLU(inplace=True)  # delta
+        self.fc2 = nn.Conv2d(hidden, channels, 1)  # W2 in Eq. 3
+        self.gate = nn.Sigmoid()  # sigma
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """The excitation s of Eq. 3, shape ``(N, C, 1, 1)``."""
+        z = x.mean((2, 3), keepdim=True)  # squeeze, Eq. 2
+        return self.gate(self.fc2(self.act(self.fc1(z))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._scale(x)  # Eq. 4
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def preserve_(self) -> None:
+        """Start as (almost) the identity: s = sigmoid(PRESERVE_LOGIT) for every input."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT)
+
+
+def build(channels: int, *, init: str = "paper", reduction: int = 16) -> SqueezeExcite:
+    check_init(init)
+    module = SqueezeExcite(channels, reduction=reduction)
+    if init == "preserve":
+        module.preserve_()
+    return module

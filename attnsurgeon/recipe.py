@@ -1,0 +1,186 @@
+"""Recipes: what surgery to do, as frozen data, validated before any model is loaded.
+
+A recipe comes from a TOML file (``recipes/*.toml``) or from the command-line surgery
+options (one rule). Either way it becomes a :class:`Recipe` whose rules carry fully
+resolved parameters, so a checkpoint's ``recipe`` field says exactly how it was made::
+
+    model = "resnet50"          # optional when the command line names the model
+    weights = "DEFAULT"         # optional: torchvision weight name or "none"
+    head = "dual-pool"          # optional
+    init = "preserve"           # optional: paper | preserve
+
+    [[insert]]
+    attn = "se"
+    position = "standard"       # insert kinds only
+    layers = "layer3:"
+    params = { reduction = 16 }
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, suggest
+from .kinds import HEADS, INIT_MODES, get_kind
+from .select import check_spec_syntax
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Recipe", "Rule", "load_recipe", "recipe_from_data", "rule_from_options"]
+
+_TOP_KEYS = ("model", "weights", "head", "init", "seed", "insert")
+_RULE_KEYS = ("attn", "position", "layers", "params")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One surgery step: put ``attn`` at ``position`` of the blocks in ``layers``."""
+
+    attn: str
+    layers: str = "all"
+    position: str | None = None  # None for replace kinds
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"attn": self.attn, "layers": self.layers}
+        if self.position is not None:
+            data["position"] = self.position
+        data["params"] = dict(self.params)
+        return data
+
+    def describe(self) -> str:
+        where = f" at {self.position}" if self.position else ""
+        args = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.attn}{where} on {self.layers}" + (f" ({args})" if args else "")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole surgery: model, weights, head, init mode and rules applied in order."""
+
+    model: str | None = None
+    rules: tuple[Rule, ...] = ()
+    weights: str | None = None
+    head: str | None = None
+    init: str = "paper"
+    seed: int | None = None
+    source: str = "command line"
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data for the checkpoint (loadable with ``weights_only=True``)."""
+        data: dict[str, Any] = {"model": self.model, "init": self.init}
+        if self.head is not None:
+            data["head"] = self.head
+        if self.seed is not None:
+            data["seed"] = self.seed
+        data["insert"] = [r.to_data() for r in self.rules]
+        return data
+
+    def with_overrides(self, **values: Any) -> Recipe:
+        """Return a copy with the non-None ``values`` replacing top-level fields."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def check_head(head: str | None, where: str) -> str | None:
+    if head is None or head == "avg":
+        return None
+    if head not in HEADS:
+        raise UsageError(f"{where}: unknown head {head!r}" + suggest(head, HEADS))
+    return head
+
+
+def check_init(init: str, where: str) -> str:
+    if init not in INIT_MODES:
+        raise UsageError(f"{where}: init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+    return init
+
+
+def make_rule(
+    attn: str, *, layers: str = "all", position: str | None = None,
+    params: Mapping[str, object] | None = None, where: str,
+) -> Rule:
+    """Validate one rule and resolve its parameters (defaults filled in)."""
+    kind = get_kind(attn, where=f"{where}: attn")
+    resolved_position = kind.resolve_position(position, where=where)
+    check_spec_syntax(layers, where=f"{where}: layers")
+    resolved = kind.resolve_params(params or {}, where=where)
+    return Rule(attn=attn, layers=layers.strip(), position=resolved_position,
+                params=tuple(resolved.items()))
+
+
+def rule_from_options(
+    attn: str, *, position: str | None, layers: str, params: Mapping[str, str],
+) -> Rule:
+    """The single rule that ``--attn/--position/--layers/--param`` describe."""
+    return make_rule(attn, layers=layers, position=position, params=params, where="options")
+
+
+def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
+    """Validate parsed TOML (or checkpoint) data into a :class:`Recipe`."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r}" + suggest(key, _TOP_KEYS))
+
+    def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise UsageError(f"{where}: {key} must be {want}, got {value!r}")
+        return value
+
+    model = typed("model", data.get("model"), str, source)
+    weights = typed("weights", data.get("weights"), str, source)
+    head = check_head(typed("head", data.get("head"), str, source), source)
+    init = check_init(typed("init", data.get("init", "paper"), str, source), source)
+    seed = typed("seed", data.get("seed"), int, source)
+    raw_rules = data.get("insert", [])
+    if not isinstance(raw_rules, list):
+        raise UsageError(f"{source}: 'insert' must be an array of tables ([[insert]])")
+    rules = []
+    for n, raw in enumerate(raw_rules, start=1):
+        where = f"{source}: rule {n}"
+        if not isinstance(raw, Mapping):
+            raise UsageError(f"{where}: must be a table")
+        for key in raw:
+            if key not in _RULE_KEYS:
+                raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, _RULE_KEYS))
+        if "attn" not in raw:
+            raise UsageError(f"{where}: missing key 'attn'")
+        params = typed("params", raw.get("params", {}), Mapping, where)
+        rules.append(make_rule(
+            typed("attn", raw["attn"], str, where),
+            layers=typed("layers", raw.get("layers", "all"), str, where),
+            position=typed("position", raw.get("position"), str, where),
+            params=params,
+            where=where,
+        ))
+    if not rules and head is None:
+        raise UsageError(f"{source}: no [[insert]] rule and no head: nothing to do")
+    return Recipe(model=model, rules=tuple(rules), weights=weights, head=head,
+                  init=init, seed=seed, source=source)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a TOML recipe; errors name the file, rule and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: invalid TOML: {e}") from None
+    return recipe_from_data(data, source=str(path))

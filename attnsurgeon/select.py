@@ -1,0 +1,83 @@
+"""Layer specs: which residual blocks a rule touches.
+
+Grammar (names as ``attnsurgeon blocks MODEL`` prints them)::
+
+    spec  := "all" | item ("," item)*
+    item  := name | [name] ":" [name]        # inclusive range, open at either end
+    name  := stage ("layer3") | block ("layer3.1")
+
+A range runs from the first block of its start to the last block of its end, in model
+order. Torch-free: it works on block and stage names only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import UsageError, suggest
+
+__all__ = ["select_blocks", "check_spec_syntax"]
+
+
+def check_spec_syntax(spec: str, *, where: str = "--layers") -> None:
+    """Reject a malformed spec before any model is loaded."""
+    if not spec.strip():
+        raise UsageError(f"{where}: empty layer spec (use 'all', a stage, a block or A:B)")
+    if spec.strip() == "all":
+        return
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise UsageError(f"{where}: empty item in layer spec {spec!r}")
+        if item.count(":") > 1:
+            raise UsageError(f"{where}: a range has one ':', got {item!r}")
+        if item == ":":
+            raise UsageError(f"{where}: a range needs at least one end, got {item!r} (use 'all')")
+
+
+def select_blocks(
+    spec: str, blocks: Sequence[tuple[str, str]], *, where: str = "--layers"
+) -> list[int]:
+    """Return the sorted indices of ``blocks`` (``(block_name, stage_name)`` pairs) in ``spec``.
+
+    Raises:
+        UsageError: for a malformed spec, an unknown name, a reversed range, or a spec that
+            selects nothing. Messages list the valid names.
+    """
+    check_spec_syntax(spec, where=where)
+    if not blocks:
+        raise UsageError(f"{where}: the model has no blocks to select")
+    names = [b for b, _ in blocks]
+    stages = list(dict.fromkeys(s for _, s in blocks))
+    if spec.strip() == "all":
+        return list(range(len(blocks)))
+
+    def span(name: str) -> tuple[int, int]:
+        if name in names:
+            i = names.index(name)
+            return i, i
+        if name in stages:
+            idx = [i for i, (_, s) in enumerate(blocks) if s == name]
+            return idx[0], idx[-1]
+        valid = stages + names
+        raise UsageError(
+            f"{where}: unknown layer {name!r}" + suggest(name, valid, limit=len(stages))
+            + f"; stages: {', '.join(stages)}; blocks: {names[0]} ... {names[-1]}"
+        )
+
+    chosen: set[int] = set()
+    for item in spec.split(","):
+        item = item.strip()
+        if ":" in item:
+            left, right = (p.strip() for p in item.split(":"))
+            lo = span(left)[0] if left else 0
+            hi = span(right)[1] if right else len(blocks) - 1
+            if lo > hi:
+                raise UsageError(f"{where}: range {item!r} is reversed ({left} comes after {right})")
+            chosen.update(range(lo, hi + 1))
+        else:
+            lo, hi = span(item)
+            chosen.update(range(lo, hi + 1))
+    if not chosen:
+        raise UsageError(f"{where}: layer spec {spec!r} selects no block")
+    return sorted(chosen)

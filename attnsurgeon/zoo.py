@@ -1,0 +1,122 @@
+"""torchvision models and their weights: names, weight enums and local state_dict files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import UsageError, suggest
+
+__all__ = ["build_model", "check_model_name", "load_state_dict_file", "model_names"]
+
+
+def model_names() -> list[str]:
+    return list(torchvision.models.list_models())
+
+
+def check_model_name(name: str | None) -> str:
+    if not name:
+        raise UsageError("no model given: name one (e.g. resnet50) or use a recipe with 'model = ...'")
+    names = model_names()
+    if name not in names:
+        raise UsageError(f"unknown model {name!r}" + suggest(name, names))
+    return name
+
+
+def _weights_enum(name: str, weights: str) -> Any:
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        return enum.verify(weights)
+    except (ValueError, KeyError):
+        valid = ["DEFAULT", *(w.name for w in enum)]
+        raise UsageError(f"--weights: {name} has no weights {weights!r}" + suggest(weights, valid)) from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a local state_dict safely (``weights_only=True``; nothing is unpickled).
+
+    Accepts a plain ``{name: tensor}`` dict, or a training checkpoint that keeps one
+    under ``"state_dict"`` or ``"model"``; a ``"module."`` prefix (DataParallel) is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--weights-file: no such file: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--weights-file: {path} is not a loadable state_dict ({first})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or not data or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise UsageError(f"--weights-file: {path} does not hold a state_dict (a dict of tensors)")
+    if all(k.startswith("module.") for k in data):
+        data = {k[len("module."):]: v for k, v in data.items()}
+    return data
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model`` strictly; a misfit names the first offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+    if shape:
+        k = shape[0]
+        problems.append(f"shape of {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+    if problems:
+        raise UsageError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(
+    name: str,
+    *,
+    weights: str | None = None,
+    weights_file: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build torchvision model ``name``, with random, torchvision or local weights.
+
+    Args:
+        name: as ``torchvision.models.list_models()`` spells it.
+        weights: a torchvision weight name (``"DEFAULT"``, ``"IMAGENET1K_V2"``, ...) or
+            ``None``/``"none"`` for random weights. Downloading is torchvision's own code;
+            a cached file works offline.
+        weights_file: a local state_dict of the unmodified model.
+        model_kwargs: passed to the torchvision builder (e.g. ``num_classes``).
+    """
+    check_model_name(name)
+    kwargs = dict(model_kwargs or {})
+    if weights is not None and weights.lower() == "none":
+        weights = None
+    if weights is not None and weights_file is not None:
+        raise UsageError("give --weights or --weights-file, not both")
+    enum = _weights_enum(name, weights) if weights is not None else None
+    try:
+        model = torchvision.models.get_model(name, weights=enum, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        if enum is None:
+            raise
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise UsageError(
+            f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: {e}); "
+            f"offline, put the file in {cache} or use --weights-file"
+        ) from None
+    except TypeError as e:
+        raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
+    if weights_file is not None:
+        fit_state_dict(model, load_state_dict_file(weights_file), source=f"--weights-file {weights_file}")
+    return model
