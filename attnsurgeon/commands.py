@@ -61,7 +61,7 @@ class SurgeryOptions:
             rules = ()
             if self.attn is not None:
                 rules = (rule_from_options(self.attn, position=self.position,
-                                           layers=self.layers or "all",
+                                           layers="all" if self.layers is None else self.layers,
                                            params=parse_cli_params(list(self.params))),)
             recipe = Recipe(rules=rules)
         recipe = recipe.with_overrides(model=self.model, weights=self.weights, head=self.head,
