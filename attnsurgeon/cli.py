@@ -119,6 +119,45 @@ def summarize(
                       input_size=input_size, as_json=json)
 
 
+@app.command("export-onnx")
+def export_onnx(
+    output: Output,
+    target: Annotated[Optional[str], typer.Argument(help="A FILE.pt from insert, or a model name (with surgery options).", show_default=False)] = None,
+    attn: Attn = None,
+    position: Position = None,
+    layers: Layers = None,
+    param: Params = None,
+    recipe: Recipes = None,
+    weights: Weights = None,
+    weights_file: WeightsFile = None,
+    init: Init = None,
+    seed: Seed = 0,
+    head: Head = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18 to 23 (20 is the exporter's default).")] = 20,
+    input_size: Annotated[int, typer.Option("--input-size", help="Square size of the example input (and of the verification inputs).")] = 224,
+    static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch to 1 instead of a dynamic 'batch' axis.")] = False,
+    dynamic_hw: Annotated[bool, typer.Option("--dynamic-hw", help="Also make height and width dynamic ('height', 'width').")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run onnx.checker and compare onnxruntime with PyTorch at batch 1 and 3.")] = True,
+    atol: Annotated[float, typer.Option("--atol", help="Largest max-absolute difference from PyTorch that passes verification.")] = 1e-4,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep the file when verification fails (the exit status is still 1).")] = False,
+    force: Force = False,
+    json: Json = False,
+) -> None:
+    """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
+    with _user_errors():
+        from .commands import run_export
+        from .onnx_export import VerificationError
+
+        try:
+            run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
+                       output=output, opset=opset, input_size=input_size, static_batch=static_batch,
+                       dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
+                       force=force, as_json=json)
+        except VerificationError as e:
+            _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
 @app.command()
 def blocks(
     model: Annotated[str, typer.Argument(help="torchvision model name.", show_default=False)],

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .surgery import Change
 
-__all__ = ["SurgeryOptions", "run_blocks", "run_insert", "run_kinds", "run_summarize"]
+__all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
 
 out = Console()  # results: tables (stdout)
 err = Console(stderr=True)  # messages
@@ -66,6 +66,8 @@ class SurgeryOptions:
             recipe = Recipe(rules=rules)
         recipe = recipe.with_overrides(model=self.model, weights=self.weights, head=self.head,
                                        init=self.init, seed=self.seed)
+        if self.weights_file is not None and self.weights is None:
+            recipe = replace(recipe, weights=None)  # --weights-file wins over the recipe's weights
         if recipe.head == "avg":
             recipe = replace(recipe, head=None)
         check_head(recipe.head, "--head")
@@ -229,10 +231,13 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 
 
 def run_blocks(model_name: str, *, as_json: bool) -> None:
+    import torch
+
     from .blocks import find_blocks
     from .zoo import build_model
 
-    model = build_model(model_name)
+    with torch.device("meta"):  # structure only: no memory, no initialisation
+        model = build_model(model_name)
     blocks = [info.to_data() for info, _ in find_blocks(model)]
     if as_json:
         sys.stdout.write(json.dumps({"model": model_name, "blocks": blocks}, indent=2) + "\n")
@@ -252,3 +257,54 @@ def run_kinds(*, as_json: bool) -> None:
         sys.stdout.write(json.dumps(kinds_data(), indent=2) + "\n")
     else:
         print_kinds(out)
+
+
+def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
+               static_batch: bool, dynamic_hw: bool, verify: bool, atol: float, keep_failed: bool,
+               force: bool, as_json: bool) -> None:
+    """Export a checkpoint (``target`` ends in ``.pt``) or a model after surgery to ONNX.
+
+    Raises:
+        UsageError: bad options, an existing output without ``force``, or a model the
+            exporter cannot export.
+        VerificationError: the file does not match PyTorch (the summary is printed first).
+    """
+    from . import checkpoint
+    from .onnx_export import VerificationError, check_export_args, export_onnx
+
+    check_export_args(input_size=input_size, opset=opset, atol=atol)
+    from_file = target is not None and target.endswith(".pt")
+    if from_file and opts != SurgeryOptions():
+        raise UsageError("export-onnx FILE.pt takes no surgery options: the file says what was done")
+    if len(opts.recipes) > 1:
+        raise UsageError("export-onnx takes one --recipe")
+    if not from_file:
+        opts = replace(opts, model=target)
+        recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
+    output = checkpoint.check_output(output, force=force, suffix=".onnx")
+    if from_file:
+        data = checkpoint.read(target)
+        model = checkpoint.rebuild(data, target)
+        source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
+    else:
+        p = prepare(opts, recipe)
+        model = p.model
+        source = {"source": p.name, "model": p.name, "recipe": p.recipe.to_data(), "weights": p.weights}
+    try:
+        summary = export_onnx(model, output, input_size=input_size, opset=opset,
+                              dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=verify,
+                              atol=atol, keep_failed=keep_failed)
+    except VerificationError as e:
+        _emit_export({**source, **e.summary}, as_json)
+        raise
+    _emit_export({**source, **summary}, as_json)
+    err.print(f"wrote {output}")
+
+
+def _emit_export(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        from .onnx_export import print_export_summary
+
+        print_export_summary(out, data)

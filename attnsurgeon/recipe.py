@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, suggest
-from .kinds import HEADS, INIT_MODES, get_kind
+from .kinds import HEADS, INIT_MODES, KINDS, get_kind
 from .select import check_spec_syntax
 
 if sys.version_info >= (3, 11):
@@ -37,6 +37,7 @@ __all__ = ["Recipe", "Rule", "load_recipe", "recipe_from_data", "rule_from_optio
 
 _TOP_KEYS = ("model", "weights", "head", "init", "seed", "insert")
 _RULE_KEYS = ("attn", "position", "layers", "params")
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "Mapping": "a table"}
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         if value is None:
             return None
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            want = " or ".join(_TYPE_NAMES.get(k.__name__, k.__name__) for k in kinds)
             raise UsageError(f"{where}: {key} must be {want}, got {value!r}")
         return value
 
@@ -158,9 +160,11 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
                 raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, _RULE_KEYS))
         if "attn" not in raw:
             raise UsageError(f"{where}: missing key 'attn'")
+        attn = typed("attn", raw["attn"], str, where)
         params = typed("params", raw.get("params", {}), Mapping, where)
+        _check_param_types(attn, params, where)
         rules.append(make_rule(
-            typed("attn", raw["attn"], str, where),
+            attn,
             layers=typed("layers", raw.get("layers", "all"), str, where),
             position=typed("position", raw.get("position"), str, where),
             params=params,
@@ -170,6 +174,25 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         raise UsageError(f"{source}: no [[insert]] rule and no head: nothing to do")
     return Recipe(model=model, rules=tuple(rules), weights=weights, head=head,
                   init=init, seed=seed, source=source)
+
+
+def _check_param_types(attn: str, params: Mapping[str, Any], where: str) -> None:
+    """In TOML a number is written as a number: ``reduction = "8"`` is a type error.
+
+    (``--param`` values arrive as strings and are converted; TOML values are not.)
+    Unknown kinds and keys are left to :func:`make_rule`, which names the valid ones.
+    """
+    kind = KINDS.get(attn)
+    if kind is None:
+        return
+    types = {p.name: p.type for p in kind.params}
+    for key, value in params.items():
+        want = types.get(key, str)
+        if isinstance(value, str) and want is not str:
+            raise UsageError(
+                f"{where}: params.{key} must be {_TYPE_NAMES.get(want.__name__, want.__name__)}, "
+                f"got the string {value!r}"
+            )
 
 
 def load_recipe(path: str | Path) -> Recipe:

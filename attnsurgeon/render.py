@@ -87,7 +87,7 @@ def summary_table(data: dict[str, Any]) -> Table:
                         f"(MACs at 1x3x{data['input_size']}x{data['input_size']})")
     for col in ("stage", "params before", "params after", "added", "% added",
                 "MACs before", "MACs after", "MACs added"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
 
     def add(row: dict[str, Any], style: str = "") -> None:
         table.add_row(

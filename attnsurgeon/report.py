@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import UsageError
 from .surgery import Change
 
 __all__ = ["GroupStats", "ModelStats", "measure", "preservation", "summary_data"]
@@ -57,50 +58,64 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def _group_of(name: str, stages: Sequence[str], seen_stage: bool) -> str:
-    for stage in stages:
-        if name == stage or name.startswith(stage + "."):
-            return stage
-    return "head" if seen_stage else "stem"
+def _partition(model: nn.Module, stages: Sequence[str]) -> list[tuple[str, str]]:
+    """Split ``model`` into maximal submodules that each belong to one group.
+
+    Returns ``(path, group)`` pairs in module order: a stage is its own group; modules
+    before the first stage are the ``stem``, after it the ``head``; a module that contains
+    a stage deeper down (e.g. a detector's ``backbone``) is split further. Without stages,
+    each top-level child is its own group.
+    """
+    parts: list[tuple[str, str]] = []
+    seen_stage = False
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        nonlocal seen_stage
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if path in stages:
+                parts.append((path, path))
+                seen_stage = True
+            elif any(s.startswith(path + ".") for s in stages):
+                visit(child, path)
+            else:
+                parts.append((path, ("head" if seen_stage else "stem") if stages else path))
+
+    visit(model, "")
+    return parts
 
 
 def measure(model: nn.Module, stages: Sequence[str], *, input_size: int) -> ModelStats:
-    """Parameters and MACs of ``model``, grouped into stem, each stage, and head.
-
-    Top-level children before the first stage are the stem, those after it the head. A
-    model with no stages is grouped by its top-level children.
-    """
-    children = [name for name, _ in model.named_children()]
-    order: list[str] = []
-    owner: dict[str, str] = {}
-    seen = False
-    for child in children:
-        group = _group_of(child, stages, seen) if stages else child
-        if group in stages:
-            seen = True
-        owner[child] = group
-        if group not in order:
-            order.append(group)
+    """Parameters and MACs of ``model``, grouped into stem, each stage, and head (see
+    :func:`_partition`). MACs of work done outside any submodule count as head."""
+    parts = _partition(model, stages)
+    order = list(dict.fromkeys(g for _, g in parts)) or ["model"]
+    if "head" not in order:
+        order.append("head")
     params = dict.fromkeys(order, 0)
-    for pname, p in model.named_parameters():
-        top = pname.split(".")[0]
-        params[owner.get(top, "head")] = params.get(owner.get(top, "head"), 0) + p.numel()
+    for path, group in parts:
+        params[group] += sum(p.numel() for p in model.get_submodule(path).parameters())
+    params["head"] += sum(p.numel() for p in model.parameters(recurse=False))
 
     flop = FlopCounterMode(display=False)
     x = torch.zeros(1, 3, input_size, input_size, device=_device(model), dtype=_dtype(model))
-    with evaluating(model), torch.no_grad(), flop:
-        model(x)
+    try:
+        with evaluating(model), torch.no_grad(), flop:
+            model(x)
+    except Exception as e:  # the model's own error: wrong input size, wrong input kind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"cannot run {type(model).__name__} on a 1x3x{input_size}x{input_size} input to count "
+            f"MACs ({first}); try another --input-size"
+        ) from None
     counts = flop.get_flop_counts()
     prefix = type(model).__name__
     macs = dict.fromkeys(order, 0)
-    for child in children:
-        flops = sum(counts.get(f"{prefix}.{child}", {}).values())
-        macs[owner[child]] += int(flops) // 2
-    accounted = sum(macs.values())
-    total = int(flop.get_total_flops()) // 2
-    if total > accounted:  # ops called in the model's own forward, outside any child
-        macs["head" if "head" in macs else order[-1]] += total - accounted
-    return ModelStats(tuple(GroupStats(g, params.get(g, 0), macs[g]) for g in order))
+    for path, group in parts:
+        macs[group] += int(sum(counts.get(f"{prefix}.{path}", {}).values())) // 2
+    macs["head"] += int(flop.get_total_flops()) // 2 - sum(macs.values())
+    return ModelStats(tuple(GroupStats(g, params[g], macs[g]) for g in order
+                            if g != "head" or params[g] or macs[g] or stages))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -115,17 +130,20 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 def preservation(
     original: nn.Module, modified: nn.Module, *, input_size: int, batch: int = 4, seed: int = 0
-) -> dict[str, float]:
+) -> dict[str, Any] | None:
     """How far ``modified`` is from ``original`` on a fixed random probe batch (eval mode).
 
     Returns ``max_abs`` (max |delta logits|), ``logit_scale`` (max |original logits|),
-    ``relative`` (their ratio) and ``top1_agreement`` (fraction of equal argmax).
+    ``relative`` (their ratio) and ``top1_agreement`` (fraction of equal argmax); ``None``
+    for models whose output is not a batch of logits.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, input_size, input_size, generator=gen)
     x = x.to(device=_device(original), dtype=_dtype(original))
     with evaluating(original), evaluating(modified), torch.no_grad():
         a, b = original(x), modified(x)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2):
+        return None  # not a classifier (e.g. a detector's list of dicts): no logits to compare
     diff = (a - b).abs().max().item()
     scale = a.abs().max().item()
     return {

@@ -125,7 +125,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
             kind = get_kind(rule.attn)
             build = builder(kind)
             params = rule.param_dict
-            label = "options" if recipe.source == "command line" else f"{recipe.source}: rule {n}"
+            label = ("options" if recipe.source == "command line" else f"{recipe.source}: rule {n}") \
+                + f": layers {rule.layers!r}"
             for i in chosen:
                 info, block = blocks[i]
                 if kind.mode == "insert":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,9 @@ def build_model(
     if weights is not None and weights_file is not None:
         raise UsageError("give --weights or --weights-file, not both")
     enum = _weights_enum(name, weights) if weights is not None else None
+    builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    if "weights_backbone" in builder_params:  # detection/segmentation: no silent backbone download
+        kwargs.setdefault("weights_backbone", None)
     try:
         model = torchvision.models.get_model(name, weights=enum, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError

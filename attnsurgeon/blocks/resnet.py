@@ -61,7 +61,8 @@ _SLOTTED = {BasicBlock: SlottedBasicBlock, Bottleneck: SlottedBottleneck}
 
 
 def recognises(module: nn.Module) -> bool:
-    return isinstance(module, (BasicBlock, Bottleneck))
+    """Exact types only: a subclass (e.g. the quantizable blocks) has its own forward."""
+    return type(module) in (BasicBlock, Bottleneck, SlottedBasicBlock, SlottedBottleneck)
 
 
 def make_slotted(block: nn.Module) -> nn.Module:

@@ -1,0 +1,356 @@
+"""Export a model to ONNX with a dynamic batch axis, and verify the file against PyTorch.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based exporter
+(the default since torch 2.9). It exports every attention kind here with a symbolic batch
+(and, on request, height and width), names the dims in the file, and is maintained. The
+TorchScript exporter (``dynamo=False``) also runs, but it is deprecated ("will be
+removed") and only checks dynamic axes at run time, so it is not used.
+
+The opset defaults to the exporter's own default (20). Opsets below 18 are refused: the
+exporter's operator library is written for opset 18 and would have to down-convert, which
+it may silently fail to do.
+
+Verification loads the file with ``onnx.checker.check_model(full_check=True)``, runs it in
+onnxruntime (CPUExecutionProvider) on seeded random inputs at batch 1 and 3 (the exported
+batch only, with a static batch; one more height/width with dynamic height/width), and
+compares with the PyTorch model in eval mode. The relative error is
+``max|onnx - torch| / max|torch|``; a run passes when the absolute error is ``<= atol``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .errors import UsageError
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "VerificationError", "check_export_args", "describe_onnx",
+           "export_onnx", "print_export_summary", "verify_onnx"]
+
+DEFAULT_OPSET = 20  # torch.onnx's default (torch.onnx._constants.ONNX_DEFAULT_OPSET)
+MIN_OPSET = 18  # the opset of torch.onnx's operator library; lower needs down-conversion
+MAX_OPSET = 23  # the newest opset torch 2.14's exporter accepts (ONNX_MAX_OPSET)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+VERIFY_BATCHES = (1, 3)
+
+
+class VerificationError(Exception):
+    """The exported file does not compute what the PyTorch model computes.
+
+    ``summary`` holds the export summary with the failing figures; ``kept`` says whether
+    the file was kept (``keep_failed``) or removed.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any], *, kept: bool) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.kept = kept
+
+
+def check_export_args(*, input_size: int, opset: int, atol: float) -> None:
+    """Raise UsageError for an unusable input size, opset or tolerance."""
+    if input_size < 32:
+        raise UsageError(f"--input-size must be >= 32, got {input_size}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+    if not atol >= 0:  # also rejects NaN
+        raise UsageError(f"--atol must be >= 0, got {atol}")
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_size: int = 224,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+    verify: bool = True,
+    atol: float = 1e-4,
+    keep_failed: bool = False,
+) -> dict[str, Any]:
+    """Export ``model`` (in eval mode) to the ONNX file ``path``, then verify it.
+
+    The file is written atomically: exported to a temp file beside ``path``, verified, then
+    renamed, so a failure leaves no ``path`` behind (an existing one is overwritten only
+    on success). The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: takes one ``(N, 3, H, W)`` float tensor and returns one tensor.
+        path: the ``.onnx`` file to write; weights are stored inside it.
+        input_size: H = W of the example input.
+        opset: ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``.
+        dynamic_batch: a symbolic ``batch`` dim (else the batch is fixed to 1).
+        dynamic_hw: symbolic ``height`` and ``width`` dims.
+        verify: run the checker and the onnxruntime-vs-PyTorch comparison.
+        atol: largest max-absolute error that passes.
+        keep_failed: keep the file when verification fails (the error still raises).
+
+    Returns:
+        The summary: file, size, opset, inputs/outputs with shapes, node count, export
+        time and (with ``verify``) the verification figures.
+
+    Raises:
+        UsageError: bad arguments, or the exporter cannot export the model (the message
+            names the module and the operator when they can be found).
+        VerificationError: the checker passed but the outputs differ by more than ``atol``.
+    """
+    check_export_args(input_size=input_size, opset=opset, atol=atol)
+    path = Path(path)
+    summary: dict[str, Any] = {"output": str(path)}
+    was_training = model.training
+    model.eval()
+    try:
+        def write(tmp: Path) -> None:
+            start = time.perf_counter()
+            _export(model, tmp, input_size=input_size, opset=opset,
+                    dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+            summary["export_seconds"] = round(time.perf_counter() - start, 3)
+            summary.update(describe_onnx(tmp))
+            summary["verification"] = None
+            if verify:
+                result = verify_onnx(model, tmp, input_size=input_size, atol=atol,
+                                     dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+                summary["verification"] = result
+                if not result["passed"] and not keep_failed:
+                    raise VerificationError(_failure(path, result, kept=False), summary, kept=False)
+
+        atomic_write(path, write)
+    finally:
+        model.train(was_training)
+    if summary["verification"] is not None and not summary["verification"]["passed"]:
+        raise VerificationError(_failure(path, summary["verification"], kept=True), summary, kept=True)
+    return summary
+
+
+def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:
+    worst = max(result["runs"], key=lambda r: r["max_abs"])
+    fate = f"kept {path} anyway (--keep-failed)" if kept else "no file written"
+    return (f"{path.name} FAILED verification: max abs error {worst['max_abs']:.3g} at input "
+            f"{worst['shape']} > atol {result['atol']:g}; {fate}")
+
+
+def _dynamic_shapes(dynamic_batch: bool, dynamic_hw: bool) -> tuple[dict[int, str]] | None:
+    dims = {0: "batch"} if dynamic_batch else {}
+    if dynamic_hw:
+        dims |= {2: "height", 3: "width"}
+    return (dims,) if dims else None
+
+
+def _export(model: nn.Module, path: Path, *, input_size: int, opset: int,
+            dynamic_batch: bool, dynamic_hw: bool) -> None:
+    # batch 2: torch.export specialises dims whose example size is 0 or 1
+    batch = 2 if dynamic_batch else 1
+    example = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, verbose=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_hw),
+            )
+    except Exception as e:  # the exporter raises many types; all mean "cannot export"
+        raise UsageError(_explain(e, model, dynamic=dynamic_batch or dynamic_hw)) from e
+    program.save(path, external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Mute stderr and log records up to WARNING meanwhile: torch.export prints guard
+    warnings and partial graphs there. A failure is reported through its exception."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _frames(chain: list[BaseException]) -> Iterator[Any]:
+    """Every traceback frame of the chain, innermost exception and frame first."""
+    for exc in reversed(chain):
+        tb, frames = exc.__traceback__, []
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        yield from reversed(frames)
+
+
+def _explain(exc: BaseException, model: nn.Module, *, dynamic: bool) -> str:
+    """One line for an exporter failure: the module and operator where they can be found.
+
+    A failed translation has the FX node being translated in a frame (its target is the
+    operator, its ``nn_module_stack`` the module); a failed capture has the module whose
+    ``forward`` raised in a frame.
+    """
+    chain = _chain(exc)
+    names = {id(m): name for name, m in model.named_modules()}
+    where = ""
+    for frame in _frames(chain):
+        node = frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            module = f"module {_clean_path(stack[-1][0])!r} ({_type_name(stack[-1][1])}), " if stack else ""
+            where = f"{module}operator {node.target}"
+            break
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(owner) in names:
+            where = f"module {names[id(owner)] or '(root)'!r} ({type(owner).__name__})"
+            break
+    reason = _first_sentence(_strip_ansi(str(chain[-1]))) or type(chain[-1]).__name__
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    hint = ""
+    if dynamic and "static shape" in reason:
+        hint = " (the model fixes this dimension: try --static-batch, or drop --dynamic-hw)"
+    elif dynamic and "Unsupported attribute type" in reason:
+        hint = (" (an operator attribute depends on a dynamic dim, e.g. conv groups = batch x "
+                "channels; ONNX attributes must be constants: try --static-batch)")
+    return f"ONNX export failed{' in ' + where if where else ''}: {reason}{hint}"
+
+
+def _first_sentence(message: str) -> str:
+    """The first non-empty line, and the next one when the first ends with a colon."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
+
+
+def _clean_path(path: str) -> str:
+    """``"L['self'].layer4.0.conv2"`` or ``"layer4.0.conv2"`` -> ``"layer4.0.conv2"``."""
+    return re.sub(r"^L\['self'\]\.?", "", path) or "(root)"
+
+
+def _type_name(t: object) -> str:
+    return getattr(t, "__name__", str(t).rsplit(".", 1)[-1].rstrip("'>"))
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def describe_onnx(path: str | Path) -> dict[str, Any]:
+    """Size, opset, inputs/outputs (symbolic dims by name) and node count of an ONNX file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def values(items: Any) -> list[dict[str, Any]]:
+        out = []
+        for v in items:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": shape})
+        return out
+
+    return {
+        "file_size": os.path.getsize(path),
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": values(proto.graph.input),
+        "outputs": values(proto.graph.output),
+        "nodes": len(proto.graph.node),
+    }
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_size: int,
+    atol: float,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+) -> dict[str, Any]:
+    """Check ``path`` and compare onnxruntime with ``model`` (already in eval mode).
+
+    Returns:
+        ``{"checker": "passed", "provider", "atol", "passed", "seconds", "runs": [{"batch",
+        "shape", "max_abs", "max_rel", "passed"}, ...]}``.
+
+    Raises:
+        UsageError: the ONNX checker rejects the file.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise UsageError(f"the exported file fails onnx.checker: {' '.join(str(e).split())[:300]}") from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    shapes = [(b, 3, input_size, input_size) for b in (VERIFY_BATCHES if dynamic_batch else (1,))]
+    if dynamic_hw:
+        shapes.append((shapes[-1][0], 3, input_size + 32, input_size + 16))
+    generator = torch.Generator().manual_seed(1)
+    runs = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        max_abs = float(np.max(np.abs(got - expected)))
+        max_rel = max_abs / max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
+        runs.append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs, "max_rel": max_rel,
+                     "passed": max_abs <= atol})  # NaN fails
+    return {"checker": "passed", "provider": "CPUExecutionProvider", "atol": atol,
+            "passed": all(r["passed"] for r in runs), "runs": runs,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def print_export_summary(console: Any, data: dict[str, Any]) -> None:
+    """Print :func:`export_onnx`'s summary as a few lines and a table (rich)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .render import si
+
+    def dims(shape: list[Any]) -> str:
+        return escape("[" + ", ".join(map(str, shape)) + "]")
+
+    console.print(f"[bold]{escape(data['output'])}[/]  {si(data['file_size'], 'B')}  opset {data['opset']}  "
+                  f"{data['nodes']} nodes  exported in {data['export_seconds']:.1f} s",
+                  highlight=False, soft_wrap=True)
+    for role, key in (("input ", "inputs"), ("output", "outputs")):
+        for v in data[key]:
+            console.print(f"  {role} {v['name']}: {v['dtype']} {dims(v['shape'])}", highlight=False)
+    v = data["verification"]
+    if v is None:
+        console.print("  not verified (--no-verify)", style="yellow", highlight=False)
+        return
+    verdict = "[bold green]PASSED[/]" if v["passed"] else "[bold red]FAILED[/]"
+    table = Table(title=f"onnxruntime ({v['provider']}) vs PyTorch eval, atol {v['atol']:g}: {verdict}",
+                  caption=f"onnx.checker (full_check): {v['checker']}; verified in {v['seconds']:.1f} s")
+    for col in ("batch", "input", "max abs error", "max rel error", "result"):
+        table.add_column(col, justify="left" if col in ("input", "result") else "right")
+    for r in v["runs"]:
+        table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
+                      "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+    console.print(table)
