@@ -1,0 +1,164 @@
+"""Convolutional Block Attention Module.
+
+Paper: CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon; ECCV 2018),
+https://arxiv.org/abs/1807.06521
+
+Channel attention, then spatial attention, each a multiplicative gate (Eq. 1)::
+
+    M_c = sigmoid(MLP(AvgPool(x)) + MLP(MaxPool(x)))            (Eq. 2)
+    x'  = M_c * x
+    M_s = sigmoid(BN(conv_kxk([mean_c(x'); max_c(x')])))        (Eq. 3, with BN)
+    out = M_s * x'
+
+The MLP is shared by both pooled vectors: C -> C/r -> ReLU -> C, with biases, r = 16;
+k = 7 (or 3). ResNet-50 / ResNet-101 with CBAM in every block (``standard`` position)
+have 28,089,624 / 49,330,172 parameters: the paper's 28.09M / 49.33M (Table 4).
+
+Departures from the paper:
+
+* the spatial conv is followed by ``BatchNorm2d(1)`` (momentum 0.01), as in the authors'
+  official code (github.com/Jongchan/attention-module, ``SpatialGate``); the paper's Eq. 3
+  has no BN. It adds 2 parameters per module, which Table 4's counts include;
+* the MLP layers are 1x1 convolutions on the pooled ``(N, C, 1, 1)`` tensors: the same
+  parameters and arithmetic as the official ``nn.Linear``, without reshapes;
+* the hidden width is ``max(1, C // r)``: the paper only uses C divisible by r;
+* the spatial descriptor is ``[mean; max]`` in the paper's order (Eq. 3); the official
+  code concatenates ``[max; mean]``, so loading its weights needs the two input channels
+  of the spatial conv swapped;
+* global max pooling is ``amax`` over H, W (exports to ONNX as ``ReduceMax``) instead of a
+  pooling layer; the function is the same;
+* ``--init paper`` is the official code's initialisation (the paper names none): MLP
+  weights PyTorch's default, MLP biases 0, spatial conv Kaiming-normal (fan-out), spatial
+  BN gamma = 0 and beta = 0, so the spatial gate starts at a constant 0.5;
+* ``--init preserve`` (not in the paper) makes both gates ``sigmoid(PRESERVE_LOGIT)``
+  for every input, in train and eval mode: the MLP's last layer gets weight 0 and bias
+  ``PRESERVE_LOGIT / 2`` (the bias is added twice, once per pooled path); the spatial
+  conv gets weight 0 and its BN gamma 1, beta ``PRESERVE_LOGIT`` and fresh running
+  statistics, so the BN maps the all-zero conv output to ``PRESERVE_LOGIT`` with batch
+  statistics (train) and with running statistics (eval).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import PRESERVE_LOGIT, check_init
+
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "build"]
+
+
+class ChannelAttention(nn.Module):
+    """CBAM's channel gate M_c (Eq. 2) on ``channels`` channels.
+
+    Args:
+        channels: C, the channels of the feature map it gates.
+        reduction: r, the ratio of the shared MLP (hidden width C / r).
+    """
+
+    def __init__(self, channels: int, *, reduction: int = 16) -> None:
+        super().__init__()
+        if channels < 1 or reduction < 1:
+            raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)  # W0 in Eq. 2
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)  # W1 in Eq. 2
+        self.gate = nn.Sigmoid()
+        self.reset_parameters()
+
+    def _mlp(self, z: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(z)))
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """M_c of Eq. 2, shape ``(N, C, 1, 1)``."""
+        avg = x.mean((2, 3), keepdim=True)
+        peak = x.amax((2, 3), keepdim=True)
+        return self.gate(self._mlp(avg) + self._mlp(peak))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._scale(x)
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def preserve_(self) -> None:
+        """M_c = sigmoid(PRESERVE_LOGIT) for every input (the bias counts once per path)."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT / 2)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial gate M_s (Eq. 3, plus the official code's BN).
+
+    Args:
+        kernel_size: k, the odd kernel of the conv over ``[mean; max]`` (7 or 3 in the paper).
+    """
+
+    def __init__(self, *, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)  # f^{kxk}
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)
+        self.gate = nn.Sigmoid()
+        self.reset_parameters()
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """M_s of Eq. 3, shape ``(N, 1, H, W)``."""
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return self.gate(self.bn(self.conv(pooled)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._scale(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")
+        self.bn.reset_running_stats()
+        nn.init.zeros_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    def preserve_(self) -> None:
+        """M_s = sigmoid(PRESERVE_LOGIT) for every input, in train and eval mode."""
+        nn.init.zeros_(self.conv.weight)
+        self.bn.reset_running_stats()
+        nn.init.ones_(self.bn.weight)
+        nn.init.constant_(self.bn.bias, PRESERVE_LOGIT)
+
+
+class CBAM(nn.Module):
+    """Channel attention then spatial attention, on ``channels`` channels.
+
+    Args:
+        channels: C, the channels of the feature map it gates.
+        reduction: r, the ratio of the channel MLP.
+        kernel_size: k, the kernel of the spatial conv.
+    """
+
+    def __init__(self, channels: int, *, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction=reduction)
+        self.spatial = SpatialAttention(kernel_size=kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.spatial(self.channel(x))
+
+    def reset_parameters(self) -> None:
+        self.channel.reset_parameters()
+        self.spatial.reset_parameters()
+
+    def preserve_(self) -> None:
+        """Start as (almost) the identity: out = sigmoid(PRESERVE_LOGIT)**2 * x."""
+        self.channel.preserve_()
+        self.spatial.preserve_()
+
+
+def build(channels: int, *, init: str = "paper", reduction: int = 16, kernel_size: int = 7) -> CBAM:
+    check_init(init)
+    module = CBAM(channels, reduction=reduction, kernel_size=kernel_size)
+    if init == "preserve":
+        module.preserve_()
+    return module
