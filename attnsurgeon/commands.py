@@ -171,8 +171,12 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
         after=measure(model, stages, input_size=input_size),
         changes=changes, input_size=input_size, preservation=data.get("preservation"),
     )
+    made_by = "; ".join(r.describe() for r in recipe.rules)
+    if recipe.head:
+        made_by += f"; head {recipe.head}"
     result["checkpoint"] = {"path": str(path), "weights": data.get("weights"),
-                            "versions": data.get("versions")}
+                            "versions": data.get("versions"),
+                            "made_by": f"{data['model']}: {made_by}, init {recipe.init}"}
     return result
 
 
@@ -183,7 +187,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
             raise UsageError("summarize FILE.pt takes no surgery options: the file says what was done")
         data = _summarize_checkpoint(Path(target), input_size=input_size)
         if not as_json:
-            err.print(f"{target}: made by {_describe(data['recipe'])}")
+            err.print(f"{target}: made by {data['checkpoint']['made_by']}", highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
     opts = SurgeryOptions(**{**opts.__dict__, "model": target})
@@ -204,16 +208,6 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         from .render import comparison_table
 
         out.print(comparison_table(rows))
-
-
-def _describe(recipe: dict[str, Any]) -> str:
-    rules = "; ".join(
-        f"{r['attn']}" + (f" at {r['position']}" if r.get("position") else "") + f" on {r['layers']}"
-        + (" (" + ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()) + ")" if r.get("params") else "")
-        for r in recipe.get("insert", [])
-    )
-    head = f"; head {recipe['head']}" if recipe.get("head") else ""
-    return f"{recipe.get('model')}: {rules or 'no rules'}{head}, init {recipe.get('init', 'paper')}"
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:

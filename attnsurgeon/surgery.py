@@ -20,7 +20,7 @@ from torch import nn
 from .blocks import SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted
 from .errors import UsageError
 from .kinds import HEAD_BUILDERS, builder, get_kind
-from .recipe import Recipe, Rule, load_recipe, make_rule
+from .recipe import Recipe, load_recipe, make_rule
 from .select import select_blocks
 
 __all__ = ["Change", "apply", "apply_recipe", "replace_module"]
@@ -130,13 +130,13 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
             for i in chosen:
                 info, block = blocks[i]
                 if kind.mode == "insert":
-                    assert rule.position is not None
-                    path = f"{info.name}.{SLOT_ATTR[rule.position]}"
-                    _claim(claimed, path, n, label, f"the {rule.position} slot of {info.name}")
+                    position = rule.position or kind.default_position or "standard"
+                    path = f"{info.name}.{SLOT_ATTR[position]}"
+                    _claim(claimed, path, n, label, f"the {position} slot of {info.name}")
                     block = make_slotted(block)
-                    new = _like(build(info.slot_channels(rule.position), init=recipe.init, **params), block)
-                    setattr(block, SLOT_ATTR[rule.position], new)
-                    changes.append(Change(n, rule.attn, info.name, info.stage, rule.position, path,
+                    new = _like(build(info.slot_channels(position), init=recipe.init, **params), block)
+                    setattr(block, SLOT_ATTR[position], new)
+                    changes.append(Change(n, rule.attn, info.name, info.stage, position, path,
                                           type(new).__name__, _count(new), 0))
                     continue
                 for site in _targets(rule.attn, params, info):
@@ -184,7 +184,7 @@ def apply(
     params: Mapping[str, object] | None = None,
     recipe: Recipe | str | Path | None = None,
     head: str | None = None,
-    init: str = "paper",
+    init: str | None = None,
     seed: int | None = None,
 ) -> list[Change]:
     """Apply attention surgery to a model you already hold (in place).
@@ -195,6 +195,8 @@ def apply(
         model = torchvision.models.resnet50(weights="DEFAULT")
         attnsurgeon.apply(model, "se", layers="layer3:", init="preserve")
 
+    ``init`` (``"paper"`` or ``"preserve"``), ``head`` and ``seed`` override the recipe's.
+
     Returns:
         The list of :class:`Change` records, one per new module.
     """
@@ -202,15 +204,10 @@ def apply(
         if attn is not None:
             raise UsageError("give attn or recipe, not both")
         rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        rec = rec.with_overrides(head=head, seed=seed)
-        if init != "paper":
-            rec = rec.with_overrides(init=init)
+        rec = rec.with_overrides(head=head, seed=seed, init=init)
     else:
         rules = () if attn is None else (make_rule(attn, layers=layers, position=position,
                                                     params=params, where="apply"),)
-        rec = Recipe(rules=rules, head=head, init=init, seed=seed)
+        rec = Recipe(rules=rules, head=head, init=init or "paper", seed=seed)
     return apply_recipe(model, rec)
 
-
-def rule_summary(rules: tuple[Rule, ...]) -> list[str]:
-    return [r.describe() for r in rules]
