@@ -2,9 +2,12 @@
 
 Exporter: ``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based exporter
 (the default since torch 2.9). It exports every attention kind here with a symbolic batch
-(and, on request, height and width), names the dims in the file, and is maintained. The
-TorchScript exporter (``dynamo=False``) also runs, but it is deprecated ("will be
-removed") and only checks dynamic axes at run time, so it is not used.
+(and, on request, height and width), names those dims in the file, refuses at export
+time a model whose code fixes a dim declared dynamic, and optimises the graph. The
+TorchScript exporter (``dynamo=False``) also exports every kind, about ten times faster,
+but it is deprecated ("will be removed"), leaves the graph unoptimised (dynconv on
+resnet18: 1350 nodes against 321) and takes dynamic axes on trust; it is not used, and
+there is no silent fallback to it.
 
 The opset defaults to the exporter's own default (20). Opsets below 18 are refused: the
 exporter's operator library is written for opset 18 and would have to down-convert, which
@@ -35,8 +38,8 @@ from torch import nn
 from .checkpoint import atomic_write
 from .errors import UsageError
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "VerificationError", "check_export_args", "describe_onnx",
-           "export_onnx", "print_export_summary", "verify_onnx"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
+           "describe_onnx", "export_onnx", "print_export_summary", "verify_onnx"]
 
 DEFAULT_OPSET = 20  # torch.onnx's default (torch.onnx._constants.ONNX_DEFAULT_OPSET)
 MIN_OPSET = 18  # the opset of torch.onnx's operator library; lower needs down-conversion
@@ -105,28 +108,30 @@ def export_onnx(
     Raises:
         UsageError: bad arguments, or the exporter cannot export the model (the message
             names the module and the operator when they can be found).
-        VerificationError: the checker passed but the outputs differ by more than ``atol``.
+        VerificationError: ``onnx.checker`` or onnxruntime rejects the file, or its outputs
+            differ from PyTorch's by more than ``atol``.
     """
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     path = Path(path)
     summary: dict[str, Any] = {"output": str(path)}
+
+    def write(tmp: Path) -> None:
+        start = time.perf_counter()
+        _export(model, tmp, input_size=input_size, opset=opset,
+                dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+        summary["export_seconds"] = round(time.perf_counter() - start, 3)
+        summary.update(describe_onnx(tmp))
+        summary["verification"] = None
+        if verify:
+            result = verify_onnx(model, tmp, input_size=input_size, atol=atol,
+                                 dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+            summary["verification"] = result
+            if not result["passed"] and not keep_failed:
+                raise VerificationError(_failure(path, result, kept=False), summary, kept=False)
+
     was_training = model.training
     model.eval()
     try:
-        def write(tmp: Path) -> None:
-            start = time.perf_counter()
-            _export(model, tmp, input_size=input_size, opset=opset,
-                    dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
-            summary["export_seconds"] = round(time.perf_counter() - start, 3)
-            summary.update(describe_onnx(tmp))
-            summary["verification"] = None
-            if verify:
-                result = verify_onnx(model, tmp, input_size=input_size, atol=atol,
-                                     dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
-                summary["verification"] = result
-                if not result["passed"] and not keep_failed:
-                    raise VerificationError(_failure(path, result, kept=False), summary, kept=False)
-
         atomic_write(path, write)
     finally:
         model.train(was_training)
@@ -136,8 +141,10 @@ def export_onnx(
 
 
 def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:
-    worst = max(result["runs"], key=lambda r: r["max_abs"])
     fate = f"kept {path} anyway (--keep-failed)" if kept else "no file written"
+    if result["error"]:
+        return f"{path.name} FAILED verification: {result['error']}; {fate}"
+    worst = max(result["runs"], key=lambda r: r["max_abs"])
     return (f"{path.name} FAILED verification: max abs error {worst['max_abs']:.3g} at input "
             f"{worst['shape']} > atol {result['atol']:g}; {fate}")
 
@@ -288,41 +295,47 @@ def verify_onnx(
     """Check ``path`` and compare onnxruntime with ``model`` (already in eval mode).
 
     Returns:
-        ``{"checker": "passed", "provider", "atol", "passed", "seconds", "runs": [{"batch",
-        "shape", "max_abs", "max_rel", "passed"}, ...]}``.
-
-    Raises:
-        UsageError: the ONNX checker rejects the file.
+        ``{"checker": "passed" | "failed", "error": None | str, "provider", "atol",
+        "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "passed"}]}``;
+        ``error`` says why the checker or onnxruntime rejected the file.
     """
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     start = time.perf_counter()
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise UsageError(f"the exported file fails onnx.checker: {' '.join(str(e).split())[:300]}") from e
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     shapes = [(b, 3, input_size, input_size) for b in (VERIFY_BATCHES if dynamic_batch else (1,))]
     if dynamic_hw:
         shapes.append((shapes[-1][0], 3, input_size + 32, input_size + 16))
     generator = torch.Generator().manual_seed(1)
-    runs = []
-    for shape in shapes:
-        x = torch.randn(shape, generator=generator)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        max_abs = float(np.max(np.abs(got - expected)))
-        max_rel = max_abs / max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
-        runs.append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs, "max_rel": max_rel,
-                     "passed": max_abs <= atol})  # NaN fails
-    return {"checker": "passed", "provider": "CPUExecutionProvider", "atol": atol,
-            "passed": all(r["passed"] for r in runs), "runs": runs,
-            "seconds": round(time.perf_counter() - start, 3)}
+    inputs = [torch.randn(shape, generator=generator) for shape in shapes]
+    with torch.no_grad():
+        expected = [model(x).numpy() for x in inputs]
+    result: dict[str, Any] = {"checker": "passed", "error": None, "provider": "CPUExecutionProvider",
+                              "atol": atol, "passed": False, "runs": []}
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
+        session = ort.InferenceSession(str(path), options, providers=[result["provider"]])
+        got = [session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0] for x in inputs]
+    except onnx.checker.ValidationError as e:
+        result.update(checker="failed", error=f"onnx.checker: {_first_sentence(str(e))}")
+    except Exception as e:  # onnxruntime's Fail, InvalidGraph, InvalidArgument, ...
+        result["error"] = f"onnxruntime: {_first_sentence(str(e))}"
+    else:
+        for shape, want, have in zip(shapes, expected, got):
+            if have.shape != want.shape:
+                result["error"] = (f"onnxruntime returns shape {list(have.shape)} for input {list(shape)}, "
+                                   f"PyTorch {list(want.shape)}")
+                break
+            max_abs = float(np.max(np.abs(have - want)))
+            max_rel = max_abs / max(float(np.max(np.abs(want))), np.finfo(np.float32).tiny)
+            result["runs"].append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs,
+                                   "max_rel": max_rel, "passed": max_abs <= atol})  # NaN fails
+        result["passed"] = result["error"] is None and all(r["passed"] for r in result["runs"])
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
 
 
 def print_export_summary(console: Any, data: dict[str, Any]) -> None:
@@ -346,11 +359,13 @@ def print_export_summary(console: Any, data: dict[str, Any]) -> None:
         console.print("  not verified (--no-verify)", style="yellow", highlight=False)
         return
     verdict = "[bold green]PASSED[/]" if v["passed"] else "[bold red]FAILED[/]"
-    table = Table(title=f"onnxruntime ({v['provider']}) vs PyTorch eval, atol {v['atol']:g}: {verdict}",
-                  caption=f"onnx.checker (full_check): {v['checker']}; verified in {v['seconds']:.1f} s")
+    table = Table(title=f"onnxruntime vs PyTorch (eval), atol {v['atol']:g}: {verdict}",
+                  caption=f"onnx.checker full_check {v['checker']}; {v['provider']}; {v['seconds']:.1f} s")
     for col in ("batch", "input", "max abs error", "max rel error", "result"):
         table.add_column(col, justify="left" if col in ("input", "result") else "right")
     for r in v["runs"]:
         table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
                       "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
     console.print(table)
+    if v["error"]:
+        console.print(f"  {escape(v['error'])}", style="red", highlight=False, soft_wrap=True)
