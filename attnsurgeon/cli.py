@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UsageError
 
@@ -40,7 +41,7 @@ Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML re
 Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
 WeightsFile = Annotated[Optional[Path], typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
 Init = Annotated[Optional[str], typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for the new modules' initial weights.", rich_help_panel=S)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
 Head = Annotated[Optional[str], typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -55,13 +56,13 @@ def _user_errors() -> Iterator[None]:
     except UsageError as e:
         if os.environ.get("ATTNSURGEON_DEBUG"):
             raise
-        _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,
           param: list[str] | None, recipe: list[Path] | None, weights: str | None,
-          weights_file: Path | None, init: str | None, seed: int, head: str | None):
+          weights_file: Path | None, init: str | None, seed: int | None, head: str | None):
     from .commands import SurgeryOptions
 
     return SurgeryOptions(model=model, attn=attn, position=position, layers=layers,
@@ -81,7 +82,7 @@ def insert(
     weights: Weights = None,
     weights_file: WeightsFile = None,
     init: Init = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     head: Head = None,
     force: Force = False,
     input_size: InputSize = 224,
@@ -106,7 +107,7 @@ def summarize(
     weights: Weights = None,
     weights_file: WeightsFile = None,
     init: Init = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     head: Head = None,
     input_size: InputSize = 224,
     json: Json = False,
@@ -131,7 +132,7 @@ def export_onnx(
     weights: Weights = None,
     weights_file: WeightsFile = None,
     init: Init = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     head: Head = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18 to 23 (20 is the exporter's default).")] = 20,
     input_size: Annotated[int, typer.Option("--input-size", help="Square size of the example input (and of the verification inputs).")] = 224,
@@ -154,7 +155,7 @@ def export_onnx(
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
                        force=force, as_json=json)
         except VerificationError as e:
-            _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 

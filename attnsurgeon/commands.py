@@ -45,7 +45,7 @@ class SurgeryOptions:
     weights: str | None = None
     weights_file: Path | None = None
     init: str | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's seed, else 0
     head: str | None = None
 
     def recipe(self, path: Path | None = None) -> Recipe:
@@ -66,6 +66,8 @@ class SurgeryOptions:
             recipe = Recipe(rules=rules)
         recipe = recipe.with_overrides(model=self.model, weights=self.weights, head=self.head,
                                        init=self.init, seed=self.seed)
+        if recipe.seed is None:  # reproducible by default
+            recipe = replace(recipe, seed=0)
         if self.weights_file is not None and self.weights is None:
             recipe = replace(recipe, weights=None)  # --weights-file wins over the recipe's weights
         if recipe.head == "avg":
@@ -149,7 +151,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
          preservation=data["preservation"])
     data["output"] = str(output)
     _emit(data, as_json)
-    err.print(f"wrote {output}")
+    err.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
             raise UsageError("summarize FILE.pt takes no surgery options: the file says what was done")
         data = _summarize_checkpoint(Path(target), input_size=input_size)
         if not as_json:
-            err.print(f"{target}: made by {data['checkpoint']['made_by']}", highlight=False, soft_wrap=True)
+            err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
     opts = SurgeryOptions(**{**opts.__dict__, "model": target})
@@ -292,7 +294,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         _emit_export({**source, **e.summary}, as_json)
         raise
     _emit_export({**source, **summary}, as_json)
-    err.print(f"wrote {output}")
+    err.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def _emit_export(data: dict[str, Any], as_json: bool) -> None:

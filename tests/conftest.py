@@ -8,6 +8,10 @@ from typer.testing import CliRunner
 
 from attnsurgeon.cli import app
 
+# The tests use small inputs, where a second thread buys little; one thread keeps the
+# suite's time steady when other processes share the machine's two cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def cli():

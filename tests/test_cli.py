@@ -232,3 +232,28 @@ def test_checkpoint_rejects_foreign_files(tmp_path, cli):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     user_error(cli("summarize", str(foreign)), "not an attnsurgeon checkpoint")
+
+
+def test_recipe_seed_is_used_unless_the_command_line_gives_one(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "resnet18"\nseed = 7\n[[insert]]\nattn = "se"\nlayers = "layer4.1"\n')
+
+    def fc1(*extra: str) -> torch.Tensor:
+        out = tmp_path / "m.pt"
+        result = cli("insert", "--recipe", str(recipe), "--input-size", "64", "-o", str(out), "--force", *extra)
+        assert result.exit_code == 0, result.output
+        return torch.load(out, weights_only=True)["state_dict"]["layer4.1.attn_standard.fc1.weight"]
+
+    def by_hand(seed: int) -> torch.Tensor:
+        model = torchvision.models.resnet18()
+        apply(model, "se", layers="layer4.1", seed=seed)
+        return model.layer4[1].attn_standard.fc1.weight
+
+    assert torch.equal(fc1(), by_hand(7))
+    assert torch.equal(fc1("--seed", "3"), by_hand(3))
+
+
+def test_error_text_in_brackets_is_printed_as_is(cli, tmp_path):
+    recipe = tmp_path / "empty.toml"
+    recipe.write_text('model = "resnet18"\n')
+    user_error(cli("insert", "--recipe", str(recipe), "-o", str(tmp_path / "x.pt")), "no [[insert]] rule")
