@@ -230,7 +230,8 @@ register(KindSpec(
         Param("kernels", int, 4, "number of kernels aggregated per sample", "K", minimum=1),
         Param("temperature", float, 30.0, "softmax temperature (anneal to 1 while training)", "tau", minimum=1e-6),
         Param("reduction", int, 4, "reduction ratio of the attention MLP", "r", minimum=1),
-        Param("target", str, "spatial", "which convs of the block: 'spatial' (3x3) or 'all'", choices=("spatial", "all")),
+        Param("target", str, "spatial", "which convs of the block: 'spatial' (3x3) or 'all' "
+              "(also 1x1 and downsample convs: the paper's DY-ResNet)", choices=("spatial", "all")),
     ),
     note="replaces convs; the norms after them stay",
 ))

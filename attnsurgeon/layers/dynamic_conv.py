@@ -1,0 +1,289 @@
+"""Dynamic convolution.
+
+Paper: Dynamic Convolution: Attention over Convolution Kernels (Chen, Dai, Liu, Chen,
+Yuan, Liu; CVPR 2020), https://arxiv.org/abs/1912.03458
+
+A dynamic conv holds K kernels ``W_k`` (and biases ``b_k``) of the replaced conv's shape
+and convolves each sample with their attention-weighted sum (the paper's Sec. 3)::
+
+    pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau)      # K weights per sample, sum to 1
+    y     = (sum_k pi_k(x) W_k) * x + sum_k pi_k(x) b_k
+
+The attention is squeeze-and-excitation over kernels: FC1 "reduces the dimension by 4"
+(hidden width C_in / r, r = 4), FC2 gives K logits. tau is the softmax temperature, which
+the paper anneals from 30 to 1 over the first 10 epochs so that early training updates
+all kernels; see :func:`temperature_schedule` and :func:`set_temperature`.
+
+Two exact forms of the same function (equal to float rounding, by linearity):
+
+* *per-sample kernels*: aggregate ``N`` kernels and run one grouped conv with
+  ``groups = N * groups`` (the reference code's trick). Fewest multiply-adds, but it stores
+  N kernels and the batch size becomes an attribute of the conv;
+* *stacked*: one conv with all K kernels stacked (K * C_out output channels), then the
+  pi-weighted sum over K. K times the multiply-adds and it stores K outputs, but no op
+  depends on the batch size, so it exports with a dynamic batch.
+
+Tracers (``torch.export``, ``torch.onnx.export`` in both modes, ``torch.compile``,
+``torch.jit.trace``, ``torch.fx.symbolic_trace``) always get the stacked form. Eager
+mode picks the cheaper one per call, from the estimated cost per sample and per kernel
+element (``C_out * C_in/groups * kh * kw`` of them), in multiply-add equivalents:
+
+* per-sample: ``H'W' + a``, the conv plus making, using and back-propagating one
+  per-sample kernel element;
+* stacked: ``K H'W' (1 + a / fan_in)``, K convs plus the K stacked outputs
+  (``K C_out H'W'`` elements = ``K H'W' / fan_in`` per kernel element) at the same cost a;
+
+with ``a = _ELEMENT_COST = 256``, fitted to CPU timings (forward + backward, batch 32, 2
+threads, K = 4) of 3x3 convs with 64-1024 channels: the stacked form won at 4x4 and 7x7
+outputs and lost at 14x14 and larger, so the crossover is ``(K-1) H'W' ~ a``;
+``benchmarks/bench_dynconv.py`` shows ResNet-18's shapes. A stacked pick always stores
+less than the per-sample kernels would (it implies ``K H'W' < fan_in``). At batch 1 the
+per-sample form is a plain conv and is always used. On DY-ResNet-18 at 224 this stacks
+layer4's 3x3 convs (7x7 outputs) and keeps per-sample kernels everywhere else.
+
+Departures from the paper, and why:
+
+* FC1 and FC2 have biases, as in SENet (the paper's attention "applies
+  squeeze-and-excitation" and does not specify them; biases change the parameter count
+  by < 0.01%). Hidden width is ``max(1, C_in // r)`` so that tiny inputs still work.
+* ``--init paper`` initialises each of the K kernels (and biases) independently as
+  ``nn.Conv2d.reset_parameters`` does (kaiming-uniform, a = sqrt(5)), and the attention
+  FCs with PyTorch defaults; the paper names no initialisation.
+* ``--init preserve`` copies the replaced conv into all K kernels (and biases), so the
+  output is the original conv's for any attention: exact up to float rounding. It
+  trains: each kernel's gradient is ``sum_n pi_nk * g_n``, different per kernel because
+  pi differs per sample, so the kernels diverge; while they are equal the attention
+  FCs get no gradient (every kernel gives the same output).
+* tau is a persistent buffer, so a checkpoint keeps the annealed value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import check_init
+
+__all__ = ["DynamicConv2d", "KernelAttention", "from_conv", "set_temperature", "temperature_schedule"]
+
+_ELEMENT_COST = 256.0  # multiply-adds per per-sample kernel element (see the docstring)
+
+_Size = int | tuple[int, int]
+
+
+def _pair(value: _Size) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _tracing(x: Tensor) -> bool:
+    """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+
+
+class KernelAttention(nn.Module):
+    """Logits of the kernel attention, ``FC2(ReLU(FC1(GAP(x))))``, shape ``(N, K)``."""
+
+    def __init__(self, in_channels: int, kernels: int, *, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(1, in_channels // reduction)
+        self.fc1 = nn.Conv2d(in_channels, hidden, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, kernels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).flatten(1)
+
+
+class DynamicConv2d(nn.Module):
+    """A conv whose kernel is a per-sample, attention-weighted sum of K kernels.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            as ``nn.Conv2d`` (numeric padding, zeros mode); each of the K kernels has
+            this shape.
+        kernels: K, the number of kernels.
+        temperature: tau, the softmax temperature (a persistent buffer).
+        reduction: r, FC1 reduces C_in to ``C_in // r``.
+    """
+
+    temperature: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size,
+        *,
+        stride: _Size = 1,
+        padding: _Size = 0,
+        dilation: _Size = 1,
+        groups: int = 1,
+        bias: bool = True,
+        kernels: int = 4,
+        temperature: float = 30.0,
+        reduction: int = 4,
+    ) -> None:
+        super().__init__()
+        for name, value in (("kernels", kernels), ("reduction", reduction), ("groups", groups)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups must divide in and out channels, got {groups} for {in_channels}, {out_channels}")
+        _check_temperature(temperature)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.kernels = kernels
+        self.weight = nn.Parameter(torch.empty(kernels, out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(kernels, out_channels)) if bias else None
+        self.attention = KernelAttention(in_channels, kernels, reduction=reduction)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper init: every kernel as ``nn.Conv2d.reset_parameters`` initialises one."""
+        fan_in = self.weight[0].numel() // self.out_channels
+        for k in range(self.kernels):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.attention.fc1.reset_parameters()
+        self.attention.fc2.reset_parameters()
+
+    @torch.no_grad()
+    def preserve_(self, conv: nn.Conv2d) -> None:
+        """Every kernel (and bias) becomes a copy of ``conv``'s: the output is conv's."""
+        self.weight.copy_(conv.weight.expand_as(self.weight))
+        if self.bias is not None and conv.bias is not None:
+            self.bias.copy_(conv.bias.expand_as(self.bias))
+
+    def kernel_attention(self, x: Tensor) -> Tensor:
+        """pi(x): softmax over the K kernels at temperature tau, shape ``(N, K)``."""
+        return (self.attention(x) / self.temperature).softmax(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pi = self.kernel_attention(x)
+        if _tracing(x) or self.prefers_stacked(x):
+            return self.forward_stacked(x, pi)
+        return self.forward_per_sample(x, pi)
+
+    def prefers_stacked(self, x: Tensor) -> bool:
+        """Whether eager mode runs the stacked form on ``x`` (the cost rule of the module docstring)."""
+        n, _, h, w = x.shape
+        positions = 1
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        fan_in = self.weight[0, 0].numel()
+        per_sample = positions + _ELEMENT_COST
+        stacked = self.kernels * positions * (1 + _ELEMENT_COST / fan_in)
+        return n > 1 and stacked < per_sample
+
+    def forward_per_sample(self, x: Tensor, pi: Tensor) -> Tensor:
+        """Aggregate one kernel per sample and run them as one grouped conv."""
+        n = x.shape[0]
+        weight = (pi @ self.weight.flatten(1)).reshape(-1, *self.weight.shape[2:])
+        bias = None if self.bias is None else (pi @ self.bias).flatten()
+        y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight, bias,
+                     self.stride, self.padding, self.dilation, self.groups * n)
+        return y.reshape(n, self.out_channels, *y.shape[2:])
+
+    def forward_stacked(self, x: Tensor, pi: Tensor) -> Tensor:
+        """Run all K kernels as one conv, then sum the K outputs weighted by pi."""
+        g, k = self.groups, self.kernels
+        # output channels ordered (group, kernel, channel) so each group's kernels read its inputs
+        weight = self.weight.unflatten(1, (g, -1)).transpose(0, 1).flatten(0, 2)
+        bias = None if self.bias is None else self.bias.unflatten(1, (g, -1)).transpose(0, 1).flatten()
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, g)
+        y = y.unflatten(1, (g, k, -1))  # (N, g, K, C_out / g, H', W')
+        return (y * pi[:, None, :, None, None, None]).sum(2).flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}")
+
+
+def from_conv(
+    conv: nn.Conv2d,
+    norm: nn.BatchNorm2d | None,
+    *,
+    init: str = "paper",
+    kernels: int = 4,
+    temperature: float = 30.0,
+    reduction: int = 4,
+    target: str = "spatial",
+) -> tuple[DynamicConv2d, None]:
+    """Replace ``conv`` by a dynamic conv of the same geometry; the norm after it stays.
+
+    ``target`` (which convs of a block) is used by the surgery that picks the convs and
+    only checked here.
+
+    Raises:
+        ValueError: a bad param, or a conv with string padding or a non-zeros padding mode.
+    """
+    check_init(init)
+    if target not in ("spatial", "all"):
+        raise ValueError(f"target must be 'spatial' or 'all', got {target!r}")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            "dynconv replaces a zero-padded conv with numeric padding, got "
+            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+        )
+    dyn = DynamicConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        bias=conv.bias is not None, kernels=kernels, temperature=temperature, reduction=reduction,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    if init == "preserve":
+        dyn.preserve_(conv)
+    return dyn, None
+
+
+def _check_temperature(value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+
+
+def set_temperature(model: nn.Module, value: float) -> int:
+    """Set the softmax temperature of every :class:`DynamicConv2d` in ``model``.
+
+    Call it once per epoch (or step) with :func:`temperature_schedule`.
+
+    Returns:
+        How many dynamic convs were set (0 if the model has none).
+    """
+    _check_temperature(value)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, DynamicConv2d):
+            module.temperature.fill_(value)
+            count += 1
+    return count
+
+
+def temperature_schedule(epoch: float, *, start: float = 30.0, end: float = 1.0, epochs: int = 10) -> float:
+    """The paper's annealing: tau falls linearly from ``start`` to ``end`` over ``epochs``.
+
+    ``epoch`` counts from 0 and may be fractional (per-step annealing); from ``epochs``
+    on, tau stays at ``end``. The default is the paper's 30 -> 1 over 10 epochs. The
+    reference code (seed 004) starts at 34 and subtracts 3 per epoch down to 1, which is
+    ``temperature_schedule(epoch, start=34, end=1, epochs=11)`` at whole epochs.
+
+    Raises:
+        ValueError: a negative epoch, ``epochs < 1``, or a temperature that is not > 0.
+    """
+    if not (epoch >= 0 and math.isfinite(epoch)):
+        raise ValueError(f"epoch must be a finite number >= 0, got {epoch!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    _check_temperature(start)
+    _check_temperature(end)
+    return start + (end - start) * min(epoch / epochs, 1.0)
