@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
 
-out = Console()  # results: tables (stdout)
-err = Console(stderr=True)  # messages
+# results (tables) on stdout, messages on stderr. Piped into a file or a log, rich would
+# assume 80 columns and squeeze the tables; there is no terminal to fit, so use 120.
+out = Console(width=None if Console().is_terminal or os.environ.get("COLUMNS") else 120)
+err = Console(stderr=True)
 
 
 @dataclass(frozen=True)

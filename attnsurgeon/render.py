@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from itertools import groupby
 from typing import Any
 
@@ -142,11 +143,13 @@ def print_summary(console: Console, data: dict[str, Any]) -> None:
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="recipes compared")
-    for col in ("recipe", "model", "params", "added", "% added", "MACs", "MACs added"):
-        table.add_column(col, justify="left" if col in ("recipe", "model") else "right")
+    table.add_column("recipe", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    for col in ("params", "+params", "+%", "MACs", "+MACs"):
+        table.add_column(col, justify="right", no_wrap=True)
     for data in rows:
         t = data["total"]
-        table.add_row(data.get("source", ""), data["model"], si(t["params_after"]),
+        table.add_row(Path(data.get("source", "")).stem, data["model"], si(t["params_after"]),
                       _plus(t["params_added"]), f"{t['params_added_pct']:.2f}%",
                       si(t["macs_after"]), _plus(t["macs_added"]))
     return table
