@@ -134,6 +134,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
                     path = f"{info.name}.{SLOT_ATTR[position]}"
                     _claim(claimed, path, n, label, f"the {position} slot of {info.name}")
                     block = make_slotted(block)
+                    held = getattr(block, SLOT_ATTR[position])
+                    if not isinstance(held, nn.Identity):
+                        raise UsageError(f"{label}: the {position} slot of {info.name} already "
+                                         f"holds a {type(held).__name__} (from an earlier surgery)")
                     new = _like(build(info.slot_channels(position), init=recipe.init, **params), block)
                     setattr(block, SLOT_ATTR[position], new)
                     changes.append(Change(n, rule.attn, info.name, info.stage, position, path,
@@ -143,6 +147,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
                     path = f"{info.name}.{site.conv}"
                     _claim(claimed, path, n, label, path)
                     conv = block.get_submodule(site.conv)
+                    if type(conv) is not nn.Conv2d:
+                        raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
+                                         "(from an earlier surgery)")
                     norm = block.get_submodule(site.norm) if site.norm else None
                     new_conv, new_norm = build(conv, norm, init=recipe.init, **params)
                     old = replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d)

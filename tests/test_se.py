@@ -161,3 +161,16 @@ def test_fx_and_export_trace(x64):
         ref = model(x64)
         torch.testing.assert_close(traced(x64), ref)
         torch.testing.assert_close(exported.module()(x64), ref)
+
+
+def test_a_second_surgery_does_not_silently_overwrite():
+    from attnsurgeon.errors import UsageError
+
+    model = torchvision.models.resnet18()
+    apply(model, "se", layers="layer4")
+    with pytest.raises(UsageError, match="standard slot of layer4.0 already holds a SqueezeExcite"):
+        apply(model, "cbam", layers="layer4")
+    apply(model, "cbam", position="post", layers="layer4")  # another slot is fine
+    apply(model, "dynconv", layers="layer4.1")
+    with pytest.raises(UsageError, match="layer4.1.conv1 is already a DynamicConv2d"):
+        apply(model, "dynconv", layers="layer4.1")
