@@ -271,10 +271,9 @@ def test_preserved_modules_train(case, original18: nn.Module) -> None:
     assert not frozen, f"{case_id(case)}: new parameters that did not move: {frozen}"
 
 
-# --- resnet50: a representative subset ---------------------------------------------------
+# --- resnet50: every kind and position on bottleneck blocks --------------------------------
 
-CASES50 = [("se", "identity", {}, "all"), ("cbam", "pre", {}, "all"), ("sk", None, {}, "all"),
-           ("dynconv", None, {"target": "all"}, "all")]
+CASES50 = [(*case, "all") for case in CASES]
 
 
 @pytest.fixture(scope="module")
