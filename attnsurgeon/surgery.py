@@ -9,7 +9,7 @@ Every original parameter and buffer keeps its name and value.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from torch import nn
 from .blocks import SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted
 from .errors import UsageError
 from .kinds import HEAD_BUILDERS, builder, get_kind
-from .recipe import Recipe, load_recipe, make_rule
+from .recipe import Recipe, Rule, load_recipe, make_rule
 from .select import select_blocks
 
 __all__ = ["Change", "apply", "apply_recipe", "replace_module"]
@@ -103,7 +103,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
 
     Raises:
         UsageError: the model has no supported blocks, a rule selects nothing, or two rules
-            claim the same slot or convolution.
+            claim the same slot or convolution (checked before the model is changed).
     """
     seed = recipe.seed if seed is None else seed
     blocks = find_blocks(model)
@@ -113,56 +113,74 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
             "(supported so far: the ResNet family: resnet*, resnext*, wide_resnet*)"
         )
     names = [(info.name, info.stage) for info, _ in blocks]
-    # validate every rule's selection before touching the model
-    selections = []
-    for n, rule in enumerate(recipe.rules, start=1):
-        where = "--layers" if recipe.source == "command line" else f"{recipe.source}: rule {n}: layers"
-        selections.append(select_blocks(rule.layers, names, where=where))
+    plan = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
+        rule.layers, names,
+        where="--layers" if recipe.source == "command line" else f"{recipe.source}: rule {n}: layers"))
     changes: list[Change] = []
-    claimed: dict[str, int] = {}
     with _seeded(seed):
-        for n, (rule, chosen) in enumerate(zip(recipe.rules, selections), start=1):
+        for n, rule, info, block, where in plan:
             kind = get_kind(rule.attn)
             build = builder(kind)
             params = rule.param_dict
-            label = ("options" if recipe.source == "command line" else f"{recipe.source}: rule {n}") \
-                + f": layers {rule.layers!r}"
-            for i in chosen:
-                info, block = blocks[i]
-                if kind.mode == "insert":
-                    position = rule.position or kind.default_position or "standard"
-                    path = f"{info.name}.{SLOT_ATTR[position]}"
-                    _claim(claimed, path, n, label, f"the {position} slot of {info.name}")
-                    block = make_slotted(block)
-                    held = getattr(block, SLOT_ATTR[position])
-                    if not isinstance(held, nn.Identity):
-                        raise UsageError(f"{label}: the {position} slot of {info.name} already "
-                                         f"holds a {type(held).__name__} (from an earlier surgery)")
-                    new = _like(build(info.slot_channels(position), init=recipe.init, **params), block)
-                    setattr(block, SLOT_ATTR[position], new)
-                    changes.append(Change(n, rule.attn, info.name, info.stage, position, path,
-                                          type(new).__name__, _count(new), 0))
-                    continue
-                for site in _targets(rule.attn, params, info):
-                    path = f"{info.name}.{site.conv}"
-                    _claim(claimed, path, n, label, path)
-                    conv = block.get_submodule(site.conv)
-                    if type(conv) is not nn.Conv2d:
-                        raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
-                                         "(from an earlier surgery)")
-                    norm = block.get_submodule(site.norm) if site.norm else None
-                    new_conv, new_norm = build(conv, norm, init=recipe.init, **params)
-                    old = replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d)
-                    replaced = _count(old)
-                    if new_norm is not None and site.norm is not None:
-                        replaced += _count(replace_module(block, site.norm, _like(new_norm, conv),
-                                                          expect=nn.BatchNorm2d))
-                    changes.append(Change(n, rule.attn, info.name, info.stage, site.conv, path,
-                                          type(new_conv).__name__,
-                                          _count(new_conv) + _count(new_norm), replaced))
+            if kind.mode == "insert":
+                block = make_slotted(block)
+                new = _like(build(info.slot_channels(where), init=recipe.init, **params), block)
+                setattr(block, SLOT_ATTR[where], new)
+                changes.append(Change(n, rule.attn, info.name, info.stage, where,
+                                      f"{info.name}.{SLOT_ATTR[where]}", type(new).__name__, _count(new), 0))
+                continue
+            site = next(c for c in info.convs if c.conv == where)
+            conv = block.get_submodule(site.conv)
+            norm = block.get_submodule(site.norm) if site.norm else None
+            new_conv, new_norm = build(conv, norm, init=recipe.init, **params)
+            replaced = _count(replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d))
+            if new_norm is not None and site.norm is not None:
+                replaced += _count(replace_module(block, site.norm, _like(new_norm, conv), expect=nn.BatchNorm2d))
+            changes.append(Change(n, rule.attn, info.name, info.stage, site.conv, f"{info.name}.{site.conv}",
+                                  type(new_conv).__name__, _count(new_conv) + _count(new_norm), replaced))
         if recipe.head is not None:
             changes.append(_apply_head(model, recipe.head, init=recipe.init))
     return changes
+
+
+def _plan(
+    recipe: Recipe,
+    blocks: list[tuple[BlockInfo, nn.Module]],
+    *,
+    select: Callable[[int, Rule], list[int]],
+) -> list[tuple[int, Rule, BlockInfo, nn.Module, str]]:
+    """Every (rule number, rule, block, slot or conv) the recipe asks for, checked before
+    anything is changed: a selection that names nothing, two rules claiming one slot or
+    conv, or a slot/conv an earlier surgery already changed is an error, and the model is
+    left untouched."""
+    plan = []
+    claimed: dict[str, int] = {}
+    for n, rule in enumerate(recipe.rules, start=1):
+        kind = get_kind(rule.attn)
+        chosen = select(n, rule)
+        label = ("options" if recipe.source == "command line" else f"{recipe.source}: rule {n}") \
+            + f": layers {rule.layers!r}"
+        for i in chosen:
+            info, block = blocks[i]
+            if kind.mode == "insert":
+                position = rule.position or kind.default_position or "standard"
+                _claim(claimed, f"{info.name}.{SLOT_ATTR[position]}", n, label,
+                       f"the {position} slot of {info.name}")
+                held = getattr(block, SLOT_ATTR[position], None)
+                if held is not None and not isinstance(held, nn.Identity):
+                    raise UsageError(f"{label}: the {position} slot of {info.name} already "
+                                     f"holds a {type(held).__name__} (from an earlier surgery)")
+                plan.append((n, rule, info, block, position))
+                continue
+            for site in _targets(rule.attn, rule.param_dict, info):
+                path = f"{info.name}.{site.conv}"
+                _claim(claimed, path, n, label, path)
+                conv = block.get_submodule(site.conv)
+                if type(conv) is not nn.Conv2d:
+                    raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
+                                     "(from an earlier surgery)")
+                plan.append((n, rule, info, block, site.conv))
+    return plan
 
 
 def _claim(claimed: dict[str, int], path: str, rule: int, label: str, what: str) -> None:

@@ -174,3 +174,19 @@ def test_a_second_surgery_does_not_silently_overwrite():
     apply(model, "dynconv", layers="layer4.1")
     with pytest.raises(UsageError, match="layer4.1.conv1 is already a DynamicConv2d"):
         apply(model, "dynconv", layers="layer4.1")
+
+
+def test_a_conflict_leaves_the_model_untouched():
+    from attnsurgeon.errors import UsageError
+    from attnsurgeon.recipe import Recipe, make_rule
+    from attnsurgeon.surgery import apply_recipe
+
+    model = torchvision.models.resnet18()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rules = (make_rule("se", layers="layer3", where="t"), make_rule("sk", layers="all", where="t"),
+             make_rule("cbam", layers="layer3.1", where="t"))
+    with pytest.raises(UsageError, match="rule 3: layers 'layer3.1': the standard slot of layer3.1 is already taken by rule 1"):
+        apply_recipe(model, Recipe(rules=rules, source="r.toml"))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert type(model.layer3[1]) is torchvision.models.resnet.BasicBlock
