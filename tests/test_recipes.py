@@ -3,7 +3,7 @@
 * every ``recipes/*.toml`` builds, and ``summarize`` counts the parameters its opening
   comment cites (``# params: 28.1M``: the printed digits are the tolerance, half a unit
   of the last digit; ``# params: 27562140`` is exact; ``# tolerance: 0.1M`` widens it,
-  with the reason in the comment; ``Mi`` is 2**20, for a paper that counts in those units);
+  with the reason in the comment);
 * several ``--recipe`` (or a directory) print one comparison table;
 * a bad recipe is one line on stderr naming file, rule and key, exit 2, no traceback;
 * command-line values win over the recipe's top-level values.
@@ -29,18 +29,18 @@ SHIPPED = sorted(RECIPES.glob("*.toml"))
 LIGHT_MODELS = ("resnet18", "resnet34")  # everything else is @heavy
 
 runner = CliRunner()
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "Mi": 2**20}
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 
 
 def cited_params(text: str) -> tuple[float, float]:
     """The ``# params:`` count a recipe cites and its tolerance (see module docstring)."""
-    m = re.search(r"^#\s*params:\s*([0-9][0-9,]*(?:\.[0-9]+)?)\s*(Mi|[KMG]?)\s*$", text, re.M)
+    m = re.search(r"^#\s*params:\s*([0-9][0-9,]*(?:\.[0-9]+)?)\s*([KMG]?)\s*$", text, re.M)
     if m is None:
         raise ValueError("no '# params: N' line")
     number, unit = m.group(1).replace(",", ""), _UNITS[m.group(2)]
     decimals = len(number.partition(".")[2])
     tolerance = 0.5 * 10.0**-decimals * unit
-    t = re.search(r"^#\s*tolerance:\s*([0-9.]+)\s*(Mi|[KMG]?)\s*$", text, re.M)
+    t = re.search(r"^#\s*tolerance:\s*([0-9.]+)\s*([KMG]?)\s*$", text, re.M)
     if t is not None:
         tolerance = float(t.group(1)) * _UNITS[t.group(2)]
     return float(number) * unit, tolerance
@@ -78,7 +78,6 @@ def test_cited_params_parser() -> None:
     assert cited_params("# x\n# params: 28.09M\n") == (pytest.approx(28.09e6), pytest.approx(5e3))
     assert cited_params("# params: 27,562,140\n") == (27562140, 0.5)
     assert cited_params("# params: 26.4M\n# tolerance: 0.1M\n") == (26.4e6, pytest.approx(1e5))
-    assert cited_params("# params: 42.7Mi\n# tolerance: 0.2Mi\n") == (pytest.approx(42.7 * 2**20), pytest.approx(0.2 * 2**20))
     with pytest.raises(ValueError):
         cited_params("# parameters: 28.1M")
 
