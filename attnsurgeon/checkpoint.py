@@ -14,11 +14,12 @@ same structure, and loads the state_dict strictly. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -27,6 +28,9 @@ from torch import nn
 from . import __version__
 from .errors import UsageError
 from .recipe import Recipe, recipe_from_data
+
+if TYPE_CHECKING:
+    from .surgery import Change
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "check_output", "load", "read", "save"]
 
@@ -115,24 +119,28 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def recipe_of(data: dict[str, Any], path: str | Path) -> Recipe:
-    recipe = recipe_from_data(data["recipe"], source=str(path))
-    return recipe
+    return recipe_from_data(data["recipe"], source=str(path))
 
 
-def rebuild(data: dict[str, Any], path: str | Path) -> nn.Module:
-    """The model a checkpoint's data describes, with its weights loaded."""
+def rebuild(
+    data: dict[str, Any], path: str | Path, *, base: nn.Module | None = None
+) -> tuple[nn.Module, list[Change]]:
+    """The model a checkpoint's data describes, with its weights loaded, and the changes
+    its recipe made to the torchvision model (a copy of ``base`` when given: the
+    unmodified model, already built)."""
     from .surgery import apply_recipe
     from .zoo import build_model
 
-    model = build_model(data["model"], model_kwargs=data["model_kwargs"])
-    apply_recipe(model, recipe_of(data, path))
+    model = copy.deepcopy(base) if base is not None else build_model(
+        data["model"], model_kwargs=data["model_kwargs"])
+    changes = apply_recipe(model, recipe_of(data, path))
     missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     if missing or unexpected:
         raise UsageError(
             f"{path}: state_dict does not match the rebuilt model "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return model
+    return model, changes
 
 
 def load(path: str | Path) -> nn.Module:
@@ -140,4 +148,4 @@ def load(path: str | Path) -> nn.Module:
 
     >>> model = attnsurgeon.load("se_resnet50.pt").eval()
     """
-    return rebuild(read(path), path)
+    return rebuild(read(path), path)[0]

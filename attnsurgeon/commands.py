@@ -73,11 +73,8 @@ class SurgeryOptions:
             recipe = replace(recipe, seed=0)
         if self.weights_file is not None and self.weights is None:
             recipe = replace(recipe, weights=None)  # --weights-file wins over the recipe's weights
-        if recipe.head == "avg":
-            recipe = replace(recipe, head=None)
-        check_head(recipe.head, "--head")
         check_init(recipe.init, "--init")
-        return recipe
+        return replace(recipe, head=check_head(recipe.head, "--head"))  # "avg" -> None
 
 
 @dataclass
@@ -160,15 +157,12 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
 def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
     from . import checkpoint
     from .report import measure, summary_data
-    from .surgery import apply_recipe
     from .zoo import build_model
 
     data = checkpoint.read(path)
-    model = checkpoint.rebuild(data, path)
-    recipe = checkpoint.recipe_of(data, path)
     original = build_model(data["model"], model_kwargs=data["model_kwargs"])
-    probe = copy.deepcopy(original)
-    changes = apply_recipe(probe, recipe)  # the change list, on a throwaway copy
+    model, changes = checkpoint.rebuild(data, path, base=original)
+    recipe = checkpoint.recipe_of(data, path)
     stages = _stages(original)
     result = summary_data(
         model_name=data["model"], recipe=data["recipe"],
@@ -187,15 +181,13 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
 
 def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool) -> None:
     _check_input_size(input_size)
-    if target is not None and target.endswith(".pt"):
-        if opts.attn or opts.recipes or opts.head:
-            raise UsageError("summarize FILE.pt takes no surgery options: the file says what was done")
+    if _is_checkpoint(target, opts, "summarize"):
         data = _summarize_checkpoint(Path(target), input_size=input_size)
         if not as_json:
             err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
-    opts = SurgeryOptions(**{**opts.__dict__, "model": target})
+    opts = replace(opts, model=target)
     recipes = _expand(opts.recipes)
     if len(recipes) <= 1:
         p = prepare(opts, opts.recipe(recipes[0] if recipes else None))
@@ -213,6 +205,15 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         from .render import comparison_table
 
         out.print(comparison_table(rows))
+
+
+def _is_checkpoint(target: str | None, opts: SurgeryOptions, command: str) -> bool:
+    """Whether ``target`` is a FILE.pt (then no surgery option may come with it)."""
+    if target is None or not target.endswith(".pt"):
+        return False
+    if opts != SurgeryOptions():
+        raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")
+    return True
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:
@@ -272,9 +273,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     from .onnx_export import VerificationError, check_export_args, export_onnx
 
     check_export_args(input_size=input_size, opset=opset, atol=atol)
-    from_file = target is not None and target.endswith(".pt")
-    if from_file and opts != SurgeryOptions():
-        raise UsageError("export-onnx FILE.pt takes no surgery options: the file says what was done")
+    from_file = _is_checkpoint(target, opts, "export-onnx")
     if len(opts.recipes) > 1:
         raise UsageError("export-onnx takes one --recipe")
     if not from_file:
@@ -283,7 +282,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     output = checkpoint.check_output(output, force=force, suffix=".onnx")
     if from_file:
         data = checkpoint.read(target)
-        model = checkpoint.rebuild(data, target)
+        model, _ = checkpoint.rebuild(data, target)
         source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
     else:
         p = prepare(opts, recipe)

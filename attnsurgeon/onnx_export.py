@@ -37,6 +37,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import UsageError
+from .report import evaluating
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
            "describe_onnx", "export_onnx", "print_export_summary", "verify_onnx"]
@@ -129,12 +130,8 @@ def export_onnx(
             if not result["passed"] and not keep_failed:
                 raise VerificationError(_failure(path, result, kept=False), summary, kept=False)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         atomic_write(path, write)
-    finally:
-        model.train(was_training)
     if summary["verification"] is not None and not summary["verification"]["passed"]:
         raise VerificationError(_failure(path, summary["verification"], kept=True), summary, kept=True)
     return summary

@@ -89,8 +89,8 @@ def measure(model: nn.Module, stages: Sequence[str], *, input_size: int) -> Mode
     """Parameters and MACs of ``model``, grouped into stem, each stage, and head (see
     :func:`_partition`). MACs of work done outside any submodule count as head."""
     parts = _partition(model, stages)
-    order = list(dict.fromkeys(g for _, g in parts)) or ["model"]
-    if "head" not in order:
+    order = list(dict.fromkeys(g for _, g in parts))
+    if "head" not in order:  # for parameters and work outside any child
         order.append("head")
     params = dict.fromkeys(order, 0)
     for path, group in parts:
@@ -115,7 +115,7 @@ def measure(model: nn.Module, stages: Sequence[str], *, input_size: int) -> Mode
         macs[group] += int(sum(counts.get(f"{prefix}.{path}", {}).values())) // 2
     macs["head"] += int(flop.get_total_flops()) // 2 - sum(macs.values())
     return ModelStats(tuple(GroupStats(g, params[g], macs[g]) for g in order
-                            if g != "head" or params[g] or macs[g] or stages))
+                            if g != "head" or params[g] or macs[g]))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -98,14 +98,13 @@ def _targets(attn: str, params: Mapping[str, Any], info: BlockInfo) -> list[Conv
     return [c for c in info.convs if c.spatial]
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -> list[Change]:
+def apply_recipe(model: nn.Module, recipe: Recipe) -> list[Change]:
     """Apply ``recipe``'s head and rules to ``model`` in place; return what changed.
 
     Raises:
         UsageError: the model has no supported blocks, a rule selects nothing, or two rules
             claim the same slot or convolution (checked before the model is changed).
     """
-    seed = recipe.seed if seed is None else seed
     blocks = find_blocks(model)
     if recipe.rules and not blocks:
         raise UsageError(
@@ -117,7 +116,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, seed: int | None = None) -
         rule.layers, names,
         where="--layers" if recipe.source == "command line" else f"{recipe.source}: rule {n}: layers"))
     changes: list[Change] = []
-    with _seeded(seed):
+    with _seeded(recipe.seed):
         for n, rule, info, block, where in plan:
             kind = get_kind(rule.attn)
             build = builder(kind)
@@ -163,7 +162,7 @@ def _plan(
         for i in chosen:
             info, block = blocks[i]
             if kind.mode == "insert":
-                position = rule.position or kind.default_position or "standard"
+                position = rule.position or kind.default_position  # resolved by make_rule
                 _claim(claimed, f"{info.name}.{SLOT_ATTR[position]}", n, label,
                        f"the {position} slot of {info.name}")
                 held = getattr(block, SLOT_ATTR[position], None)

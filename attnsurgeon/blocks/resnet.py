@@ -103,21 +103,12 @@ def describe(name: str, module: nn.Module) -> BlockInfo | None:
         name=name,
         stage=name.rpartition(".")[0] or name,
         type=base.__name__,
-        in_channels=_in_channels(first),
-        out_channels=_out_channels(last),
+        in_channels=int(first.in_channels),  # replacements (SK, dynconv) keep Conv2d's
+        out_channels=int(last.out_channels),  # in_channels/out_channels/stride attributes
         stride=stride,
         downsample=down is not None,
         convs=tuple(convs),
     )
-
-
-def _in_channels(conv: nn.Module) -> int:
-    # replacements (SK, dynconv) keep Conv2d's in_channels/out_channels/stride attributes
-    return int(conv.in_channels)
-
-
-def _out_channels(conv: nn.Module) -> int:
-    return int(conv.out_channels)
 
 
 def find_head(model: nn.Module) -> HeadInfo | None:

@@ -15,7 +15,9 @@ and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
 
 from __future__ import annotations
 
-__all__ = ["PRESERVE_LOGIT", "check_init"]
+from typing import Protocol, TypeVar
+
+__all__ = ["PRESERVE_LOGIT", "check_init", "initialised"]
 
 PRESERVE_LOGIT = 14.0
 
@@ -23,3 +25,18 @@ PRESERVE_LOGIT = 14.0
 def check_init(init: str) -> None:
     if init not in ("paper", "preserve"):
         raise ValueError(f"init must be 'paper' or 'preserve', got {init!r}")
+
+
+class _Preservable(Protocol):
+    def preserve_(self) -> None: ...
+
+
+M = TypeVar("M", bound=_Preservable)
+
+
+def initialised(module: M, init: str) -> M:
+    """``module`` as constructed (``paper``) or started as the identity (``preserve``)."""
+    check_init(init)
+    if init == "preserve":
+        module.preserve_()
+    return module

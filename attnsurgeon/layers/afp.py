@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, check_init
+from . import PRESERVE_LOGIT, initialised
 from .squeeze_excite import SqueezeExcite
 
 __all__ = ["AFP", "build"]
@@ -101,8 +101,4 @@ class AFP(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper", reduction: int = 2) -> AFP:
-    check_init(init)
-    module = AFP(channels, reduction=reduction)
-    if init == "preserve":
-        module.preserve_()
-    return module
+    return initialised(AFP(channels, reduction=reduction), init)

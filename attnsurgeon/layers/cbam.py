@@ -43,13 +43,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, check_init
+from . import PRESERVE_LOGIT, initialised
+from .squeeze_excite import SqueezeExcite
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "build"]
 
 
-class ChannelAttention(nn.Module):
-    """CBAM's channel gate M_c (Eq. 2) on ``channels`` channels.
+class ChannelAttention(SqueezeExcite):
+    """CBAM's channel gate M_c (Eq. 2) on ``channels`` channels: SE's MLP (W0 = fc1,
+    W1 = fc2), shared by the average- and the max-pooled vector.
 
     Args:
         channels: C, the channels of the feature map it gates.
@@ -57,14 +59,7 @@ class ChannelAttention(nn.Module):
     """
 
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
-        super().__init__()
-        if channels < 1 or reduction < 1:
-            raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
-        hidden = max(1, channels // reduction)
-        self.fc1 = nn.Conv2d(channels, hidden, 1)  # W0 in Eq. 2
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)  # W1 in Eq. 2
-        self.gate = nn.Sigmoid()
+        super().__init__(channels, reduction=reduction)
         self.reset_parameters()
 
     def _mlp(self, z: Tensor) -> Tensor:
@@ -76,12 +71,8 @@ class ChannelAttention(nn.Module):
         peak = x.amax((2, 3), keepdim=True)
         return self.gate(self._mlp(avg) + self._mlp(peak))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self._scale(x)
-
     def reset_parameters(self) -> None:
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
+        super().reset_parameters()
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
 
@@ -157,8 +148,4 @@ class CBAM(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper", reduction: int = 16, kernel_size: int = 7) -> CBAM:
-    check_init(init)
-    module = CBAM(channels, reduction=reduction, kernel_size=kernel_size)
-    if init == "preserve":
-        module.preserve_()
-    return module
+    return initialised(CBAM(channels, reduction=reduction, kernel_size=kernel_size), init)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import check_init
+from . import initialised
 
 __all__ = ["DualPool", "build"]
 
@@ -68,8 +68,4 @@ class DualPool(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper") -> DualPool:
-    check_init(init)
-    module = DualPool(channels)
-    if init == "preserve":
-        module.preserve_()
-    return module
+    return initialised(DualPool(channels), init)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, check_init
+from . import PRESERVE_LOGIT, initialised
 
 __all__ = ["SqueezeExcite", "build"]
 
@@ -62,8 +62,4 @@ class SqueezeExcite(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper", reduction: int = 16) -> SqueezeExcite:
-    check_init(init)
-    module = SqueezeExcite(channels, reduction=reduction)
-    if init == "preserve":
-        module.preserve_()
-    return module
+    return initialised(SqueezeExcite(channels, reduction=reduction), init)
