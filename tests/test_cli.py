@@ -257,3 +257,11 @@ def test_error_text_in_brackets_is_printed_as_is(cli, tmp_path):
     recipe = tmp_path / "empty.toml"
     recipe.write_text('model = "resnet18"\n')
     user_error(cli("insert", "--recipe", str(recipe), "-o", str(tmp_path / "x.pt")), "no [[insert]] rule")
+
+
+def test_a_checkpoint_takes_no_surgery_options(cli, tmp_path):
+    out = tmp_path / "a.pt"
+    assert cli("insert", "resnet18", "--attn", "se", "--input-size", "64", "-o", str(out)).exit_code == 0
+    user_error(cli("summarize", str(out), "--param", "reduction=4"), "summarize FILE.pt takes no surgery options")
+    user_error(cli("export-onnx", str(out), "--weights", "DEFAULT", "-o", str(tmp_path / "a.onnx")),
+               "export-onnx FILE.pt takes no surgery options")
