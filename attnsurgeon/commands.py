@@ -104,19 +104,28 @@ def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
     return Prepared(name, recipe, original, model, changes, weights)
 
 
-def _stages(model: nn.Module) -> list[str]:
+def _block_groups(model: nn.Module) -> dict[str, str]:
+    """Each block's path -> its stage, the groups of the summary's rows."""
     from .blocks import find_blocks
 
-    return list(dict.fromkeys(info.stage for info, _ in find_blocks(model)))
+    return {info.name: info.stage for info, _ in find_blocks(model)}
 
 
 def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True) -> dict[str, Any]:
     from .report import measure, preservation, summary_data
 
-    stages = _stages(p.original)
-    before = measure(p.original, stages, input_size=input_size)
-    after = measure(p.model, stages, input_size=input_size)
+    groups = _block_groups(p.original)
+    before = measure(p.original, groups, input_size=input_size)
+    after = measure(p.model, groups, input_size=input_size)
     pres = preservation(p.original, p.model, input_size=input_size) if probe and p.changes else None
+    replaced = sum(c.where == "builtin" for c in p.changes)
+    if replaced and p.recipe.init == "preserve":
+        note = (f"{replaced} built-in SqueezeExcitation modules were replaced: --init preserve "
+                "cannot keep the function where a trained module is removed")
+        err.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+        if pres is not None:
+            pres["function_kept"] = False
+            pres["note"] = note
     return summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
                         changes=p.changes, input_size=input_size, preservation=pres)
 
@@ -163,11 +172,11 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
     original = build_model(data["model"], model_kwargs=data["model_kwargs"])
     model, changes = checkpoint.rebuild(data, path, base=original)
     recipe = checkpoint.recipe_of(data, path)
-    stages = _stages(original)
+    groups = _block_groups(original)
     result = summary_data(
         model_name=data["model"], recipe=data["recipe"],
-        before=measure(original, stages, input_size=input_size),
-        after=measure(model, stages, input_size=input_size),
+        before=measure(original, groups, input_size=input_size),
+        after=measure(model, groups, input_size=input_size),
         changes=changes, input_size=input_size, preservation=data.get("preservation"),
     )
     made_by = "; ".join(r.describe() for r in recipe.rules)
@@ -231,19 +240,16 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
 
 
 def run_blocks(model_name: str, *, as_json: bool) -> None:
-    import torch
+    from .blocks import find_blocks, unsupported_message
+    from .zoo import build_model, check_model_name
 
-    from .blocks import find_blocks
-    from .zoo import build_model
-
-    with torch.device("meta"):  # structure only: no memory, no initialisation
-        model = build_model(model_name)
+    check_model_name(model_name)
+    model = build_model(model_name, structure_only=True)
     blocks = [info.to_data() for info, _ in find_blocks(model)]
+    if not blocks:
+        raise UsageError(unsupported_message(model, model_name))
     if as_json:
         sys.stdout.write(json.dumps({"model": model_name, "blocks": blocks}, indent=2) + "\n")
-        return
-    if not blocks:
-        err.print(f"{model_name}: no supported residual blocks (supported: the ResNet family)")
         return
     from .render import blocks_table
 

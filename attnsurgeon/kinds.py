@@ -7,12 +7,15 @@ builder as ``"module:function"`` and :func:`builder` imports it on first use.
 
 Two families of kinds:
 
-* **insert** kinds add a module at a *position* of a residual block
-  (``standard | pre | post | identity``); their builder is
+* **insert** kinds add a module at a *position* of a block
+  (``standard | pre | mid | post | identity | builtin``); their builder is
   ``build(channels, *, init, **params) -> nn.Module``.
 * **replace** kinds swap convolutions of the block for a richer operator; their builder is
-  ``from_conv(conv, norm, *, init, **params) -> (new_conv, new_norm | None)``, where
-  ``new_norm`` replaces the norm that followed the conv (``None`` keeps it).
+  ``from_conv(conv, norm, *, act, init, **params) -> (new_conv, new_norm | None)``, where
+  ``norm`` and ``act`` are the norm and activation after the conv (or ``None``) and
+  ``new_norm`` replaces the norm (``None`` keeps it). A replacement that replaces the norm
+  also takes over the activation where it belongs to the conv alone; a shared one (ResNet's
+  ``relu``) stays, and must then be idempotent (ReLU, ReLU6).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ __all__ = [
     "register",
 ]
 
-POSITIONS: tuple[str, ...] = ("standard", "pre", "post", "identity")
+POSITIONS: tuple[str, ...] = ("standard", "pre", "mid", "post", "identity", "builtin")
 INIT_MODES: tuple[str, ...] = ("paper", "preserve")
 HEADS: dict[str, str] = {
     "avg": "the model's own global average pool (no change)",

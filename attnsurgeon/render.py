@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .kinds import HEADS, KINDS, POSITIONS
 
-__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_kinds", "print_summary", "si"]
+__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_kinds", "print_summary", "si", "skipped_lines"]
 
 
 def si(n: float, unit: str = "") -> str:
@@ -69,16 +69,25 @@ def kinds_data() -> dict[str, Any]:
 
 
 def blocks_table(model: str, blocks: Sequence[dict[str, Any]]) -> Table:
-    slots = {" ".join(b["slots"]) for b in blocks}
-    table = Table(title=f"{model}: {len(blocks)} residual blocks",
-                  caption=f"slots: {' | '.join(sorted(slots))}" if slots else None)
-    for col in ("block", "type", "in", "out", "stride", "downsample", "spatial convs"):
-        table.add_column(col, justify="right" if col in ("in", "out", "stride") else "left")
+    shortcut = sum(b["shortcut"] for b in blocks)
+    builtin = sum(bool(b["builtin_se"]) for b in blocks)
+    title = f"{model}: {len(blocks)} blocks, {shortcut} with a shortcut" + (
+        f", {builtin} with a built-in SE" if builtin else "")
+    table = Table(title=title, caption=(
+        "--layers takes a block, its stage (the block's parent, e.g. layer3) or the alias stageN "
+        "(output stride 2^(N+1)). Positions: standard, pre, mid, post in every block; identity "
+        "with a shortcut; builtin with a built-in SE."))
+    for col in ("block", "alias", "type", "in", "mid", "out", "stride", "shortcut", "built-in SE",
+                "spatial convs"):
+        table.add_column(col, justify="right" if col in ("in", "mid", "out", "stride") else "left",
+                         no_wrap=col in ("block", "alias", "type"))
     for _stage, items in groupby(blocks, key=lambda b: b["stage"]):
         for b in items:
-            table.add_row(b["name"], b["type"], str(b["in_channels"]), str(b["out_channels"]),
-                          str(b["stride"]), "yes" if b["downsample"] else "",
-                          ", ".join(b["spatial_convs"]))
+            short = ("proj" if b["downsample"] else "yes") if b["shortcut"] else ""
+            stride = str(b["stride"]) + (f" d{b['dilation']}" if b["dilation"] > 1 else "")
+            table.add_row(b["name"], b["alias"], b["type"], str(b["in_channels"]),
+                          str(b["mid_channels"]), str(b["out_channels"]), stride, short,
+                          b["builtin_se"] or "", ", ".join(b["spatial_convs"]))
         table.add_section()
     return table
 
@@ -106,15 +115,27 @@ def summary_table(data: dict[str, Any]) -> Table:
 
 def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
     table = Table(title=f"{len(changes)} modules inserted or replaced")
-    for col in ("rule", "kind", "where", "blocks", "module", "params added"):
+    notes = any(c.get("note") for c in changes)
+    for col in ("rule", "kind", "where", "blocks", "module", "params added", *(["note"] if notes else [])):
         table.add_column(col, justify="right" if col in ("rule", "params added") else "left")
-    key = lambda c: (c["rule"], c["attn"], c["where"], c["stage"], c["module"])  # noqa: E731
-    for (rule, attn, where, _stage, module), group in groupby(changes, key=key):
+    key = lambda c: (c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", ""))  # noqa: E731
+    for (rule, attn, where, _stage, module, note), group in groupby(changes, key=key):
         items = list(group)
         blocks = _span(items[0]["block"], items[-1]["block"], len(items))
         table.add_row(str(rule) if rule else "head", attn, where, blocks, module,
-                      _plus(sum(c["params_added"] for c in items)))
+                      _plus(sum(c["params_added"] for c in items)), *([note] if notes else []))
     return table
+
+
+def skipped_lines(skipped: Sequence[dict[str, Any]]) -> list[str]:
+    """``rule 1: skipped 7 blocks without a 'identity' position: features.1, ...``."""
+    lines = []
+    for (rule, position), group in groupby(skipped, key=lambda s: (s["rule"], s["position"])):
+        names = [s["block"] for s in group]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(f"rule {rule}: skipped {len(names)} selected block{'s' * (len(names) > 1)} "
+                     f"without a {position!r} position: {shown}")
+    return lines
 
 
 def _span(first: str, last: str, n: int) -> str:
@@ -131,12 +152,15 @@ def print_summary(console: Console, data: dict[str, Any]) -> None:
     console.print(summary_table(data))
     if data["changes"]:
         console.print(changes_table(data["changes"]))
+    for line in skipped_lines(data.get("skipped", ())):
+        console.print(line, highlight=False, soft_wrap=True)
     p = data.get("preservation")
     if p:
         console.print(
             f"preservation ({data['recipe'].get('init', 'paper')} init, probe {p['probe']}): "
             f"max |Δlogits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
-            f"relative {p['relative']:.3g}), top-1 agreement {100 * p['top1_agreement']:.0f}%",
+            f"relative {p['relative']:.3g}), top-1 agreement {100 * p['top1_agreement']:.0f}%"
+            + (f"; NOT kept: {p['note']}" if p.get("function_kept") is False else ""),
             highlight=False, soft_wrap=True,
         )
 

@@ -9,7 +9,7 @@ is not counted, as in the papers' tables.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,37 +58,45 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def _partition(model: nn.Module, stages: Sequence[str]) -> list[tuple[str, str]]:
+def _partition(model: nn.Module, blocks: Mapping[str, str]) -> list[tuple[str, str]]:
     """Split ``model`` into maximal submodules that each belong to one group.
 
-    Returns ``(path, group)`` pairs in module order: a stage is its own group; modules
-    before the first stage are the ``stem``, after it the ``head``; a module that contains
-    a stage deeper down (e.g. a detector's ``backbone``) is split further. Without stages,
+    ``blocks`` maps each block's dotted path to its group (its stage). Returns ``(path,
+    group)`` pairs in module order: a block is in its stage's group; a module that holds
+    blocks deeper down (a stage, a detector's ``backbone``) is split further; any other
+    module is in the ``stem`` before the first block, the ``head`` after the last, and in
+    the next block's stage in between (ConvNeXt's downsampling layers). Without blocks,
     each top-level child is its own group.
     """
-    parts: list[tuple[str, str]] = []
-    seen_stage = False
+    parts: list[tuple[str, str | None]] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
-        nonlocal seen_stage
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if path in stages:
-                parts.append((path, path))
-                seen_stage = True
-            elif any(s.startswith(path + ".") for s in stages):
+            if path in blocks:
+                parts.append((path, blocks[path]))
+            elif any(b.startswith(path + ".") for b in blocks):
                 visit(child, path)
             else:
-                parts.append((path, ("head" if seen_stage else "stem") if stages else path))
+                parts.append((path, None if blocks else path))
 
     visit(model, "")
-    return parts
+    result, group = [], "stem"
+    for i, (path, owner) in enumerate(parts):
+        if owner is not None:
+            group = owner
+        else:
+            following = next((g for _, g in parts[i + 1:] if g is not None), None)
+            owner = "stem" if group == "stem" and following else following or "head"
+        result.append((path, owner))
+    return result
 
 
-def measure(model: nn.Module, stages: Sequence[str], *, input_size: int) -> ModelStats:
+def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> ModelStats:
     """Parameters and MACs of ``model``, grouped into stem, each stage, and head (see
-    :func:`_partition`). MACs of work done outside any submodule count as head."""
-    parts = _partition(model, stages)
+    :func:`_partition`; ``blocks`` maps block paths to stages). MACs of work done outside
+    any submodule count as head."""
+    parts = _partition(model, blocks)
     order = list(dict.fromkeys(g for _, g in parts))
     if "head" not in order:  # for parameters and work outside any child
         order.append("head")
@@ -134,16 +142,16 @@ def preservation(
     """How far ``modified`` is from ``original`` on a fixed random probe batch (eval mode).
 
     Returns ``max_abs`` (max |delta logits|), ``logit_scale`` (max |original logits|),
-    ``relative`` (their ratio) and ``top1_agreement`` (fraction of equal argmax); ``None``
-    for models whose output is not a batch of logits.
+    ``relative`` (their ratio) and ``top1_agreement`` (fraction of equal argmax, per pixel
+    for segmentation); ``None`` for models whose output is not a batch of logits.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, input_size, input_size, generator=gen)
     x = x.to(device=_device(original), dtype=_dtype(original))
     with evaluating(original), evaluating(modified), torch.no_grad():
-        a, b = original(x), modified(x)
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2):
-        return None  # not a classifier (e.g. a detector's list of dicts): no logits to compare
+        a, b = _logits(original(x)), _logits(modified(x))
+    if a is None or b is None:
+        return None  # e.g. a detector's list of dicts: no logits to compare
     diff = (a - b).abs().max().item()
     scale = a.abs().max().item()
     return {
@@ -153,6 +161,16 @@ def preservation(
         "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item(),
         "probe": f"{batch}x3x{input_size}x{input_size} N(0,1), seed {seed}",
     }
+
+
+def _logits(output: object) -> torch.Tensor | None:
+    """A classifier's ``(N, classes)`` logits, or a segmentation model's ``(N, classes, H,
+    W)`` ``"out"`` (its top-1 agreement is then per pixel); ``None`` for anything else."""
+    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):
+        output = output["out"]
+    if isinstance(output, torch.Tensor) and output.dim() in (2, 4):
+        return output
+    return None
 
 
 def summary_data(
@@ -179,6 +197,7 @@ def summary_data(
         "groups": rows,
         "total": _row("total", before.params, after.params, before.macs, after.macs),
         "changes": [c.to_data() for c in changes],
+        "skipped": [s.to_data() for s in getattr(changes, "skipped", ())],
         "preservation": preservation,
     }
 

@@ -4,10 +4,11 @@ Grammar (names as ``attnsurgeon blocks MODEL`` prints them)::
 
     spec  := "all" | item ("," item)*
     item  := name | [name] ":" [name]        # inclusive range, open at either end
-    name  := stage ("layer3") | block ("layer3.1")
+    name  := stage ("layer3") | block ("layer3.1") | stage alias ("stage3")
 
 A range runs from the first block of its start to the last block of its end, in model
-order. Torch-free: it works on block and stage names only.
+order. Stage aliases (``stage0..stage4``, by output stride: see :mod:`attnsurgeon.blocks`)
+name the same depth in every family. Torch-free: it works on names only.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def check_spec_syntax(spec: str, *, where: str = "--layers") -> None:
 
 
 def select_blocks(
-    spec: str, blocks: Sequence[tuple[str, str]], *, where: str = "--layers"
+    spec: str, blocks: Sequence[tuple[str, ...]], *, where: str = "--layers"
 ) -> list[int]:
-    """Return the sorted indices of ``blocks`` (``(block_name, stage_name)`` pairs) in ``spec``.
+    """Return the sorted indices of ``blocks`` in ``spec``.
+
+    ``blocks`` holds ``(block_name, stage_name)`` or ``(block_name, stage_name, alias)``
+    tuples in model order.
 
     Raises:
         UsageError: for a malformed spec, an unknown name, a reversed range, or a spec that
@@ -47,8 +51,13 @@ def select_blocks(
     check_spec_syntax(spec, where=where)
     if not blocks:
         raise UsageError(f"{where}: the model has no blocks to select")
-    names = [b for b, _ in blocks]
-    stages = list(dict.fromkeys(s for _, s in blocks))
+    names = [b[0] for b in blocks]
+    groups: dict[str, list[int]] = {}  # stage, then alias -> its block indices
+    for column in range(1, max(len(b) for b in blocks)):
+        for i, b in enumerate(blocks):
+            if i not in groups.setdefault(b[column], []):
+                groups[b[column]].append(i)
+    stages = list(groups)
     if spec.strip() == "all":
         return list(range(len(blocks)))
 
@@ -56,9 +65,8 @@ def select_blocks(
         if name in names:
             i = names.index(name)
             return i, i
-        if name in stages:
-            idx = [i for i, (_, s) in enumerate(blocks) if s == name]
-            return idx[0], idx[-1]
+        if name in groups:
+            return groups[name][0], groups[name][-1]
         valid = stages + names
         raise UsageError(
             f"{where}: unknown layer {name!r}" + suggest(name, valid, limit=len(stages))

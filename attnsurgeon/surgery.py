@@ -1,14 +1,18 @@
 """Surgery: recipe rules x residual blocks -> a modified model and the list of changes.
 
 This is the one place that edits a model. Insert kinds fill a slot of a block (the block
-becomes slotted first); replace kinds swap a convolution, and possibly the norm after
-it, through :func:`replace_module`, which checks that the old module is what it should be.
-Every original parameter and buffer keeps its name and value.
+becomes slotted first) or take the place of its built-in Squeeze-and-Excitation
+(``builtin``); replace kinds swap a convolution, and possibly the norm and activation
+after it. Every swap goes through :func:`replace_module`, which checks that the old
+module is what it should be. Every original parameter and buffer keeps its name and
+value, except those of what was replaced. A rule skips selected blocks that lack its
+position (a block without a shortcut has no ``identity``) and reports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted
+from torchvision.ops.misc import SqueezeExcitation
+
+from .blocks import NORMS, SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted, unsupported_message
 from .errors import UsageError
-from .kinds import HEAD_BUILDERS, builder, get_kind
+from .kinds import HEAD_BUILDERS, POSITIONS, builder, get_kind
 from .recipe import Recipe, Rule, load_recipe, make_rule
 from .select import select_blocks
 
-__all__ = ["Change", "apply", "apply_recipe", "replace_module"]
+__all__ = ["Change", "Changes", "Skip", "apply", "apply_recipe", "replace_module"]
 
 
 @dataclass(frozen=True)
@@ -39,17 +45,41 @@ class Change:
     module: str  # its class name
     params: int  # parameters of the new module
     replaced_params: int  # parameters of what it replaced (0 for slots)
+    note: str = ""  # e.g. "beside the block's built-in SqueezeExcitation"
 
     @property
     def params_added(self) -> int:
         return self.params - self.replaced_params
 
     def to_data(self) -> dict[str, Any]:
-        return {
+        data = {
             "rule": self.rule, "attn": self.attn, "block": self.block, "stage": self.stage,
             "where": self.where, "path": self.path, "module": self.module,
             "params": self.params, "params_added": self.params_added,
         }
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A selected block that a rule left alone: it has no such position."""
+
+    rule: int
+    block: str
+    position: str
+
+    def to_data(self) -> dict[str, Any]:
+        return {"rule": self.rule, "block": self.block, "position": self.position}
+
+
+class Changes(list):  # list[Change], plus the blocks each rule skipped
+    """What :func:`apply_recipe` changed: a list of :class:`Change`, with ``skipped``."""
+
+    def __init__(self, changes: list[Change] = (), skipped: list[Skip] = ()) -> None:
+        super().__init__(changes)
+        self.skipped = list(skipped)
 
 
 def _count(module: nn.Module | None) -> int:
@@ -98,23 +128,21 @@ def _targets(attn: str, params: Mapping[str, Any], info: BlockInfo) -> list[Conv
     return [c for c in info.convs if c.spatial]
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> list[Change]:
+def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     """Apply ``recipe``'s head and rules to ``model`` in place; return what changed.
 
     Raises:
-        UsageError: the model has no supported blocks, a rule selects nothing, or two rules
-            claim the same slot or convolution (checked before the model is changed).
+        UsageError: the model has no supported blocks, a rule selects nothing or a
+            position none of its blocks has, or two rules claim the same slot or
+            convolution (checked before the model is changed).
     """
     blocks = find_blocks(model)
     if recipe.rules and not blocks:
-        raise UsageError(
-            f"{recipe.model or type(model).__name__}: found no supported residual blocks "
-            "(supported so far: the ResNet family: resnet*, resnext*, wide_resnet*)"
-        )
-    names = [(info.name, info.stage) for info, _ in blocks]
-    plan = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
-        rule.layers, names,
-        where="--layers" if recipe.source == "command line" else f"{recipe.source}: rule {n}: layers"))
+        raise UsageError(unsupported_message(model, recipe.model or type(model).__name__))
+    names = [(info.name, info.stage, info.alias) for info, _ in blocks]
+    cli = recipe.source == "command line"
+    plan, skipped = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
+        rule.layers, names, where="--layers" if cli else f"{_where(recipe, n)}: layers"))
     changes: list[Change] = []
     with _seeded(recipe.seed):
         for n, rule, info, block, where in plan:
@@ -122,24 +150,43 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> list[Change]:
             build = builder(kind)
             params = rule.param_dict
             if kind.mode == "insert":
-                block = make_slotted(block)
-                new = _like(build(info.slot_channels(where), init=recipe.init, **params), block)
-                setattr(block, SLOT_ATTR[where], new)
-                changes.append(Change(n, rule.attn, info.name, info.stage, where,
-                                      f"{info.name}.{SLOT_ATTR[where]}", type(new).__name__, _count(new), 0))
+                changes.append(_insert(n, rule, info, block, where, build(
+                    info.slot_channels(where), init=recipe.init, **params)))
                 continue
             site = next(c for c in info.convs if c.conv == where)
             conv = block.get_submodule(site.conv)
             norm = block.get_submodule(site.norm) if site.norm else None
-            new_conv, new_norm = build(conv, norm, init=recipe.init, **params)
+            act = block.get_submodule(site.act) if site.act else (site.act_layer() if site.act_layer else None)
+            new_conv, new_norm = build(conv, norm, act=act, init=recipe.init, **params)
             replaced = _count(replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d))
             if new_norm is not None and site.norm is not None:
-                replaced += _count(replace_module(block, site.norm, _like(new_norm, conv), expect=nn.BatchNorm2d))
+                replaced += _count(replace_module(block, site.norm, _like(new_norm, conv), expect=NORMS))
+                if site.act is not None:  # the replacement applies it per path
+                    replace_module(block, site.act, nn.Identity(), expect=nn.Module)
             changes.append(Change(n, rule.attn, info.name, info.stage, site.conv, f"{info.name}.{site.conv}",
                                   type(new_conv).__name__, _count(new_conv) + _count(new_norm), replaced))
         if recipe.head is not None:
             changes.append(_apply_head(model, recipe.head, init=recipe.init))
-    return changes
+    return Changes(changes, skipped)
+
+
+def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, new: nn.Module) -> Change:
+    """Put ``new`` at position ``where`` of ``block``: a slot, or the built-in SE's place."""
+    if where == "builtin":
+        new = _like(new, block)
+        old = replace_module(block, info.builtin, new, expect=SqueezeExcitation)
+        return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{info.builtin}",
+                      type(new).__name__, _count(new), _count(old), note="replaces the built-in SqueezeExcitation")
+    block = make_slotted(block)
+    new = _like(new, block)
+    setattr(block, SLOT_ATTR[where], new)
+    note = "beside the block's built-in SqueezeExcitation" if info.builtin else ""
+    return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{SLOT_ATTR[where]}",
+                  type(new).__name__, _count(new), 0, note=note)
+
+
+def _where(recipe: Recipe, n: int) -> str:
+    return "options" if recipe.source == "command line" else f"{recipe.source}: rule {n}"
 
 
 def _plan(
@@ -147,30 +194,44 @@ def _plan(
     blocks: list[tuple[BlockInfo, nn.Module]],
     *,
     select: Callable[[int, Rule], list[int]],
-) -> list[tuple[int, Rule, BlockInfo, nn.Module, str]]:
-    """Every (rule number, rule, block, slot or conv) the recipe asks for, checked before
-    anything is changed: a selection that names nothing, two rules claiming one slot or
-    conv, or a slot/conv an earlier surgery already changed is an error, and the model is
-    left untouched."""
+) -> tuple[list[tuple[int, Rule, BlockInfo, nn.Module, str]], list[Skip]]:
+    """Every (rule number, rule, block, position or conv) the recipe asks for, and the
+    selected blocks a rule skips because they lack its position, checked before anything
+    is changed: a selection that names nothing, a position no selected block has, two
+    rules claiming one slot or conv, or a slot/conv an earlier surgery already changed
+    is an error, and the model is left untouched."""
     plan = []
+    skipped: list[Skip] = []
     claimed: dict[str, int] = {}
     for n, rule in enumerate(recipe.rules, start=1):
         kind = get_kind(rule.attn)
         chosen = select(n, rule)
-        label = ("options" if recipe.source == "command line" else f"{recipe.source}: rule {n}") \
-            + f": layers {rule.layers!r}"
-        for i in chosen:
-            info, block = blocks[i]
-            if kind.mode == "insert":
-                position = rule.position or kind.default_position  # resolved by make_rule
-                _claim(claimed, f"{info.name}.{SLOT_ATTR[position]}", n, label,
-                       f"the {position} slot of {info.name}")
-                held = getattr(block, SLOT_ATTR[position], None)
-                if held is not None and not isinstance(held, nn.Identity):
-                    raise UsageError(f"{label}: the {position} slot of {info.name} already "
+        label = f"{_where(recipe, n)}: layers {rule.layers!r}"
+        if kind.mode == "insert":
+            position = rule.position or kind.default_position  # resolved by make_rule
+            having = [i for i in chosen if position in blocks[i][0].slots]
+            if not having:
+                have = [p for p in POSITIONS if any(p in blocks[i][0].slots for i in chosen)]
+                raise UsageError(f"{label}: no selected block has a {position!r} position "
+                                 f"(they have: {', '.join(have)})")
+            skipped.extend(Skip(n, blocks[i][0].name, position) for i in chosen if i not in having)
+            for i in having:
+                info, block = blocks[i]
+                slot = info.builtin if position == "builtin" else SLOT_ATTR[position]
+                _claim(claimed, f"{info.name}.{slot}", n, label, f"the {position} position of {info.name}")
+                if position == "builtin":
+                    held = block.get_submodule(slot)
+                    fresh = isinstance(held, SqueezeExcitation)
+                else:
+                    held = getattr(block, slot, None)
+                    fresh = held is None or isinstance(held, nn.Identity)
+                if not fresh:
+                    raise UsageError(f"{label}: the {position} position of {info.name} already "
                                      f"holds a {type(held).__name__} (from an earlier surgery)")
                 plan.append((n, rule, info, block, position))
-                continue
+            continue
+        for i in chosen:
+            info, block = blocks[i]
             for site in _targets(rule.attn, rule.param_dict, info):
                 path = f"{info.name}.{site.conv}"
                 _claim(claimed, path, n, label, path)
@@ -179,7 +240,7 @@ def _plan(
                     raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
                                      "(from an earlier surgery)")
                 plan.append((n, rule, info, block, site.conv))
-    return plan
+    return plan, skipped
 
 
 def _claim(claimed: dict[str, int], path: str, rule: int, label: str, what: str) -> None:
@@ -210,7 +271,7 @@ def apply(
     head: str | None = None,
     init: str | None = None,
     seed: int | None = None,
-) -> list[Change]:
+) -> Changes:
     """Apply attention surgery to a model you already hold (in place).
 
     Either one rule (``attn``, ``position``, ``layers``, ``params``) or a ``recipe`` (a
@@ -222,7 +283,8 @@ def apply(
     ``init`` (``"paper"`` or ``"preserve"``), ``head`` and ``seed`` override the recipe's.
 
     Returns:
-        The list of :class:`Change` records, one per new module.
+        The list of :class:`Change` records, one per new module; its ``skipped`` lists the
+        selected blocks a rule left alone because they lack its position.
     """
     if recipe is not None:
         if attn is not None:
@@ -233,5 +295,9 @@ def apply(
         rules = () if attn is None else (make_rule(attn, layers=layers, position=position,
                                                     params=params, where="apply"),)
         rec = Recipe(rules=rules, head=head, init=init or "paper", seed=seed)
-    return apply_recipe(model, rec)
+    changes = apply_recipe(model, rec)
+    if rec.init == "preserve" and any(c.where == "builtin" for c in changes):
+        warnings.warn("built-in SqueezeExcitation modules were replaced: init='preserve' cannot "
+                      "keep the function where a trained module is removed", stacklevel=2)
+    return changes
 

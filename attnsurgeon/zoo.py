@@ -88,6 +88,7 @@ def build_model(
     weights: str | None = None,
     weights_file: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    structure_only: bool = False,
 ) -> nn.Module:
     """Build torchvision model ``name``, with random, torchvision or local weights.
 
@@ -98,7 +99,15 @@ def build_model(
             a cached file works offline.
         weights_file: a local state_dict of the unmodified model.
         model_kwargs: passed to the torchvision builder (e.g. ``num_classes``).
+        structure_only: random weights on the ``meta`` device where the builder allows it
+            (no memory, no initialisation), for commands that only read the structure.
     """
+    if structure_only and weights is None and weights_file is None:
+        try:
+            with torch.device("meta"):
+                return build_model(name, model_kwargs=model_kwargs)
+        except (RuntimeError, NotImplementedError):  # a builder that reads tensor data (RegNet)
+            pass
     check_model_name(name)
     kwargs = dict(model_kwargs or {})
     if weights is not None and weights.lower() == "none":

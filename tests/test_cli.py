@@ -75,7 +75,8 @@ def test_blocks_table_and_json(cli):
         **blocks["layer2.0"], "in_channels": 64, "out_channels": 128, "stride": 2,
         "downsample": True, "spatial_convs": ["conv1", "conv2"],
     }
-    assert blocks["layer2.0"]["slots"] == ["standard", "pre", "post", "identity"]
+    assert blocks["layer2.0"]["slots"] == ["standard", "pre", "mid", "post", "identity"]
+    assert blocks["layer2.0"]["alias"] == "stage2" and blocks["layer2.0"]["mid_channels"] == 128
 
 
 @pytest.mark.parametrize(
@@ -179,7 +180,7 @@ ERRORS = [
     (["insert", "resnet18", "--attn", "se", "--weights", "IMAGENET9"], "has no weights 'IMAGENET9'"),
     (["insert", "resnet18", "--attn", "se", "--init", "zero"], "init must be one of paper, preserve"),
     (["insert", "resnet18", "--attn", "se", "--head", "triple"], "unknown head 'triple'"),
-    (["insert", "vgg16", "--attn", "se"], "found no supported residual blocks"),
+    (["insert", "vgg16", "--attn", "se"], "vgg16: found no supported blocks"),
     (["insert", "resnet18"], "nothing to insert"),
     (["insert", "resnet18", "--layers", "layer3"], "need --attn"),
     (["insert", "resnet18", "--attn", "se", "--weights-file", "/nonexistent.pth"], "no such file"),

@@ -196,8 +196,10 @@ def test_sk_preserve_gates_and_trainability():
 def test_sk_rejects_what_it_cannot_replace():
     with pytest.raises(ValueError, match="same"):
         sk_from_conv(nn.Conv2d(8, 8, 3, padding=0, bias=False), nn.BatchNorm2d(8))
-    with pytest.raises(ValueError, match="BatchNorm2d"):
-        sk_from_conv(nn.Conv2d(8, 8, 3, padding=1, bias=False), None, init="preserve")
+    with pytest.raises(ValueError, match="BatchNorm2d or FrozenBatchNorm2d"):
+        sk_from_conv(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(2, 8))
+    with pytest.raises(ValueError, match="numeric padding"):
+        sk_from_conv(nn.Conv2d(8, 8, 3, padding="same", bias=False), nn.BatchNorm2d(8))
     with pytest.raises(ValueError, match="init"):
         sk_from_conv(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), init="pretrained")
 

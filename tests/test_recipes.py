@@ -161,8 +161,8 @@ BAD = {
                        ["rule 1", "layers", "'layer1::layer2'"]),
     "position_for_replace_kind": (R18 + '[[insert]]\nattn = "dynconv"\nposition = "pre"\n',
                                   ["rule 1", "takes no position", "'pre'"]),
-    "unknown_position": (R18 + '[[insert]]\nattn = "se"\nposition = "middle"\n',
-                         ["rule 1", "unknown position 'middle'", "standard"]),
+    "unknown_position": (R18 + '[[insert]]\nattn = "se"\nposition = "sideways"\n',
+                         ["rule 1", "unknown position 'sideways'", "standard"]),
     "unknown_layer": (R18 + '[[insert]]\nattn = "se"\nlayers = "layer3,layer5"\n',
                       ["rule 1", "layers", "unknown layer 'layer5'", "layer1"]),
     "block_of_other_model": (R18 + '[[insert]]\nattn = "se"\nlayers = "layer4.2"\n',
@@ -171,7 +171,7 @@ BAD = {
                               ["rule 1", "layers", "reversed"]),
     "same_slot_twice": (R18 + '[[insert]]\nattn = "se"\nlayers = "layer2:"\n'
                         '[[insert]]\nattn = "cbam"\nposition = "standard"\nlayers = "layer3"\n',
-                        ["rule 2", "layers 'layer3'", "standard slot of layer3.0", "rule 1"]),
+                        ["rule 2", "layers 'layer3'", "standard position of layer3.0", "rule 1"]),
     "same_conv_twice": (R18 + '[[insert]]\nattn = "sk"\nlayers = "layer2"\n'
                         '[[insert]]\nattn = "dynconv"\nlayers = "layer2.1:layer3"\n',
                         ["rule 2", "layers 'layer2.1:layer3'", "layer2.1.conv1", "rule 1"]),

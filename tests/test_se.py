@@ -168,7 +168,7 @@ def test_a_second_surgery_does_not_silently_overwrite():
 
     model = torchvision.models.resnet18()
     apply(model, "se", layers="layer4")
-    with pytest.raises(UsageError, match="standard slot of layer4.0 already holds a SqueezeExcite"):
+    with pytest.raises(UsageError, match="standard position of layer4.0 already holds a SqueezeExcite"):
         apply(model, "cbam", layers="layer4")
     apply(model, "cbam", position="post", layers="layer4")  # another slot is fine
     apply(model, "dynconv", layers="layer4.1")
@@ -185,7 +185,7 @@ def test_a_conflict_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rules = (make_rule("se", layers="layer3", where="t"), make_rule("sk", layers="all", where="t"),
              make_rule("cbam", layers="layer3.1", where="t"))
-    with pytest.raises(UsageError, match="rule 3: layers 'layer3.1': the standard slot of layer3.1 is already taken by rule 1"):
+    with pytest.raises(UsageError, match="rule 3: layers 'layer3.1': the standard position of layer3.1 is already taken by rule 1"):
         apply_recipe(model, Recipe(rules=rules, source="r.toml"))
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

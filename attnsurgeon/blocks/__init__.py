@@ -1,58 +1,112 @@
-"""Residual-block adapters: where each block's slots and convolutions are.
+"""Block adapters: where each block's slots and convolutions are, one file per family.
 
-An adapter recognises one family of residual blocks by type and describes each block as a
-:class:`BlockInfo`: its dotted name, stage, channels, stride and convolution sites. It can
-also turn a block into its *slotted* form, whose forward has the four insertion positions
-of DESIGN.md (``pre``, ``standard``, ``post``, ``identity``). One file per family; only the
-ResNet family (torchvision ``BasicBlock`` / ``Bottleneck``) exists so far.
+A :class:`Family` recognises its torchvision block classes by exact type and describes
+each block as a :class:`BlockInfo`: dotted name, stage, channels at every slot, stride,
+shortcut, convolution sites and built-in Squeeze-and-Excitation. It also turns a block
+into its *slotted* form, a subclass whose forward runs the insertion positions of
+DESIGN.md (``nn.Identity`` until filled), without renaming any child, so every state_dict
+key of the original model stays valid::
+
+    x ─┬─ [identity] ─ downsample? ────────────────────────────────────┐
+       │                                                              (+) ─ act ─ [post] ─>
+       └─ [pre] ─ conv ... main conv ─ norm ─ act ─ [mid] ─ ... ─ norm ─ [standard] ┘
+
+Adding a family is one file in this package that defines ``FAMILY`` and one line in
+:data:`_FAMILIES`; nothing outside ``blocks/`` changes.
+
+**Stage aliases.** Every block also gets a family-independent alias ``stageN``: the
+blocks whose output has *nominal* stride ``2**(N+1)`` relative to the input (stage1 =
+1/4, stage2 = 1/8, stage3 = 1/16, stage4 = 1/32; stage0 = 1/2, where MobileNets,
+EfficientNets and MNASNet have their first blocks). The nominal stride counts a dilated
+conv's dilation as the stride it stands in for, so a segmentation backbone (dilated
+stages) gets the same aliases as its classifier. Where a family has native stages
+(ResNet ``layerN``, RegNet ``blockN``, ConvNeXt, EfficientNet, MNASNet), a native stage
+takes the alias of its deepest block. Strides are measured by one forward pass on the
+``meta`` device (no memory, no arithmetic).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ..kinds import POSITIONS
 
-__all__ = ["BlockInfo", "ConvSite", "HeadInfo", "SLOT_ATTR", "find_blocks", "find_head", "make_slotted"]
+__all__ = [
+    "NORMS", "SLOT_ATTR", "BlockInfo", "ConvSite", "Family", "HeadInfo", "Slotted",
+    "find_blocks", "find_head", "make_slotted", "scan_branch", "unsupported_message",
+]
 
-SLOT_ATTR = {pos: f"attn_{pos}" for pos in POSITIONS}
+SLOT_ATTR = {pos: f"attn_{pos}" for pos in POSITIONS if pos != "builtin"}
+NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)  # norms a conv site may have after its conv
 
 
 @dataclass(frozen=True)
 class ConvSite:
-    """A convolution of a block, relative to the block: ``conv`` and the norm after it."""
+    """A convolution of a block, relative to the block, with the norm and activation after it.
+
+    ``act`` is the path of an activation module that belongs to this conv alone (a
+    replace kind such as SK may take it over); ``act_layer`` is the activation's class
+    even where the module is shared (ResNet's one ``relu``), so replacements can apply
+    the same one.
+    """
 
     conv: str
     norm: str | None
     spatial: bool  # kernel larger than 1x1
     main: bool = False  # the block's main spatial conv (what SK replaces)
+    act: str | None = None
+    act_layer: type[nn.Module] | None = None
 
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """One residual block as the user sees it in ``attnsurgeon blocks``."""
+    """One block as the user sees it in ``attnsurgeon blocks``."""
 
     name: str
-    stage: str
+    stage: str  # native stage ("layer3"); the alias where the family has none
     type: str
     in_channels: int
     out_channels: int
+    mid_channels: int  # after the main spatial conv (the expanded width)
     stride: int
-    downsample: bool
+    shortcut: bool  # has a residual connection
+    downsample: bool  # its shortcut has a projection
     convs: tuple[ConvSite, ...]
-    slots: tuple[str, ...] = POSITIONS
+    builtin: str | None = None  # path of a built-in SqueezeExcitation, relative to the block
+    builtin_channels: int = 0
+    dilation: int = 1  # of the main spatial conv
+    alias: str = ""  # stageN, filled in by find_blocks
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The positions this block really has, in POSITIONS order."""
+        have = {"standard", "pre", "mid", "post"}
+        if self.shortcut:
+            have.add("identity")
+        if self.builtin:
+            have.add("builtin")
+        return tuple(p for p in POSITIONS if p in have)
 
     def slot_channels(self, position: str) -> int:
-        """``pre`` and ``identity`` see the block input; ``standard`` and ``post`` its output."""
-        return self.in_channels if position in ("pre", "identity") else self.out_channels
+        """Channels of the tensor a module at ``position`` sees."""
+        return {"pre": self.in_channels, "identity": self.in_channels, "mid": self.mid_channels,
+                "builtin": self.builtin_channels}.get(position, self.out_channels)
 
     def to_data(self) -> dict[str, object]:
         return {
-            "name": self.name, "stage": self.stage, "type": self.type,
-            "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "stride": self.stride, "downsample": self.downsample,
+            "name": self.name, "stage": self.stage, "alias": self.alias, "type": self.type,
+            "in_channels": self.in_channels, "mid_channels": self.mid_channels,
+            "out_channels": self.out_channels, "stride": self.stride, "dilation": self.dilation,
+            "shortcut": self.shortcut, "downsample": self.downsample,
+            "builtin_se": self.builtin,
             "spatial_convs": [c.conv for c in self.convs if c.spatial],
             "convs": [c.conv for c in self.convs],
             "slots": list(self.slots),
@@ -67,33 +121,286 @@ class HeadInfo:
     channels: int
 
 
-from . import resnet as _resnet  # noqa: E402  (adapters register below)
+@dataclass(frozen=True)
+class Family:
+    """A family of torchvision blocks: what one adapter file provides.
 
-_ADAPTERS = (_resnet,)
+    Args:
+        name: shown in messages, e.g. ``"MobileNetV2/V3"``.
+        slotted: each torchvision block class (matched by exact type: a subclass such as
+            a quantizable block has its own forward) -> its slotted subclass.
+        describe: ``describe(block) -> BlockInfo`` with ``name``/``stage`` left empty
+            (``stage`` may be set to "" for families without native stages).
+        native_stages: whether a block's parent module is a stage (``layer3``).
+        head: ``head(model) -> HeadInfo | None`` for ``--head``.
+    """
+
+    name: str
+    slotted: Mapping[type[nn.Module], type[nn.Module]]
+    describe: Callable[[nn.Module], BlockInfo]
+    native_stages: bool = True
+    head: Callable[[nn.Module], HeadInfo | None] = field(default=lambda model: None)
+
+    def recognises(self, module: nn.Module) -> bool:
+        return type(module) in self.slotted or type(module) in self.slotted.values()
+
+    @property
+    def block_names(self) -> str:
+        return ", ".join(dict.fromkeys(t.__name__ for t in self.slotted))
+
+
+class Slotted(nn.Module):
+    """Mixin of the slotted block classes: the slot modules and a branch with ``mid``.
+
+    ``_body`` names the block's ``nn.Sequential`` branch and ``_mid`` the index of the
+    child after which ``attn_mid`` runs (set by the family's ``prepare``).
+    """
+
+    attn_pre: nn.Module
+    attn_mid: nn.Module
+    attn_standard: nn.Module
+    attn_post: nn.Module
+    attn_identity: nn.Module
+    _body: str = ""
+    _mid: int = -1
+
+    @classmethod
+    def prepare(cls, block: nn.Module) -> None:
+        """Set what the forward needs beyond the slots (``_mid``); called once."""
+        if cls._body:
+            block._mid = scan_branch(getattr(block, cls._body), cls._body)[1]
+
+    def _init_slots(self) -> None:
+        for attr in SLOT_ATTR.values():
+            setattr(self, attr, nn.Identity())
+
+    def _branch(self, x: Tensor) -> Tensor:
+        """``pre``, the body with ``mid`` after child ``_mid``, then ``standard``."""
+        out = self.attn_pre(x)
+        for i, layer in enumerate(getattr(self, self._body)):
+            out = layer(out)
+            if i == self._mid:
+                out = self.attn_mid(out)
+        return self.attn_standard(out)
+
+
+def scan_branch(body: nn.Sequential, prefix: str) -> tuple[list[ConvSite], int, str | None]:
+    """Conv sites, ``mid`` index and built-in SE of a block branch that is one Sequential.
+
+    The branch is a sequence of ``Conv2dNormActivation``-like children (conv, norm, act)
+    or of bare convs, norms and activations (MobileNetV2's projection, MNASNet), and may
+    hold a ``torchvision.ops.SqueezeExcitation``. The *main* conv is the first spatial
+    one (the depthwise conv of an inverted residual, the 3x3 of a bottleneck, the fused
+    3x3 of FusedMBConv); ``mid`` goes after the child that ends its norm and activation.
+
+    Returns:
+        ``(convs, mid_index, builtin_path)``, paths relative to the block.
+    """
+    flat: list[tuple[int, str, nn.Module]] = []  # (index of the body child, path, module)
+    builtin = None
+    for i, (name, child) in enumerate(body.named_children()):
+        if isinstance(child, SqueezeExcitation):
+            builtin = f"{prefix}.{name}"
+        elif isinstance(child, nn.Sequential) and len(child) and isinstance(child[0], nn.Conv2d):
+            flat.extend((i, f"{prefix}.{name}.{sub}", m) for sub, m in child.named_children())
+        else:
+            flat.append((i, f"{prefix}.{name}", child))
+    convs: list[ConvSite] = []
+    mid = -1
+    for j, (i, path, module) in enumerate(flat):
+        if not _is_conv(module):
+            continue
+        norm = act = act_layer = None
+        end = i
+        rest = flat[j + 1:]
+        if rest and isinstance(rest[0][2], NORMS):
+            norm, end = rest[0][1], rest[0][0]
+            rest = rest[1:]
+            if rest and not _is_conv(rest[0][2]) and not isinstance(rest[0][2], (SqueezeExcitation, *NORMS)) \
+                    and not list(rest[0][2].parameters()):
+                act, act_layer, end = rest[0][1], type(rest[0][2]), rest[0][0]
+        spatial = tuple(module.kernel_size) != (1, 1)
+        main = spatial and mid < 0
+        if main:
+            mid = end
+        convs.append(ConvSite(path, norm, spatial, main=main, act=act, act_layer=act_layer))
+    return convs, mid, builtin
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A Conv2d, or what a replace kind put in its place (it keeps Conv2d's attributes)."""
+    return isinstance(module, nn.Conv2d) or all(
+        hasattr(module, a) for a in ("in_channels", "out_channels", "kernel_size", "stride"))
+
+
+def describe_branch(block: nn.Module, body: str, *, shortcut: bool, downsample: str | None = None) -> BlockInfo:
+    """A :class:`BlockInfo` (name and stage left empty) for a block whose branch is the
+    Sequential ``body``, with an optional projection ``downsample`` (a conv-norm Sequential)
+    on its shortcut."""
+    convs, _, builtin = scan_branch(getattr(block, body), body)
+    if downsample is not None:
+        convs.append(ConvSite(f"{downsample}.0", f"{downsample}.1", spatial=False))
+    branch = [block.get_submodule(c.conv) for c in convs if not c.conv.startswith(f"{downsample}.")]
+    main = next(block.get_submodule(c.conv) for c in convs if c.main)
+    se = block.get_submodule(builtin) if builtin else None
+    return BlockInfo(
+        name="", stage="", type=torchvision_type(block).__name__,
+        in_channels=int(branch[0].in_channels), mid_channels=int(main.out_channels),
+        out_channels=int(branch[-1].out_channels),
+        stride=max(int(m.stride[0]) for m in branch), shortcut=shortcut,
+        downsample=downsample is not None, convs=tuple(convs), builtin=builtin,
+        builtin_channels=int(se.fc1.in_channels) if se is not None else 0,
+        dilation=int(getattr(main, "dilation", (1, 1))[0]),
+    )
+
+
+def torchvision_type(block: nn.Module) -> type[nn.Module]:
+    """The torchvision class a (possibly slotted) block was built as."""
+    return next(c for c in type(block).__mro__ if c.__module__.startswith("torchvision"))
+
+
+from . import convnext as _convnext  # noqa: E402  (families register below)
+from . import efficientnet as _efficientnet  # noqa: E402
+from . import mnasnet as _mnasnet  # noqa: E402
+from . import mobilenet as _mobilenet  # noqa: E402
+from . import regnet as _regnet  # noqa: E402
+from . import resnet as _resnet  # noqa: E402
+
+_FAMILIES: tuple[Family, ...] = (
+    _resnet.FAMILY, _mobilenet.FAMILY, _efficientnet.FAMILY, _regnet.FAMILY, _convnext.FAMILY,
+    _mnasnet.FAMILY,
+)
+
+
+def _family(module: nn.Module) -> Family | None:
+    return next((f for f in _FAMILIES if f.recognises(module)), None)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[BlockInfo, nn.Module]]:
-    """Every residual block any adapter recognises, in module order."""
+    """Every block a family recognises, in module order, with stages and stage aliases."""
     found = []
     for name, module in model.named_modules():
-        for adapter in _ADAPTERS:
-            info = adapter.describe(name, module)
-            if info is not None:
-                found.append((info, module))
-                break
-    return found
+        family = _family(module)
+        if family is not None:
+            parent = name.rpartition(".")[0]
+            info = replace(family.describe(module), name=name,
+                           stage=parent if family.native_stages and parent else "")
+            found.append((info, module))
+    if not found:
+        return found
+    aliases = _aliases(model, found)
+    return [(replace(info, alias=aliases[info.name], stage=info.stage or aliases[info.name]), m)
+            for info, m in found]
+
+
+def _aliases(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) -> dict[str, str]:
+    """``stageN`` per block name (see the module docstring)."""
+    strides = _output_strides(model, found)
+    nominal = {}
+    for info, _ in found:
+        stride = strides.get(info.name)
+        if stride is None:  # could not measure: fall back to the native stage's order
+            nominal = {}
+            break
+        nominal[info.name] = stride * info.dilation
+    if not nominal:
+        stages = list(dict.fromkeys(info.stage or info.name for info, _ in found))
+        return {info.name: f"stage{stages.index(info.stage or info.name) + 1}" for info, _ in found}
+    by_stage: dict[str, int] = {}
+    for info, _ in found:
+        if info.stage:
+            by_stage[info.stage] = max(by_stage.get(info.stage, 0), nominal[info.name])
+    result = {}
+    for info, _ in found:
+        stride = by_stage.get(info.stage, nominal[info.name])
+        result[info.name] = f"stage{max(0, round(math.log2(max(stride, 1))) - 1)}"
+    return result
+
+
+def _output_strides(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) -> dict[str, int]:
+    """Each block's output stride, from one forward of the blocks' common ancestor on the
+    meta device (parameters swapped for meta tensors: nothing is computed or copied)."""
+    names = [info.name for info, _ in found]
+    root_path = _common_prefix(names)
+    root = model.get_submodule(root_path)
+    size = 256
+    sizes: dict[str, int] = {}
+    hooks = [block.register_forward_hook(_record(sizes, info.name)) for info, block in found]
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in (*root.named_parameters(), *root.named_buffers())}
+    try:
+        with _eval(root), torch.no_grad():
+            torch.func.functional_call(root, state, (torch.empty(1, 3, size, size, device="meta"),))
+    except Exception:  # an exotic root (detector wrappers, odd inputs): no aliases by stride
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: max(1, round(size / width)) for name, width in sizes.items()}
+
+
+def _record(sizes: dict[str, int], name: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if isinstance(output, Tensor):
+            sizes[name] = int(output.shape[-1])
+    return hook
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted path of the deepest module that contains every block (not a block)."""
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    if len(prefix) == min(len(p) for p in parts):  # a single block: go to its parent
+        prefix = prefix[:-1]
+    return ".".join(prefix)
 
 
 def make_slotted(block: nn.Module) -> nn.Module:
-    for adapter in _ADAPTERS:
-        if adapter.recognises(block):
-            return adapter.make_slotted(block)
-    raise TypeError(f"no adapter for {type(block).__name__}")
+    """Give ``block`` its slots, in place and idempotently; returns the same object."""
+    family = _family(block)
+    if family is None:
+        raise TypeError(f"no adapter for {type(block).__name__}")
+    if isinstance(block, Slotted):
+        return block
+    cls = family.slotted[type(block)]
+    block.__class__ = cls
+    block._init_slots()
+    cls.prepare(block)
+    return block
 
 
 def find_head(model: nn.Module) -> HeadInfo | None:
-    for adapter in _ADAPTERS:
-        head = adapter.find_head(model)
+    for family in _FAMILIES:
+        head = family.head(model)
         if head is not None:
             return head
     return None
+
+
+def unsupported_message(model: nn.Module, name: str) -> str:
+    """One line: the block classes a model has, and the families that are supported."""
+    counts = Counter(
+        type(m).__name__ for m in model.modules()
+        if not type(m).__module__.startswith(("torch.nn", "torchvision.ops"))
+        and any(True for _ in m.children()) and type(m) is not type(model)
+    )
+    found = [n for n, c in counts.most_common() if c > 1][:4] or [n for n, _ in counts.most_common(4)]
+    supported = "; ".join(f"{f.name} ({f.block_names})" for f in _FAMILIES)
+    seen = f" (it has {', '.join(found)})" if found else ""
+    return f"{name}: found no supported blocks{seen}; supported families: {supported}"
+

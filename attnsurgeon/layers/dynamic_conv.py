@@ -213,15 +213,17 @@ class DynamicConv2d(nn.Module):
 
 def from_conv(
     conv: nn.Conv2d,
-    norm: nn.BatchNorm2d | None,
+    norm: nn.Module | None,
     *,
+    act: nn.Module | None = None,
     init: str = "paper",
     kernels: int = 4,
     temperature: float = 30.0,
     reduction: int = 4,
     target: str = "spatial",
 ) -> tuple[DynamicConv2d, None]:
-    """Replace ``conv`` by a dynamic conv of the same geometry; the norm after it stays.
+    """Replace ``conv`` by a dynamic conv of the same geometry (groups included, so a
+    depthwise conv stays depthwise); the ``norm`` and ``act`` after it stay.
 
     ``target`` (which convs of a block) is used by the surgery that picks the convs and
     only checked here.

@@ -17,22 +17,34 @@ resnext50_32x4d this is SKNet-50: 27,479,784 parameters, the paper's 27.5M (Tabl
 
 Departures from the paper, and why:
 
-* Path 1 keeps the replaced conv's geometry (kernel, stride, padding, dilation, groups).
-  On ResNeXt (groups 32) that is exactly the paper's 3x3 G=32 path; on plain ResNets it is
-  the original dense conv, the one pretrained weights fit (the paper only builds SK on
-  ResNeXt). Paths m = 2..M are 3x3 convs with dilation m, the paper's approximation of a
-  (2m+1)x(2m+1) kernel (Sec. 3.1, "Split"), with the replaced conv's stride.
+* Path 1 keeps the replaced conv's geometry (kernel, stride, padding, dilation, groups,
+  bias). On ResNeXt (groups 32) that is exactly the paper's 3x3 G=32 path; on plain
+  ResNets it is the original dense conv, the one pretrained weights fit (the paper only
+  builds SK on ResNeXt). Path m = 2..M has the replaced conv's kernel and stride and m
+  times its dilation: on a 3x3 conv that is the paper's 3x3 with dilation m, its
+  approximation of a (2m+1)x(2m+1) kernel (Sec. 3.1, "Split"); on the 5x5 and 7x7
+  depthwise convs of MobileNetV3, EfficientNet and ConvNeXt it keeps the idea (each path
+  sees a wider field than the one before) without shrinking the kernel; on a dilated
+  backbone (segmentation) it stays wider than path 1.
 * Groups of paths 2..M: G when G divides both channel counts, else the largest divisor
   of gcd(C_in, C_out) that is <= G (e.g. G=48 on 64 channels gives 32). The paper only
-  uses channel counts divisible by G; this keeps any ``--param groups`` valid.
+  uses channel counts divisible by G; this keeps any ``--param groups`` valid. On a
+  depthwise conv (MobileNet, EfficientNet, MNASNet, ConvNeXt) every path is depthwise:
+  a grouped path there would cost more than the whole block.
+* Each path's norm and activation are those of the replaced conv (the paper's BN and
+  ReLU on ResNets; BN and ReLU6/Hardswish/SiLU on mobile nets, FrozenBatchNorm2d in
+  detection backbones, none on ConvNeXt, whose depthwise conv has a bias and is
+  followed by a channels-last LayerNorm that stays in the block). Where the activation
+  belongs to the conv alone the surgery removes it from the block (SK applies it per
+  path); ResNet's shared ``relu`` stays (see the last point).
 * The FCs are bias-free 1x1 convs on the pooled ``(N, C, 1, 1)`` tensor, as in timm's
   ``SelectiveKernel`` and the seed's port; the paper writes them as matrices.
 * ``--init paper`` is PyTorch's default initialisation (BN weight 1, bias 0), as in the
   reference implementations (timm); the paper names none.
-* ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and its BN, the
+* ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and its norm, the
   fuse BN outputs exactly 1 (gamma 0, beta 1) and the select FC puts a logit gap of
   :data:`~attnsurgeon.layers.PRESERVE_LOGIT` between path 1 and the others, so
-  ``V = (1 - e) ReLU(BN(conv(x))) + e * (other paths)`` with
+  ``V = (1 - e) act(norm(conv(x))) + e * (other paths)`` with
   ``e = (M-1) exp(-PRESERVE_LOGIT)`` (8.3e-7 for M=2): the block computes its old
   function to ~1e-6 relative. It trains: the fuse BN's gamma and the select FC get
   non-zero gradients (the softmax gradient is small, ~e, and adaptive optimisers rescale
@@ -44,11 +56,15 @@ Departures from the paper, and why:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import PRESERVE_LOGIT, check_init
 
@@ -65,9 +81,15 @@ def fit_groups(groups: int, in_channels: int, out_channels: int) -> int:
     return max(g for g in range(1, min(groups, common) + 1) if common % g == 0)
 
 
-def _path(conv: nn.Conv2d) -> nn.Sequential:
+NormLayer = Callable[[int], nn.Module]
+ActLayer = Callable[[], nn.Module]
+
+
+def _path(conv: nn.Conv2d, norm_layer: NormLayer | None, act_layer: ActLayer | None) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
-        conv=conv, bn=nn.BatchNorm2d(conv.out_channels), act=nn.ReLU(inplace=True)))
+        conv=conv,
+        bn=norm_layer(conv.out_channels) if norm_layer else nn.Identity(),
+        act=act_layer() if act_layer else nn.Identity()))
 
 
 class SelectiveKernelConv(nn.Module):
@@ -75,11 +97,14 @@ class SelectiveKernelConv(nn.Module):
 
     Args:
         in_channels, out_channels: channels of the replaced conv (the paper's C in and out).
-        kernel_size, stride, padding, dilation, groups: geometry of path 1 (the replaced
-            conv's); paths 2..M use 3x3, dilation m, padding m and the same stride.
+        kernel_size, stride, padding, dilation, groups, bias: geometry of path 1 (the
+            replaced conv's); path m = 2..M has the same kernel, stride and bias, m times
+            its dilation, 'same' padding, and groups G (all channels if depthwise).
         branches: M, the number of paths.
         path_groups: G, the groups of paths 2..M (fitted by :func:`fit_groups`).
         reduction: r; min_dim: L; the fuse width is d = max(out_channels // r, L).
+        norm_layer, act_layer: the norm and activation after each path's conv (the
+            replaced conv's: BN and ReLU in a ResNet); ``None`` for none.
     """
 
     def __init__(
@@ -92,16 +117,19 @@ class SelectiveKernelConv(nn.Module):
         padding: _Pair = (1, 1),
         dilation: _Pair = (1, 1),
         groups: int = 1,
+        bias: bool = False,
         branches: int = 2,
         path_groups: int = 32,
         reduction: int = 16,
         min_dim: int = 32,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
+        act_layer: ActLayer | None = partial(nn.ReLU, inplace=True),
     ) -> None:
         super().__init__()
         for name, value in (("branches", branches), ("reduction", reduction), ("min_dim", min_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if 2 * padding[0] != dilation[0] * (kernel_size[0] - 1) or 2 * padding[1] != dilation[1] * (kernel_size[1] - 1):
+        if any(2 * p != d * (k - 1) for p, d, k in zip(padding, dilation, kernel_size)):
             raise ValueError(
                 "SK needs a 'same'-padded conv so that every path has its output size, got "
                 f"kernel_size={kernel_size}, padding={padding}, dilation={dilation}"
@@ -110,12 +138,17 @@ class SelectiveKernelConv(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
+        self.dilation = dilation
         self.branches = branches
-        first = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
-        g = fit_groups(path_groups, in_channels, out_channels)
-        others = [nn.Conv2d(in_channels, out_channels, 3, stride, m, m, g, bias=False)
-                  for m in range(2, branches + 1)]
-        self.paths = nn.ModuleList(_path(conv) for conv in [first, *others])
+        first = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias)
+        depthwise = groups == in_channels == out_channels and groups > 1
+        g = groups if depthwise else fit_groups(path_groups, in_channels, out_channels)
+        others = []
+        for m in range(2, branches + 1):
+            dil = (dilation[0] * m, dilation[1] * m)
+            pad = (dil[0] * (kernel_size[0] - 1) // 2, dil[1] * (kernel_size[1] - 1) // 2)
+            others.append(nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad, dil, g, bias=bias))
+        self.paths = nn.ModuleList(_path(conv, norm_layer, act_layer) for conv in [first, *others])
         dim = max(out_channels // reduction, min_dim)
         self.fuse = nn.Sequential(OrderedDict(
             fc=nn.Conv2d(out_channels, dim, 1, bias=False), bn=nn.BatchNorm2d(dim), act=nn.ReLU(inplace=True)))
@@ -131,13 +164,14 @@ class SelectiveKernelConv(nn.Module):
         return (feats * self._attention(feats.sum(1))).sum(1)  # fuse, select (Eq. 6)
 
     @torch.no_grad()
-    def preserve_(self, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
-        """Start as (almost exactly) ``ReLU(norm(conv(x)))``; see the module docstring."""
+    def preserve_(self, conv: nn.Conv2d, norm: nn.Module | None) -> None:
+        """Start as (almost exactly) ``act(norm(conv(x)))``; see the module docstring."""
         first = self.paths[0]
-        first.conv.weight.copy_(conv.weight)
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            getattr(first.bn, name).copy_(getattr(norm, name))
-        first.bn.eps, first.bn.momentum = norm.eps, norm.momentum
+        first.conv.load_state_dict(conv.state_dict())
+        if norm is not None:
+            first.bn.load_state_dict(norm.state_dict())
+            if isinstance(norm, nn.BatchNorm2d):
+                first.bn.momentum = norm.momentum
         nn.init.zeros_(self.fuse.bn.weight)  # z = ReLU(0 * xhat + 1) = 1 in train and eval
         nn.init.ones_(self.fuse.bn.bias)
         logits = torch.full((self.branches, self.out_channels), -PRESERVE_LOGIT / 2)
@@ -146,39 +180,54 @@ class SelectiveKernelConv(nn.Module):
         self.select.weight.copy_((logits / dim).reshape(-1, 1, 1, 1).expand(-1, dim, 1, 1))
 
 
+def _norm_layer(norm: nn.Module | None) -> NormLayer | None:
+    """A factory of norms like ``norm`` (its type, eps and momentum), or ``None``."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return None
+    if isinstance(norm, nn.BatchNorm2d):
+        return partial(type(norm), eps=norm.eps, momentum=norm.momentum)
+    if isinstance(norm, FrozenBatchNorm2d):
+        return partial(FrozenBatchNorm2d, eps=norm.eps)
+    raise ValueError(f"SK copies a BatchNorm2d or FrozenBatchNorm2d after the conv, got {type(norm).__name__}")
+
+
 def from_conv(
     conv: nn.Conv2d,
-    norm: nn.BatchNorm2d | None,
+    norm: nn.Module | None,
     *,
+    act: nn.Module | None = None,
     init: str = "paper",
     branches: int = 2,
     groups: int = 32,
     reduction: int = 16,
     min_dim: int = 32,
-) -> tuple[SelectiveKernelConv, nn.Identity]:
-    """Replace ``conv`` and the norm after it by one SK convolution.
+) -> tuple[SelectiveKernelConv, nn.Identity | None]:
+    """Replace ``conv``, and the ``norm`` and ``act`` after it, by one SK convolution.
+
+    Each path gets a norm like ``norm`` and a copy of ``act`` (none where they are None).
 
     Returns:
-        ``(sk, nn.Identity())``: the SK conv has its own BNs, so the old norm goes.
+        ``(sk, nn.Identity())`` when there is a norm to take over (the SK conv has its own
+        norms, so the old one goes; the caller also removes ``act`` where it belongs to
+        this conv alone), else ``(sk, None)``.
 
     Raises:
-        ValueError: a bad param, a conv with a bias or not 'same'-padded, or
-            ``init="preserve"`` without the BatchNorm2d to copy into path 1.
+        ValueError: a bad param, or a conv that is not zero-padded with numeric 'same'
+            padding, or a norm that is not a (frozen) batch norm.
     """
     check_init(init)
-    if conv.bias is not None or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         raise ValueError(
-            "SK replaces a bias-free, zero-padded conv with numeric padding, got "
-            f"bias={conv.bias is not None}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            "SK replaces a zero-padded conv with numeric padding, got "
+            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
         )
     sk = SelectiveKernelConv(
         conv.in_channels, conv.out_channels,
         kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
         branches=branches, path_groups=groups, reduction=reduction, min_dim=min_dim,
+        norm_layer=_norm_layer(norm), act_layer=(lambda: copy.deepcopy(act)) if act is not None else None,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     if init == "preserve":
-        if not isinstance(norm, nn.BatchNorm2d):
-            raise ValueError(f"init='preserve' needs the BatchNorm2d after the conv, got {type(norm).__name__}")
         sk.preserve_(conv, norm)
-    return sk, nn.Identity()
+    return sk, (nn.Identity() if _norm_layer(norm) is not None else None)
