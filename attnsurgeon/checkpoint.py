@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -134,13 +135,27 @@ def rebuild(
     model = copy.deepcopy(base) if base is not None else build_model(
         data["model"], model_kwargs=data["model_kwargs"])
     changes = apply_recipe(model, recipe_of(data, path))
-    missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    missing, unexpected = model.load_state_dict(with_metadata(data["state_dict"], model), strict=False)
     if missing or unexpected:
         raise UsageError(
             f"{path}: state_dict does not match the rebuilt model "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model, changes
+
+
+def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with ``model``'s own ``_metadata`` (module versions) where it has none.
+
+    A plain dict of tensors (what a checkpoint or a re-keyed weights file holds) has lost
+    the metadata, and some modules refuse to load without it (MNASNet checks its
+    version). The file describes this very architecture, so the model's own is right.
+    """
+    if hasattr(state, "_metadata"):
+        return state
+    state = OrderedDict(state)
+    state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    return state
 
 
 def load(path: str | Path) -> nn.Module:

@@ -115,6 +115,7 @@ def export_onnx(
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     path = Path(path)
     summary: dict[str, Any] = {"output": str(path)}
+    model = _one_output(model, input_size=input_size)
 
     def write(tmp: Path) -> None:
         start = time.perf_counter()
@@ -135,6 +136,25 @@ def export_onnx(
     if summary["verification"] is not None and not summary["verification"]["passed"]:
         raise VerificationError(_failure(path, summary["verification"], kept=True), summary, kept=True)
     return summary
+
+
+class _SegmentationOutput(nn.Module):
+    """A segmentation model whose ``{"out": ...}`` dict becomes its one output tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def _one_output(model: nn.Module, *, input_size: int) -> nn.Module:
+    """``model``, or a wrapper returning its ``"out"`` tensor (torchvision segmentation
+    models return ``{"out": ..., "aux": ...}``; the file's one output is ``out``)."""
+    with evaluating(model), torch.no_grad():
+        out = model(torch.zeros(1, 3, input_size, input_size))
+    return _SegmentationOutput(model) if isinstance(out, dict) and "out" in out else model
 
 
 def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:

@@ -79,7 +79,9 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
         problems.append(f"shape of {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
     if problems:
         raise UsageError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    from .checkpoint import with_metadata
+
+    model.load_state_dict(with_metadata(state, model), strict=True)
 
 
 def build_model(

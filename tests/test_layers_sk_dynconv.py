@@ -149,7 +149,7 @@ def test_fx_and_export_match_eager(attn, x64):
 
 # --- init modes ----------------------------------------------------------------------
 
-# preserve: SK leaves a softmax weight of exp(-14) = 8.3e-7 on the new path and dynconv
+# preserve: SK leaves a softmax weight of exp(-16) = 1.1e-7 on the new path and dynconv
 # sums K identical kernels with weights that add up to 1 (up to rounding), so both
 # match the original to float32 noise; 1e-5 leaves room for summation order.
 @pytest.mark.parametrize("attn, params", [("sk", {}), ("dynconv", {}), ("dynconv", {"target": "all"})])

@@ -7,8 +7,10 @@ Every insert-kind module takes ``(channels, *, knobs...)`` and has two initialis
   computes the same function right after surgery (``--init preserve``).
 
 Gates that must start "open" cannot be exactly 1 through a sigmoid or softmax; they start
-at :data:`PRESERVE_LOGIT`, which leaves each gate ``1 - 8.3e-7`` away from 1 (a softmax over
-M branches with the same logit gap puts ``8.3e-7`` on each other branch). That is far below
+at :data:`PRESERVE_LOGIT` = 16, which leaves each gate ``1 - 1.2e-7`` away from 1 (a softmax
+over M branches with the same logit gap puts ``1.1e-7`` on each other branch). 16 is the
+largest logit whose sigmoid float32 still tells from 1 (``sigmoid(17)`` rounds to 1 and its
+gradient to 0): the closest start to the identity that can still learn. That is far below
 float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
 and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
 """
@@ -19,7 +21,7 @@ from typing import Protocol, TypeVar
 
 __all__ = ["PRESERVE_LOGIT", "check_init", "initialised"]
 
-PRESERVE_LOGIT = 14.0
+PRESERVE_LOGIT = 16.0
 
 
 def check_init(init: str) -> None:

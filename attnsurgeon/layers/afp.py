@@ -32,12 +32,12 @@ Departures from the paper and the seed:
   without overflow; nothing is printed in ``forward``;
 * the sum is computed as ``x + sum_{i<4} a_i (branch_i - x)``, equal since the weights
   sum to 1 (same function, same gradients): under ``--init preserve`` the seed's form
-  multiplies ``x`` by the constant ``a_4 = 1 - 2.5e-6``, and the ONNX exporter's optimiser
+  multiplies ``x`` by the constant ``a_4 = 1 - 3.4e-7``, and the ONNX exporter's optimiser
   (onnxscript's ``mul_by_1`` rule, relative tolerance 1e-5) rewrites that product to
-  ``x``, so the ONNX model drifted from the PyTorch one by 2.5e-6 per module;
+  ``x``, so the ONNX model drifted from the PyTorch one by that much per module;
 * ``--init paper`` is PyTorch's default initialisation, as in the seed's code, and w = 1;
 * ``--init preserve`` (not in the source) sets ``w = [0, 0, 0, PRESERVE_LOGIT]``: the
-  identity gets weight ``1 - 2.5e-6`` and each other branch ``8.3e-7``; the convs keep
+  identity gets weight ``1 - 3.4e-7`` and each other branch ``1.1e-7``; the convs keep
   their paper initialisation.
 """
 
@@ -94,7 +94,7 @@ class AFP(nn.Module):
         nn.init.ones_(self.w)
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: softmax(w) puts ``1 - 2.5e-6`` on ``x``."""
+        """Start as (almost) the identity: softmax(w) puts ``1 - 3.4e-7`` on ``x``."""
         with torch.no_grad():
             self.w.zero_()
             self.w[3] = PRESERVE_LOGIT  # the identity branch

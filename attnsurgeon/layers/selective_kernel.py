@@ -45,7 +45,7 @@ Departures from the paper, and why:
   fuse BN outputs exactly 1 (gamma 0, beta 1) and the select FC puts a logit gap of
   :data:`~attnsurgeon.layers.PRESERVE_LOGIT` between path 1 and the others, so
   ``V = (1 - e) act(norm(conv(x))) + e * (other paths)`` with
-  ``e = (M-1) exp(-PRESERVE_LOGIT)`` (8.3e-7 for M=2): the block computes its old
+  ``e = (M-1) exp(-PRESERVE_LOGIT)`` (1.1e-7 for M=2): the block computes its old
   function to ~1e-6 relative. It trains: the fuse BN's gamma and the select FC get
   non-zero gradients (the softmax gradient is small, ~e, and adaptive optimisers rescale
   it); the fuse FC follows once gamma leaves 0, and the other paths get gradients scaled
