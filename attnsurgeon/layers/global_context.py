@@ -29,7 +29,10 @@ Departures from the paper:
   for ``fusion = scale`` (not in the paper) the last conv gets weight 0 and bias
   ``PRESERVE_LOGIT``, so the gate is ``sigmoid(PRESERVE_LOGIT)`` for every input.
   With the last conv at 0, the first optimiser step moves only that conv (the gradient
-  cannot pass through a zero weight); from the second step on every parameter moves.
+  cannot pass through a zero weight); from the second step on every parameter moves,
+  except ``conv_mask.bias``: it shifts all softmax logits alike, so its gradient is zero
+  by construction. It is kept (as in mmcv and timm) so that parameter counts and weights
+  match the reference code; it is one parameter per block.
 """
 
 from __future__ import annotations
