@@ -314,15 +314,19 @@ def test_torch_export_of_resnet18(kind: str, x64) -> None:
         torch.testing.assert_close(exported.module()(x64), model(x64))
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_onnx_dynamic_hw_matches_pytorch(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind, params", [("eca", {}), ("coord", {}), ("gc", {}), ("gc", {"fusion": "scale"})])
+def test_onnx_dynamic_hw_matches_pytorch(kind: str, params: dict, tmp_path: Path) -> None:
     """Dynamic batch and H/W: export_onnx verifies 1x3x64x64, 3x3x64x64 and 3x3x96x80;
-    onnxruntime at batch 2 and 48x48 is checked here on its own."""
+    onnxruntime at batch 2 and 48x48 is checked here on its own. The new modules' weights
+    are perturbed, so no path is idle (GC's zero last conv would make it the identity)."""
     from test_onnx import ATOL, _perturb_norms, ort_errors
 
     model = torchvision.models.resnet18()
-    apply(model, kind, layers="layer3:", seed=0)
+    apply(model, kind, layers="layer3:", params=params, seed=0)
     _perturb_norms(model)
+    with torch.no_grad():
+        for p in _new_params(model, KINDS[kind]).values():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     data = attnsurgeon.export_onnx(model.eval(), tmp_path / "m.onnx", input_size=64, dynamic_hw=True)
     assert data["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     runs = data["verification"]["runs"]
