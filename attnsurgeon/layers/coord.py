@@ -3,8 +3,7 @@
 Paper: Coordinate Attention for Efficient Mobile Network Design (Hou, Zhou, Feng;
 CVPR 2021), https://arxiv.org/abs/2103.02907
 
-Channel attention factorised into two 1-D encodings along the two spatial directions
-(Eq. 4-9 of the paper)::
+Channel attention factorised into two 1-D encodings along the two spatial directions::
 
     z_h = mean over W of x               (N, C, H, 1)
     z_w = mean over H of x               (N, C, W, 1)   (transposed)
@@ -35,7 +34,7 @@ Departures from the paper:
 * h-swish is ``nn.Hardswish``, equal to the official ``x * ReLU6(x + 3) / 6``;
 * ``--init paper`` is the official MobileNetV2 + CA initialisation (``mbv2_ca.py``): conv
   weights normal with std ``sqrt(2 / (k*k*out_channels))`` (Kaiming, fan-out), conv biases
-  0, BN weight 1 and bias 0; the paper names none;
+  0, BN weight 1 and bias 0;
 * ``--init preserve`` (not in the paper): ``conv_h`` and ``conv_w`` get weight 0 and bias
   ``PRESERVE_LOGIT``, so both gates are ``sigmoid(PRESERVE_LOGIT)`` for every input, in
   train and eval mode (``out = sigmoid(PRESERVE_LOGIT)**2 * x``); the rest keeps its paper
@@ -67,27 +66,27 @@ class CoordAttention(nn.Module):
             raise ValueError(
                 f"channels, reduction and min_dim must be >= 1, got {channels}, {reduction}, {min_dim}")
         mid = max(min_dim, channels // reduction)
-        self.conv1 = nn.Conv2d(channels, mid, 1)  # F_1 in Eq. 5
+        self.conv1 = nn.Conv2d(channels, mid, 1)  # F_1, shared by both directions
         self.bn1 = nn.BatchNorm2d(mid)
         self.act = nn.Hardswish()  # delta
-        self.conv_h = nn.Conv2d(mid, channels, 1)  # F_h in Eq. 6
-        self.conv_w = nn.Conv2d(mid, channels, 1)  # F_w in Eq. 7
+        self.conv_h = nn.Conv2d(mid, channels, 1)  # F_h
+        self.conv_w = nn.Conv2d(mid, channels, 1)  # F_w
         self.gate = nn.Sigmoid()
         self.reset_parameters()
 
     def _scales(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(g_h, g_w) of Eq. 6-7, shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""
+        """The gates (g_h, g_w), shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""
         h = x.shape[2]
-        z_h = x.mean(3, keepdim=True)  # Eq. 2
-        z_w = x.mean(2, keepdim=True).transpose(2, 3)  # Eq. 3, as (N, C, W, 1)
-        f = self.act(self.bn1(self.conv1(torch.cat([z_h, z_w], dim=2))))  # Eq. 5
+        z_h = x.mean(3, keepdim=True)  # pool along W
+        z_w = x.mean(2, keepdim=True).transpose(2, 3)  # pool along H, as (N, C, W, 1)
+        f = self.act(self.bn1(self.conv1(torch.cat([z_h, z_w], dim=2))))
         g_h = self.gate(self.conv_h(f[:, :, :h]))
         g_w = self.gate(self.conv_w(f[:, :, h:])).transpose(2, 3)
         return g_h, g_w
 
     def forward(self, x: Tensor) -> Tensor:
         g_h, g_w = self._scales(x)
-        return x * g_h * g_w  # Eq. 9
+        return x * g_h * g_w
 
     def reset_parameters(self) -> None:
         for conv in (self.conv1, self.conv_h, self.conv_w):

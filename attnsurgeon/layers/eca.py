@@ -5,18 +5,18 @@ Paper: ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networ
 
 ``x -> global average pool -> 1-D conv of size k across channels (no bias) -> sigmoid ->
 x * s``: SE's gate without the dimensionality reduction, with local cross-channel
-interaction. The kernel size follows the paper's adaptive rule (Eq. 12 of arXiv v4)::
+interaction. The kernel size follows the paper's adaptive rule::
 
     k = psi(C) = | log2(C) / gamma + b / gamma |_odd,   gamma = 2, b = 1
 
-where ``|t|_odd`` is "the nearest odd number of t". A module has k parameters.
+where ``|t|_odd`` is the nearest odd number to t. A module has k parameters.
 
 Which rounding. For ResNet-50's bottleneck outputs C = 256, 512, 1024, 2048 the rule gives
 t = 4.5, 5, 5.5, 6:
 
 * nearest odd, ties to the smaller kernel (the default here): k = 5, 5, 5, 5, i.e.
   16 x 5 = **80** parameters, the number the paper's abstract gives for ResNet-50;
-* the reference code's rounding (github.com/BangguWu/ECANet, also timm's ``EcaModule``),
+* the reference code's rounding (github.com/BangguWu/ECANet; timm's ``EcaModule`` too, with k >= 3),
   ``t = int(abs((log2(C) + b) / gamma)); k = t if t odd else t + 1``: k = 5, 5, 5, 7,
   i.e. 3x5 + 4x5 + 6x5 + 3x7 = **86** parameters;
 * the model the authors released for ECA-Net50 (README: ``eca_resnet50_k3557``) fixes k per
@@ -25,7 +25,8 @@ t = 4.5, 5, 5.5, 6:
 
 The default follows the paper's written rule ("nearest odd"), whose one ambiguous case, an
 even t, is resolved towards the smaller kernel: that is the reading that gives the paper's
-80 on ResNet-50 (ties upwards, like the reference code, give 86).
+80 on ResNet-50 (ties upwards, like the reference code, give 86). The released
+k = 3, 5, 5, 7 also gives 80, so the count alone cannot say which one the paper counted.
 
 Departures from the paper:
 
@@ -39,7 +40,7 @@ Departures from the paper:
 * the pooled vector is convolved as ``(N, 1, C)`` and reshaped to ``(N, C, 1, 1)`` with
   ``unsqueeze``/``transpose`` only, so ONNX export keeps a dynamic batch;
 * ``--init paper`` is PyTorch's default initialisation of ``nn.Conv1d``, as in the
-  reference code (its ResNet initialises only ``nn.Conv2d`` weights); the paper names none;
+  reference code (its ResNet initialises only ``nn.Conv2d`` weights);
 * ``--init preserve`` (not in the paper): conv weight 0 and offset ``PRESERVE_LOGIT``, so
   the gate is ``sigmoid(PRESERVE_LOGIT)`` for every input, in train and eval mode.
 """

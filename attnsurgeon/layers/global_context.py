@@ -4,12 +4,12 @@ Paper: GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond (Ca
 Lin, Wei, Hu; ICCV Workshops 2019; extended as "Global Context Networks", TPAMI),
 https://arxiv.org/abs/1904.11492
 
-Three steps (Eq. 4 of the paper)::
+Three steps, context modelling, transform and fusion::
 
     context   = sum_j softmax_j(W_k x_j) x_j                    context modelling
     transform = W_v2 ReLU(LN(W_v1 context))                     C -> C/r -> C
     out       = x + transform          (fusion = add, the paper's GC block)
-    out       = x * sigmoid(transform) (fusion = scale, the paper's "scaling" ablation)
+    out       = x * sigmoid(transform) (fusion = scale: the reference code's channel_mul)
 
 ``W_k`` is a 1x1 conv C -> 1, the softmax runs over the H*W positions, LN is a LayerNorm
 over ``[C/r, 1, 1]``; r = 16 (ratio 1/16); all three convs have biases, as in the
