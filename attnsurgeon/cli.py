@@ -33,7 +33,7 @@ _err = Console(stderr=True)
 
 S = "surgery"  # help panel
 ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
-Attn = Annotated[Optional[str], typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp (see `attnsurgeon kinds`).", rich_help_panel=S)]
+Attn = Annotated[Optional[str], typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp | eca | coord | gc (see `attnsurgeon kinds`).", rich_help_panel=S)]
 Position = Annotated[Optional[str], typer.Option("--position", help="standard | pre | post | identity (insert kinds; default: the kind's own).", rich_help_panel=S)]
 Layers = Annotated[Optional[str], typer.Option("--layers", help="Blocks to change: a stage (layer3), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
 Params = Annotated[Optional[list[str]], typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]

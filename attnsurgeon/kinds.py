@@ -252,3 +252,53 @@ register(KindSpec(
     default_position="post",
     note="four branches (max-pool, avg-pool, DConv+SE, identity) fused by softmax weights",
 ))
+
+register(KindSpec(
+    name="eca",
+    title="Efficient Channel Attention",
+    paper="ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks "
+    "(Wang, Wu, Zhu, Li, Zuo, Hu; CVPR 2020): https://arxiv.org/abs/1910.03151",
+    mode="insert",
+    builder="attnsurgeon.layers.eca:build",
+    params=(
+        Param("kernel_size", int, 0, "kernel of the 1-D conv across channels; 0 = adaptive: the "
+              "odd number nearest to (log2(C) + b) / gamma, ties to the smaller", "k",
+              choices=(0, 1, 3, 5, 7, 9)),
+        Param("gamma", float, 2.0, "gamma of the adaptive kernel rule (unused when kernel_size > 0)",
+              "gamma", minimum=1e-6),
+        Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b"),
+    ),
+    default_position="standard",
+    note="k parameters per module; 80 on ResNet-50 (the paper's count)",
+))
+
+register(KindSpec(
+    name="coord",
+    title="Coordinate attention",
+    paper="Coordinate Attention for Efficient Mobile Network Design (Hou, Zhou, Feng; CVPR 2021): "
+    "https://arxiv.org/abs/2103.02907",
+    mode="insert",
+    builder="attnsurgeon.layers.coord:build",
+    params=(
+        Param("reduction", int, 32, "reduction ratio of the shared 1x1 conv", "r", minimum=1),
+        Param("min_dim", int, 8, "lower bound of the mid width max(min_dim, C // r)", "", minimum=1),
+    ),
+    default_position="standard",
+    note="gates along H and along W, from means over one axis each",
+))
+
+register(KindSpec(
+    name="gc",
+    title="Global Context block",
+    paper="GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond "
+    "(Cao, Xu, Lin, Wei, Hu; ICCV-W 2019 / TPAMI): https://arxiv.org/abs/1904.11492",
+    mode="insert",
+    builder="attnsurgeon.layers.global_context:build",
+    params=(
+        Param("reduction", int, 16, "bottleneck ratio of the transform (hidden width C / r)", "r", minimum=1),
+        Param("fusion", str, "add", "'add' (the GC block: x + transform) or 'scale' "
+              "(x * sigmoid(transform))", choices=("add", "scale")),
+    ),
+    default_position="standard",
+    note="softmax attention pooling -> C/r bottleneck with LayerNorm -> add to every position",
+))

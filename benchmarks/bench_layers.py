@@ -5,7 +5,8 @@ For each module and input shape, three implementations are timed side by side:
 * **ours**: the module in :mod:`attnsurgeon.layers` (insert kinds built directly, replace
   kinds through their ``from_conv`` builder on a plain ``nn.Conv2d``), ``--init paper``;
 * **timm**: timm's equivalent where one exists (``SEModule``, ``CbamModule``,
-  ``SelectiveKernel``, ``CondConv2d`` with the routing of timm's ``CondConvResidual``),
+  ``SelectiveKernel``, ``CondConv2d`` with the routing of timm's ``CondConvResidual``,
+  ``EcaModule``, ``CoordAttn``, ``GlobalContext``),
   configured to our sizes and defaults as far as timm allows;
 * **seed**: a straightforward re-implementation of the seed post's code (below), with only
   its syntax errors, typos and prints fixed and its approach kept.
@@ -359,12 +360,16 @@ def _ours_replace(path: str, conv: nn.Conv2d, **params: object) -> nn.Module:
 
 
 def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | None) -> list[Case]:
-    from timm.layers import SelectiveKernel, SEModule
+    from timm.layers import EcaModule, GlobalContext, SelectiveKernel, SEModule
     from timm.layers.cbam import CbamModule
+    from timm.layers.coord_attn import CoordAttn
 
     from attnsurgeon.layers.afp import AFP
     from attnsurgeon.layers.cbam import CBAM
+    from attnsurgeon.layers.coord import CoordAttention
+    from attnsurgeon.layers.eca import ECA, adaptive_kernel_size
     from attnsurgeon.layers.dual_pool import DualPool
+    from attnsurgeon.layers.global_context import GlobalContext as OurGlobalContext
     from attnsurgeon.layers.squeeze_excite import SqueezeExcite
 
     cases: list[Case] = []
@@ -408,6 +413,25 @@ def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | 
                 "ours": lambda c=c: AFP(c, reduction=2),
                 "seed": lambda c=c: SeedAFP(c),
             }, notes={"timm": "no timm equivalent"}))
+        if want("eca"):
+            k = adaptive_kernel_size(c)
+            cases.append(Case(f"ECA k={k}", shape, {
+                "ours": lambda c=c: ECA(c),
+                # channels=None: timm's own adaptive rule (the reference code's) could pick another k
+                "timm": lambda k=k: EcaModule(None, kernel_size=k),
+            }, notes={"seed": "no seed code"}))
+        if want("coord"):
+            cases.append(Case("coord r=32", shape, {
+                "ours": lambda c=c: CoordAttention(c, reduction=32),
+                # timm rounds the mid width to a multiple of 8 and drops the biases by default
+                "timm": lambda c=c: CoordAttn(c, rd_channels=max(8, c // 32), bias=True),
+            }, notes={"seed": "no seed code"}))
+        if want("gc"):
+            cases.append(Case("GC r=16 add", shape, {
+                "ours": lambda c=c: OurGlobalContext(c, reduction=16, fusion="add"),
+                "timm": lambda c=c: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16,
+                                                  init_last_zero=True),
+            }, notes={"timm": "LayerNorm2d (over C/r, same on a 1x1 map)", "seed": "no seed code"}))
     for shape in head_shapes:
         c = shape[1]
         if want("dualpool"):
@@ -542,11 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=None,
                         help="approximate time of one sample (default 20, quick 2)")
     parser.add_argument("--only", default=None,
-                        help="comma-separated subset of se,cbam,sk,dynconv,afp,dualpool")
+                        help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    valid = {"se", "cbam", "sk", "dynconv", "afp", "dualpool"}
+    valid = {"se", "cbam", "sk", "dynconv", "afp", "eca", "coord", "gc", "dualpool"}
     only = None
     if args.only:
         only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -58,7 +58,7 @@ def test_kinds_lists_every_kind_with_params(cli):
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     names = {k["name"]: k for k in data["kinds"]}
-    assert {"se", "cbam", "sk", "dynconv", "afp"} <= set(names)
+    assert {"se", "cbam", "sk", "dynconv", "afp", "eca", "coord", "gc"} <= set(names)
     assert names["se"]["params"][0] == {**names["se"]["params"][0], "name": "reduction", "default": 16}
     assert "arxiv.org/abs/1709.01507" in names["se"]["paper"]
     text = cli("kinds").stdout

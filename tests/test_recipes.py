@@ -69,7 +69,7 @@ def test_recipes_are_shipped() -> None:
     for expected in ("se_resnet50", "se_resnet50_pre", "se_resnet50_post", "se_resnet50_identity",
                      "se_resnet50_stage2", "se_resnet50_stage3", "se_resnet50_stage4",
                      "cbam_resnet50", "sknet50", "dy_resnet18", "se_resnet18_late",
-                     "afp_resnet18", "dualpool_resnet18"):
+                     "afp_resnet18", "dualpool_resnet18", "eca_resnet50", "gc_resnet50", "gc_resnet50_c3c5"):
         assert expected in names
 
 
