@@ -34,8 +34,8 @@ _err = Console(stderr=True)
 S = "surgery"  # help panel
 ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
 Attn = Annotated[Optional[str], typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp | eca | coord | gc (see `attnsurgeon kinds`).", rich_help_panel=S)]
-Position = Annotated[Optional[str], typer.Option("--position", help="standard | pre | post | identity (insert kinds; default: the kind's own).", rich_help_panel=S)]
-Layers = Annotated[Optional[str], typer.Option("--layers", help="Blocks to change: a stage (layer3), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
+Position = Annotated[Optional[str], typer.Option("--position", help="standard | pre | mid | post | identity | builtin (insert kinds; default: the kind's own; `attnsurgeon blocks MODEL` shows which blocks have which).", rich_help_panel=S)]
+Layers = Annotated[Optional[str], typer.Option("--layers", help="Blocks to change: a stage (layer3) or its alias (stage3, the same depth in every family), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
 Params = Annotated[Optional[list[str]], typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]
 Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML recipe instead of --attn/--position/--layers/--param. MODEL, --weights, --head, --init and --seed given on the command line win over the recipe's values.", rich_help_panel=S)]
 Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]

@@ -26,7 +26,7 @@ from attnsurgeon.cli import app
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.toml"))
-LIGHT_MODELS = ("resnet18", "resnet34")  # everything else is @heavy
+LIGHT_MODELS = ("resnet18", "resnet34", "mobilenet_v2")  # everything else is @heavy
 
 runner = CliRunner()
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
