@@ -386,3 +386,19 @@ def test_a_second_surgery_on_a_family_block_is_refused():
     apply(model, "se", position="mid", layers="features.3")
     with pytest.raises(UsageError, match="mid position of features.3 already holds a SqueezeExcite"):
         apply(model, "cbam", position="mid", layers="features.3")
+
+
+@pytest.mark.parametrize("name", family_params())
+@pytest.mark.parametrize("position", ["pre", "post", "identity"])
+def test_every_other_position_preserves(name, position):
+    """CBAM (two gates, the largest preserve error of the gate kinds) at the positions the
+    main case list does not cover; blocks without the position are skipped."""
+    model = base(name)
+    x = probe()
+    with torch.no_grad():
+        reference = model(x)
+    changes = apply(model, "cbam", position=position, init="preserve")
+    total, residual, _ = FAMILIES[name]
+    assert len(changes) == (residual if position == "identity" else total)
+    with torch.no_grad():
+        assert rel_error(reference, model.eval()(x)) <= TOLERANCE
