@@ -145,8 +145,8 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         if key not in _TOP_KEYS:
             raise UsageError(f"{source}: unknown key {key!r}" + suggest(key, _TOP_KEYS))
 
-    def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-        if value is None:
+    def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str, optional: bool = True) -> Any:
+        if value is None and optional:  # (TOML has no null; checkpoint data may)
             return None
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -174,12 +174,12 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
                 raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, _RULE_KEYS))
         if "attn" not in raw:
             raise UsageError(f"{where}: missing key 'attn'")
-        attn = typed("attn", raw["attn"], str, where)
-        params = typed("params", raw.get("params", {}), Mapping, where)
+        attn = typed("attn", raw["attn"], str, where, optional=False)
+        params = typed("params", raw.get("params", {}), Mapping, where, optional=False)
         _check_param_types(attn, params, where)
         rules.append(make_rule(
             attn,
-            layers=typed("layers", raw.get("layers", "all"), str, where),
+            layers=typed("layers", raw.get("layers", "all"), str, where, optional=False),
             position=typed("position", raw.get("position"), str, where),
             params=params,
             where=where,
