@@ -143,7 +143,7 @@ def load_plain(path: str | Path, *, what: str, kind: str) -> Any:
     if not path.exists():
         raise UsageError(f"{what}: no such file")
     if path.is_dir():
-        raise UsageError(f"{what} is a directory, not a {kind} file")
+        raise UsageError(f"{what} is a directory, not a file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)

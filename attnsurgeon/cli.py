@@ -47,7 +47,7 @@ Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML re
 Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
 WeightsFile = Annotated[Optional[Path], typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
 Init = Annotated[Optional[str], typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights, and the base model's when its weights are random (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
 Head = Annotated[Optional[str], typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
