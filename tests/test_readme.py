@@ -77,3 +77,20 @@ def test_recipe_table_names_shipped_recipes():
         m = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
         for expanded in ([m.group(1) + part + m.group(3) for part in m.group(2).split(",")] if m else [name]):
             assert (ROOT / "recipes" / f"{expanded}.toml").is_file(), expanded
+
+
+EXPORT = "$ attnsurgeon export-onnx se_resnet18.pt -o se_resnet18.onnx"
+
+
+@pytest.mark.heavy
+def test_export_example_figures(cli, tmp_path, monkeypatch):
+    """Size, opset, node count, inputs and outputs of the README's export example (the
+    export time and verification errors vary by machine and are not compared)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(*WORKED.split()[2:]).exit_code == 0
+    result = cli(*EXPORT.split()[2:], "--no-verify")
+    assert result.exit_code == 0, result.output
+    expected = code_block_after(EXPORT)
+    untimed = lambda line: re.sub(r"exported in [\d.]+ s", "exported in - s", line.rstrip())  # noqa: E731
+    got = [untimed(line) for line in result.stdout.splitlines()]
+    assert got[:3] == [untimed(line) for line in expected[:3]]
