@@ -144,13 +144,16 @@ def load_plain(path: str | Path, *, what: str, kind: str) -> Any:
         raise UsageError(f"{what}: no such file")
     if path.is_dir():
         raise UsageError(f"{what} is a directory, not a file")
+    if not path.is_file():  # a device, FIFO or socket: reading may never end
+        raise UsageError(f"{what} is not a regular file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         raise UsageError(f"{what} cannot be read ({e.strerror or e})") from None
+    article = "an" if kind[:1] in "aeiou" else "a"
     if not head:
-        raise UsageError(f"{what} is empty, not a {kind}")
+        raise UsageError(f"{what} is empty, not {article} {kind}")
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: a zip; legacy: a pickle
         raise UsageError(f"{what} is not a loadable {kind}: not a file torch.save wrote")
     try:

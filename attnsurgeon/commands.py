@@ -101,10 +101,10 @@ class Prepared:
 
 
 def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
+    import torch
+
     from .surgery import apply_recipe
     from .zoo import build_model, check_model_name
-
-    import torch
 
     name = check_model_name(recipe.model)
     if opts.weights_file is not None and recipe.weights not in (None, "none"):

@@ -59,15 +59,14 @@ def foreign_error(exc: BaseException, *, writing: object | None = None) -> Usage
         isinstance(exc, RuntimeError) and any(s in text.lower() for s in _OUT_OF_MEMORY)
     ):
         return UsageError(f"out of memory ({_memory_reason(text)}); try a smaller --input-size "
-                          "or free some memory")
+                          "or --param value, or free some memory")
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno != errno.EPIPE:
         reason = exc.strerror or first
-        where = exc.filename if exc.filename is not None else writing
         if writing is not None:
             if exc.errno in _WRITE_ERRNOS:
                 return UsageError(f"cannot write {writing}: {reason}; nothing was written")
             return None
-        return UsageError(f"{where}: {reason}" if where is not None else reason)
+        return UsageError(f"{exc.filename}: {reason}" if exc.filename is not None else reason)
     if writing is not None and isinstance(exc, RuntimeError) and any(s in text for s in _WRITE_FAILED):
         return UsageError(f"cannot write {writing}: the write failed (disk full or file too large?); "
                           "nothing was written")
