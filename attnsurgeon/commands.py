@@ -229,11 +229,12 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
 
 def _is_checkpoint(target: str | None, opts: SurgeryOptions, command: str) -> bool:
     """Whether ``target`` is a file (then no surgery option may come with it) rather than
-    a model name: an existing path, whatever its suffix, or anything a model name cannot
+    a model name: an existing file, whatever its suffix, or anything a model name cannot
     be (torchvision's names have no ``.`` or ``/``). Its content says whether it is an
-    attnsurgeon checkpoint (:func:`checkpoint.read`)."""
+    attnsurgeon checkpoint (:func:`checkpoint.read`). A folder named like a model (say
+    ``resnet18/``) does not hide the model."""
     if target is None or not ("." in target or os.sep in target or "/" in target
-                              or os.path.lexists(target)):
+                              or os.path.isfile(target)):
         return False
     if opts != SurgeryOptions():
         raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")

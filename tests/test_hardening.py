@@ -297,6 +297,14 @@ def test_a_pth_checkpoint_is_a_file_not_a_model_name(cli, tmp_path):
     assert cli("summarize", str(renamed), "--input-size", "32").exit_code == 0
 
 
+def test_a_folder_named_like_a_model_does_not_hide_it(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    result = cli("summarize", "resnet18", "--attn", "se", "--input-size", "32", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "resnet18"
+
+
 def malformed(**fields) -> dict:
     data = {"format": "attnsurgeon", "format_version": 1, "model": "resnet18", "model_kwargs": {},
             "recipe": {"model": "resnet18", "insert": [{"attn": "se"}]},
