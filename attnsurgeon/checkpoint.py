@@ -89,7 +89,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             message names ``path``); other errors of ``write`` propagate unchanged.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the folder became unwritable, or full, since check_output
+        error = foreign_error(e, writing=path)
+        if error is None:
+            raise
+        raise error from e
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -99,9 +105,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         error = foreign_error(e, writing=path) if isinstance(e, (OSError, RuntimeError)) else None
-        if error is not None:
-            raise error from e
-        raise
+        if error is None:
+            raise
+        raise error from e
 
 
 def save(
