@@ -360,3 +360,19 @@ def test_conventions_without_torch(argv, expect):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert out.returncode == 0, out.stderr
     assert expect in out.stdout
+
+
+@pytest.mark.parametrize("exc, writing, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), "a.pt", "cannot write a.pt: No space left on device; nothing was written"),
+    (OSError(errno.EROFS, "Read-only file system"), "a.pt", "cannot write a.pt: Read-only file system; nothing was written"),
+    (PermissionError(errno.EACCES, "Permission denied", "w.pth"), None, "w.pth: Permission denied"),
+    (MemoryError(), None, "out of memory (allocation failed); try a smaller --input-size or --param value, or free some memory"),
+    (OSError(errno.EPIPE, "Broken pipe"), None, None),  # a closed pipe is click's business
+    (OSError(errno.ENOENT, "No such file"), "a.pt", None),  # not a write failure: a bug, keeps its traceback
+    (RuntimeError("shape mismatch"), None, None),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), None, None),
+    (ValueError("out of memory"), None, None),
+])
+def test_foreign_error_mapping(exc, writing, message):
+    error = foreign_error(exc, writing=writing)
+    assert (None if error is None else str(error)) == message
