@@ -10,15 +10,18 @@ Layout (``format_version`` 1)::
 
 :func:`load` rebuilds the unmodified torchvision model, re-applies the recipe to get the
 same structure, and loads the state_dict strictly. Nothing is ever unpickled.
+:func:`read` checks every field's type (and parses the recipe) before anything is built,
+so a damaged or hand-made file is one clear error, not a traceback.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections import OrderedDict
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,47 +30,85 @@ import torchvision
 from torch import nn
 
 from . import __version__
-from .errors import UsageError
+from .errors import UsageError, foreign_error
 from .recipe import Recipe, recipe_from_data
 
 if TYPE_CHECKING:
     from .surgery import Change
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "check_output", "load", "read", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "check_output", "load", "load_plain", "read", "save"]
 
 FORMAT = "attnsurgeon"
 FORMAT_VERSION = 1
 
 
-def check_output(path: str | Path, *, force: bool, suffix: str | None = None) -> Path:
-    """Fail early (before any work) if ``path`` exists and ``force`` is off."""
+def check_output(path: str | Path, *, force: bool, suffix: str | tuple[str, ...] | None = None,
+                 hint: str = "") -> Path:
+    """Fail early (before any work) if ``path`` cannot be written: a wrong suffix, an
+    existing file without ``force``, a directory, or a folder that is missing or not
+    writable (tried by creating and removing a temp file there).
+
+    Args:
+        suffix: the suffix (or suffixes) the file must have.
+        hint: appended to the wrong-suffix message (e.g. which command writes that suffix).
+    """
     path = Path(path)
-    if suffix is not None and path.suffix != suffix:
-        raise UsageError(f"-o: expected a {suffix} file, got {str(path)!r}")
+    suffixes = (suffix,) if isinstance(suffix, str) else suffix
+    if suffixes is not None and path.suffix not in suffixes:
+        want = " or ".join(suffixes)
+        raise UsageError(f"-o: expected a {want} file, got {str(path)!r}{hint}")
+    if path.is_dir():
+        raise UsageError(f"-o: {path} is a directory")
     if path.exists() and not force:
         raise UsageError(f"{path} exists; use --force to overwrite it")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory")
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise UsageError(f"-o: directory {path.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"-o: cannot write to {path.parent} ({e.strerror or e})") from None
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp file beside ``path``, then rename it into place.
 
-    A crash or error leaves no partial ``path`` behind (the temp file is removed).
+    A crash, an error or a signal that unwinds (Ctrl-C; SIGTERM in the CLI) leaves no
+    partial ``path`` and no temp file behind. The file gets the permissions a plain
+    ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private 0600.
+
+    Raises:
+        UsageError: the write failed for want of space, quota or permission (the
+            message names ``path``); other errors of ``write`` propagate unchanged.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # the folder became unwritable, or full, since check_output
+        error = foreign_error(e, writing=path)
+        if error is None:
+            raise
+        raise error from e
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        error = foreign_error(e, writing=path) if isinstance(e, (OSError, RuntimeError)) else None
+        if error is None:
+            raise
+        raise error from e
 
 
 def save(
@@ -96,19 +137,54 @@ def save(
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """Load and validate a checkpoint's plain data (``weights_only=True``)."""
+def load_plain(path: str | Path, *, what: str, kind: str) -> Any:
+    """``torch.load(path, weights_only=True)``, with one clear line for every way a file
+    can fail to be a PyTorch file: missing, a directory, unreadable, empty, not a
+    ``torch.save`` archive, or holding objects other than plain data and tensors.
+
+    Args:
+        what: how the message names the file, e.g. ``"--weights-file: x.pth"``.
+        kind: what the file should hold, e.g. ``"state_dict"``.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
+    if not path.exists():
+        raise UsageError(f"{what}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{what} is a directory, not a file")
+    if not path.is_file():  # a device, FIFO or socket: reading may never end
+        raise UsageError(f"{what} is not a regular file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UsageError(f"{what} cannot be read ({e.strerror or e})") from None
+    article = "an" if kind[:1] in "aeiou" else "a"
+    if not head:
+        raise UsageError(f"{what} is empty, not {article} {kind}")
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: a zip; legacy: a pickle
+        raise UsageError(f"{what} is not a loadable {kind}: not a file torch.save wrote")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zip errors, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: not a readable attnsurgeon checkpoint ({first})") from None
+        raise UsageError(f"{what} is not a loadable {kind} ({first})") from None
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint's plain data (``weights_only=True``).
+
+    Every field's type is checked and the recipe parsed, so what :func:`rebuild` gets is
+    well formed.
+
+    Raises:
+        UsageError: the file is missing, unreadable, not an attnsurgeon checkpoint, of
+            another format version, or has a missing or malformed field.
+    """
+    path = Path(path)
+    data = load_plain(path, what=str(path), kind="attnsurgeon checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{path}: not an attnsurgeon checkpoint (no format='{FORMAT}' field)")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") != FORMAT_VERSION or isinstance(data.get("format_version"), bool):
         raise UsageError(
             f"{path}: checkpoint format_version {data.get('format_version')!r} is not "
             f"supported (this attnsurgeon reads {FORMAT_VERSION})"
@@ -116,11 +192,30 @@ def read(path: str | Path) -> dict[str, Any]:
     for key in ("model", "model_kwargs", "recipe", "state_dict"):
         if key not in data:
             raise UsageError(f"{path}: checkpoint has no {key!r} field")
+    _check_field(path, "model", data["model"], isinstance(data["model"], str), "a string")
+    kwargs, state = data["model_kwargs"], data["state_dict"]
+    _check_field(path, "model_kwargs", kwargs,
+                 isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs), "a table of str keys")
+    _check_field(path, "recipe", data["recipe"], isinstance(data["recipe"], Mapping), "a table")
+    _check_field(path, "state_dict", state, isinstance(state, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()), "a dict of tensors")
+    for key, kind, want in (("weights", str, "a string"), ("versions", dict, "a table"),
+                            ("preservation", dict, "a table")):
+        value = data.get(key)
+        _check_field(path, key, value, value is None or isinstance(value, kind), want)
+    recipe_of(data, path)  # parse it now: a bad recipe is an error before any model is built
     return data
 
 
+def _check_field(path: Path, key: str, value: Any, ok: bool, want: str) -> None:
+    if not ok:
+        plain = isinstance(value, (str, int, float, bool, type(None))) and len(repr(value)) <= 60
+        shown = repr(value) if plain else f"a {type(value).__name__}"
+        raise UsageError(f"{path}: checkpoint field {key!r} must be {want}, got {shown}")
+
+
 def recipe_of(data: dict[str, Any], path: str | Path) -> Recipe:
-    return recipe_from_data(data["recipe"], source=str(path))
+    return recipe_from_data(data["recipe"], source=f"{path}: recipe")
 
 
 def rebuild(
@@ -130,17 +225,12 @@ def rebuild(
     its recipe made to the torchvision model (a copy of ``base`` when given: the
     unmodified model, already built)."""
     from .surgery import apply_recipe
-    from .zoo import build_model
+    from .zoo import build_model, fit_state_dict
 
     model = copy.deepcopy(base) if base is not None else build_model(
         data["model"], model_kwargs=data["model_kwargs"])
     changes = apply_recipe(model, recipe_of(data, path))
-    missing, unexpected = model.load_state_dict(with_metadata(data["state_dict"], model), strict=False)
-    if missing or unexpected:
-        raise UsageError(
-            f"{path}: state_dict does not match the rebuilt model "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    fit_state_dict(model, data["state_dict"], source=f"{path}: state_dict")
     return model, changes
 
 

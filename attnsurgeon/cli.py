@@ -3,13 +3,17 @@
 Commands are thin: they hand typed options to :mod:`attnsurgeon.commands`. torch is only
 imported inside command bodies, so ``--help`` and ``kinds`` are instant. A user error
 (:class:`~attnsurgeon.errors.UsageError`) becomes one line on stderr and exit status 2;
-set ``ATTNSURGEON_DEBUG=1`` to see its traceback.
+set ``ATTNSURGEON_DEBUG=1`` to see its traceback. The machine's own failures (a full disk,
+an unwritable directory, not enough memory) get one line too (:func:`errors.foreign_error`),
+and SIGTERM unwinds like Ctrl-C, so no temp file is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import UsageError
+from . import __version__
+from .errors import UsageError, foreign_error
 
 __all__ = ["app", "main"]
 
@@ -26,8 +31,9 @@ app = typer.Typer(
     name="attnsurgeon",
     help="Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 _err = Console(stderr=True)
 
@@ -41,7 +47,7 @@ Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML re
 Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
 WeightsFile = Annotated[Optional[Path], typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
 Init = Annotated[Optional[str], typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights, and the base model's when its weights are random (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
 Head = Annotated[Optional[str], typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -53,11 +59,26 @@ InputSize = Annotated[int, typer.Option("--input-size", help="Square input size 
 def _user_errors() -> Iterator[None]:
     try:
         yield
-    except UsageError as e:
-        if os.environ.get("ATTNSURGEON_DEBUG"):
+    except (UsageError, OSError, MemoryError, RuntimeError) as e:
+        error = foreign_error(e)
+        if error is None or os.environ.get("ATTNSURGEON_DEBUG"):
             raise
-        _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"attnsurgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models."""
 
 
 def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,
@@ -180,8 +201,24 @@ def kinds(json: Json = False) -> None:
         run_kinds(as_json=json)
 
 
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler: unwinds the stack so every ``finally`` and temp-file
+    cleanup runs, as Ctrl-C does, then exits with status 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
-    app(prog_name="attnsurgeon")
+    """The console script: the app, with SIGTERM turned into a clean exit."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(prog_name="attnsurgeon")
+    except Terminated as e:
+        sys.stderr.write("attnsurgeon: terminated (SIGTERM); no partial file left behind\n")
+        raise SystemExit(e.code) from None
 
 
 if __name__ == "__main__":

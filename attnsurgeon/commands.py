@@ -7,11 +7,12 @@ written until everything has succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from rich.console import Console
 
 from .errors import UsageError
 from .kinds import parse_cli_params
-from .recipe import Recipe, check_head, check_init, load_recipe, rule_from_options
+from .recipe import Recipe, check_head, check_init, check_seed, load_recipe, rule_from_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,6 +34,15 @@ __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kind
 # assume 80 columns and squeeze the tables; there is no terminal to fit, so use 120.
 out = Console(width=None if Console().is_terminal or os.environ.get("COLUMNS") else 120)
 err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While models are built, downloaded, measured and exported, send what library code
+    prints (torchvision's "Downloading: ...", the ONNX exporter's progress) to stderr:
+    stdout carries results only, so ``--json`` output stays JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class SurgeryOptions:
                                        init=self.init, seed=self.seed)
         if recipe.seed is None:  # reproducible by default
             recipe = replace(recipe, seed=0)
+        check_seed(recipe.seed, "--seed")
         if self.weights_file is not None and self.weights is None:
             recipe = replace(recipe, weights=None)  # --weights-file wins over the recipe's weights
         check_init(recipe.init, "--init")
@@ -90,13 +101,18 @@ class Prepared:
 
 
 def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
+    import torch
+
     from .surgery import apply_recipe
     from .zoo import build_model, check_model_name
 
     name = check_model_name(recipe.model)
     if opts.weights_file is not None and recipe.weights not in (None, "none"):
         raise UsageError("give --weights or --weights-file, not both")
-    original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
+    # random base weights come from the recipe's seed too: same command, same file
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed if recipe.seed is not None else 0)
+        original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
     model = copy.deepcopy(original)
     changes = apply_recipe(model, recipe)
     weights = (f"file:{Path(opts.weights_file).name}" if opts.weights_file
@@ -139,25 +155,23 @@ def _emit(data: dict[str, Any], as_json: bool) -> None:
         print_summary(out, data)
 
 
-def _check_input_size(size: int) -> None:
-    if size < 32:
-        raise UsageError(f"--input-size must be >= 32, got {size}")
-
-
 def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool) -> None:
     from .checkpoint import check_output, save
+    from .report import check_input_size
 
-    _check_input_size(input_size)
+    check_input_size(input_size)
     if len(opts.recipes) > 1:
         raise UsageError("insert takes one --recipe")
     recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
     if not recipe.rules and recipe.head is None:
         raise UsageError("nothing to insert: give --attn KIND, --head or --recipe FILE")
-    output = check_output(output, force=force)
-    p = prepare(opts, recipe)
-    data = summarize_prepared(p, input_size=input_size)
-    save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
-         preservation=data["preservation"])
+    hint = "; use export-onnx to write ONNX" if output.suffix == ".onnx" else ""
+    output = check_output(output, force=force, suffix=(".pt", ".pth"), hint=hint)
+    with _stdout_to_stderr():
+        p = prepare(opts, recipe)
+        data = summarize_prepared(p, input_size=input_size)
+        save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
+             preservation=data["preservation"])
     data["output"] = str(output)
     _emit(data, as_json)
     err.print(f"wrote {output}", markup=False, highlight=False)
@@ -189,9 +203,12 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
 
 
 def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool) -> None:
-    _check_input_size(input_size)
+    from .report import check_input_size
+
+    check_input_size(input_size)
     if _is_checkpoint(target, opts, "summarize"):
-        data = _summarize_checkpoint(Path(target), input_size=input_size)
+        with _stdout_to_stderr():
+            data = _summarize_checkpoint(Path(target), input_size=input_size)
         if not as_json:
             err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
@@ -199,13 +216,16 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     opts = replace(opts, model=target)
     recipes = _expand(opts.recipes)
     if len(recipes) <= 1:
-        p = prepare(opts, opts.recipe(recipes[0] if recipes else None))
-        _emit(summarize_prepared(p, input_size=input_size), as_json)
+        recipe = opts.recipe(recipes[0] if recipes else None)
+        with _stdout_to_stderr():
+            data = summarize_prepared(prepare(opts, recipe), input_size=input_size)
+        _emit(data, as_json)
         return
     rows = []
     for path in recipes:
-        p = prepare(opts, opts.recipe(path))
-        data = summarize_prepared(p, input_size=input_size, probe=False)
+        recipe = opts.recipe(path)
+        with _stdout_to_stderr():
+            data = summarize_prepared(prepare(opts, recipe), input_size=input_size, probe=False)
         data["source"] = str(path)
         rows.append(data)
     if as_json:
@@ -217,8 +237,13 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
 
 
 def _is_checkpoint(target: str | None, opts: SurgeryOptions, command: str) -> bool:
-    """Whether ``target`` is a FILE.pt (then no surgery option may come with it)."""
-    if target is None or not target.endswith(".pt"):
+    """Whether ``target`` is a file (then no surgery option may come with it) rather than
+    a model name: an existing file, whatever its suffix, or anything a model name cannot
+    be (torchvision's names have no ``.`` or ``/``). Its content says whether it is an
+    attnsurgeon checkpoint (:func:`checkpoint.read`). A folder named like a model (say
+    ``resnet18/``) does not hide the model."""
+    if target is None or not ("." in target or os.sep in target or "/" in target
+                              or os.path.isfile(target)):
         return False
     if opts != SurgeryOptions():
         raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")
@@ -268,7 +293,7 @@ def run_kinds(*, as_json: bool) -> None:
 def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
                static_batch: bool, dynamic_hw: bool, verify: bool, atol: float, keep_failed: bool,
                force: bool, as_json: bool) -> None:
-    """Export a checkpoint (``target`` ends in ``.pt``) or a model after surgery to ONNX.
+    """Export a checkpoint (``target`` is a file) or a model after surgery to ONNX.
 
     Raises:
         UsageError: bad options, an existing output without ``force``, or a model the
@@ -286,18 +311,19 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
     output = checkpoint.check_output(output, force=force, suffix=".onnx")
-    if from_file:
-        data = checkpoint.read(target)
-        model, _ = checkpoint.rebuild(data, target)
-        source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
-    else:
-        p = prepare(opts, recipe)
-        model = p.model
-        source = {"source": p.name, "model": p.name, "recipe": p.recipe.to_data(), "weights": p.weights}
     try:
-        summary = export_onnx(model, output, input_size=input_size, opset=opset,
-                              dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=verify,
-                              atol=atol, keep_failed=keep_failed)
+        with _stdout_to_stderr():
+            if from_file:
+                data = checkpoint.read(target)
+                model, _ = checkpoint.rebuild(data, target)
+                source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
+            else:
+                p = prepare(opts, recipe)
+                model = p.model
+                source = {"source": p.name, "model": p.name, "recipe": p.recipe.to_data(), "weights": p.weights}
+            summary = export_onnx(model, output, input_size=input_size, opset=opset,
+                                  dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=verify,
+                                  atol=atol, keep_failed=keep_failed)
     except VerificationError as e:
         _emit_export({**source, **e.summary}, as_json)
         raise

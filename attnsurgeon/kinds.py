@@ -21,6 +21,7 @@ Two families of kinds:
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -82,6 +83,8 @@ class Param:
             raise UsageError(
                 f"{where}: {self.name} must be {self.type.__name__}, got {raw!r}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{where}: {self.name} must be a finite number, got {raw!r}")
         if self.choices and value not in self.choices:
             allowed = ", ".join(map(str, self.choices))
             raise UsageError(f"{where}: {self.name} must be one of {allowed}, got {value!r}")
@@ -115,6 +118,8 @@ class KindSpec:
         by_name = {p.name: p for p in self.params}
         out = self.defaults()
         for key, raw in given.items():
+            if not isinstance(key, str):
+                raise UsageError(f"{where}: parameter names are strings, got {key!r}")
             if key not in by_name:
                 raise UsageError(
                     f"{where}: kind {self.name!r} takes no parameter {key!r}"

@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import UsageError
-from .report import evaluating
+from .report import check_input_size, evaluating
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
            "describe_onnx", "export_onnx", "print_export_summary", "verify_onnx"]
@@ -65,8 +65,7 @@ class VerificationError(Exception):
 
 def check_export_args(*, input_size: int, opset: int, atol: float) -> None:
     """Raise UsageError for an unusable input size, opset or tolerance."""
-    if input_size < 32:
-        raise UsageError(f"--input-size must be >= 32, got {input_size}")
+    check_input_size(input_size)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     if not atol >= 0:  # also rejects NaN

@@ -33,7 +33,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["Recipe", "Rule", "load_recipe", "recipe_from_data", "rule_from_options"]
+__all__ = ["MAX_SEED", "Recipe", "Rule", "check_seed", "load_recipe", "recipe_from_data", "rule_from_options"]
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes a 64-bit unsigned seed
 
 _TOP_KEYS = ("model", "weights", "head", "init", "seed", "insert")
 _RULE_KEYS = ("attn", "position", "layers", "params")
@@ -107,6 +109,12 @@ def check_init(init: str, where: str) -> str:
     return init
 
 
+def check_seed(seed: int | None, where: str) -> int | None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{where} must be an integer from 0 to 2**64-1, got {seed}")
+    return seed
+
+
 def make_rule(
     attn: str, *, layers: str = "all", position: str | None = None,
     params: Mapping[str, object] | None = None, where: str,
@@ -129,12 +137,16 @@ def rule_from_options(
 
 def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
     """Validate parsed TOML (or checkpoint) data into a :class:`Recipe`."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source}: a recipe must be a table, got {type(data).__name__}")
     for key in data:
+        if not isinstance(key, str):
+            raise UsageError(f"{source}: keys must be strings, got {key!r}")
         if key not in _TOP_KEYS:
             raise UsageError(f"{source}: unknown key {key!r}" + suggest(key, _TOP_KEYS))
 
-    def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-        if value is None:
+    def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str, optional: bool = True) -> Any:
+        if value is None and optional:  # (TOML has no null; checkpoint data may)
             return None
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -146,7 +158,7 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
     weights = typed("weights", data.get("weights"), str, source)
     head = check_head(typed("head", data.get("head"), str, source), source)
     init = check_init(typed("init", data.get("init", "paper"), str, source), source)
-    seed = typed("seed", data.get("seed"), int, source)
+    seed = check_seed(typed("seed", data.get("seed"), int, source), f"{source}: seed")
     raw_rules = data.get("insert", [])
     if not isinstance(raw_rules, list):
         raise UsageError(f"{source}: 'insert' must be an array of tables ([[insert]])")
@@ -156,16 +168,18 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         if not isinstance(raw, Mapping):
             raise UsageError(f"{where}: must be a table")
         for key in raw:
+            if not isinstance(key, str):
+                raise UsageError(f"{where}: keys must be strings, got {key!r}")
             if key not in _RULE_KEYS:
                 raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, _RULE_KEYS))
         if "attn" not in raw:
             raise UsageError(f"{where}: missing key 'attn'")
-        attn = typed("attn", raw["attn"], str, where)
-        params = typed("params", raw.get("params", {}), Mapping, where)
+        attn = typed("attn", raw["attn"], str, where, optional=False)
+        params = typed("params", raw.get("params", {}), Mapping, where, optional=False)
         _check_param_types(attn, params, where)
         rules.append(make_rule(
             attn,
-            layers=typed("layers", raw.get("layers", "all"), str, where),
+            layers=typed("layers", raw.get("layers", "all"), str, where, optional=False),
             position=typed("position", raw.get("position"), str, where),
             params=params,
             where=where,
@@ -202,6 +216,8 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: a recipe is UTF-8 text; byte {e.start} is not ({e.reason})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import UsageError, suggest
+from .errors import UsageError, foreign_error, suggest
 
 __all__ = ["build_model", "check_model_name", "load_state_dict_file", "model_names"]
 
@@ -43,14 +43,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a plain ``{name: tensor}`` dict, or a training checkpoint that keeps one
     under ``"state_dict"`` or ``"model"``; a ``"module."`` prefix (DataParallel) is dropped.
     """
+    from .checkpoint import load_plain
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--weights-file: no such file: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--weights-file: {path} is not a loadable state_dict ({first})") from None
+    data = load_plain(path, what=f"--weights-file: {path}", kind="state_dict")
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -64,7 +60,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model`` strictly; a misfit names the first offending keys."""
+    """Load ``state`` into ``model`` strictly; a misfit names the first offending keys.
+
+    Raises:
+        UsageError: keys missing or unexpected, a shape that differs, or a floating-point
+            tensor holding NaN or infinity (a diverged run's weights).
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -79,6 +80,9 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
         problems.append(f"shape of {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
     if problems:
         raise UsageError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
+    for k, v in state.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise UsageError(f"{source}: {k} holds NaN or infinite values; refusing non-finite weights")
     from .checkpoint import with_metadata
 
     model.load_state_dict(with_metadata(state, model), strict=True)
@@ -124,13 +128,15 @@ def build_model(
         model = torchvision.models.get_model(name, weights=enum, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         if enum is None:
+            if kwargs and isinstance(e, RuntimeError) and foreign_error(e) is None:
+                raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
             raise
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise UsageError(
             f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: {e}); "
             f"offline, put the file in {cache} or use --weights-file"
         ) from None
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
     if weights_file is not None:
         fit_state_dict(model, load_state_dict_file(weights_file), source=f"--weights-file {weights_file}")
