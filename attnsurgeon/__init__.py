@@ -18,10 +18,14 @@ __all__ = [
     "__version__",
     "apply",
     "export_onnx",
+    "freeze_original",
     "load",
+    "new_modules",
+    "param_groups",
     "set_dynconv_form",
     "set_temperature",
     "temperature_schedule",
+    "unfreeze",
 ]
 
 _LAZY = {
@@ -30,6 +34,10 @@ _LAZY = {
     "export_onnx": "attnsurgeon.onnx_export",
     "set_temperature": "attnsurgeon.layers.dynamic_conv",
     "set_dynconv_form": "attnsurgeon.layers.dynamic_conv",
+    "param_groups": "attnsurgeon.training",
+    "freeze_original": "attnsurgeon.training",
+    "unfreeze": "attnsurgeon.training",
+    "new_modules": "attnsurgeon.training",
     "temperature_schedule": "attnsurgeon.layers.dynamic_conv",
 }
 
