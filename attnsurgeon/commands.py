@@ -25,6 +25,7 @@ from .recipe import Recipe, check_head, check_init, load_recipe, rule_from_optio
 if TYPE_CHECKING:
     from torch import nn
 
+    from .latency import LatencyOptions
     from .surgery import Change
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
@@ -110,15 +111,29 @@ def _stages(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(info.stage for info, _ in find_blocks(model)))
 
 
-def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True) -> dict[str, Any]:
+def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
+                       latency: LatencyOptions | None = None) -> dict[str, Any]:
     from .report import measure, preservation, summary_data
 
     stages = _stages(p.original)
     before = measure(p.original, stages, input_size=input_size)
     after = measure(p.model, stages, input_size=input_size)
     pres = preservation(p.original, p.model, input_size=input_size) if probe and p.changes else None
-    return summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
+    data = summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
                         changes=p.changes, input_size=input_size, preservation=pres)
+    return _with_latency(data, p.original, p.model, input_size=input_size, latency=latency)
+
+
+def _with_latency(data: dict[str, Any], original: nn.Module, model: nn.Module, *, input_size: int,
+                  latency: LatencyOptions | None) -> dict[str, Any]:
+    """``data`` plus ``"latency"``: measured before/after times, or None when not asked."""
+    if latency is not None:
+        from .latency import measure_latency
+
+        data["latency"] = measure_latency(original, model, input_size=input_size, options=latency)
+    else:
+        data["latency"] = None
+    return data
 
 
 def _emit(data: dict[str, Any], as_json: bool) -> None:
@@ -135,7 +150,8 @@ def _check_input_size(size: int) -> None:
         raise UsageError(f"--input-size must be >= 32, got {size}")
 
 
-def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool) -> None:
+def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool,
+               latency: LatencyOptions | None = None) -> None:
     from .checkpoint import check_output, save
 
     _check_input_size(input_size)
@@ -146,7 +162,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
         raise UsageError("nothing to insert: give --attn KIND, --head or --recipe FILE")
     output = check_output(output, force=force)
     p = prepare(opts, recipe)
-    data = summarize_prepared(p, input_size=input_size)
+    data = summarize_prepared(p, input_size=input_size, latency=latency)
     save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
          preservation=data["preservation"])
     data["output"] = str(output)
@@ -154,7 +170,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     err.print(f"wrote {output}", markup=False, highlight=False)
 
 
-def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
+def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOptions | None = None) -> dict[str, Any]:
     from . import checkpoint
     from .report import measure, summary_data
     from .zoo import build_model
@@ -170,6 +186,7 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
         after=measure(model, stages, input_size=input_size),
         changes=changes, input_size=input_size, preservation=data.get("preservation"),
     )
+    _with_latency(result, original, model, input_size=input_size, latency=latency)
     made_by = "; ".join(r.describe() for r in recipe.rules)
     if recipe.head:
         made_by += f"; head {recipe.head}"
@@ -179,10 +196,11 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
     return result
 
 
-def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool) -> None:
+def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool,
+                  latency: LatencyOptions | None = None) -> None:
     _check_input_size(input_size)
     if _is_checkpoint(target, opts, "summarize"):
-        data = _summarize_checkpoint(Path(target), input_size=input_size)
+        data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
             err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
@@ -191,12 +209,12 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     recipes = _expand(opts.recipes)
     if len(recipes) <= 1:
         p = prepare(opts, opts.recipe(recipes[0] if recipes else None))
-        _emit(summarize_prepared(p, input_size=input_size), as_json)
+        _emit(summarize_prepared(p, input_size=input_size, latency=latency), as_json)
         return
     rows = []
     for path in recipes:
         p = prepare(opts, opts.recipe(path))
-        data = summarize_prepared(p, input_size=input_size, probe=False)
+        data = summarize_prepared(p, input_size=input_size, probe=False, latency=latency)
         data["source"] = str(path)
         rows.append(data)
     if as_json:
