@@ -28,9 +28,18 @@ glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every tensor over 64 KiB is its own
 returned to the OS when freed, and the resident set follows the live tensors (to within
 malloc's small-block heap, a few MB).
 
+CUDA section (runs when a CUDA device is present, or alone with ``--cuda-only``): the same
+cases and variants at batch 256 (``--cuda-batch``), bf16 autocast, channels_last model and
+input, inference (eval, ``torch.inference_mode``) and training step (forward + backward);
+the device is synchronised around each timed call; peak memory is
+``torch.cuda.max_memory_allocated`` during one call of the variant alone, minus what was
+allocated before it (the model, its input and, for training, its gradients). ``ours`` there
+runs the stacked form (the CUDA choice of ``DynamicConv2d.uses_stacked``).
+
     python benchmarks/bench_dynconv.py                # layers + DY-ResNet-18 at 224 (~8 min on 2 cores)
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
     python benchmarks/bench_dynconv.py --skip-model   # layers only
+    python benchmarks/bench_dynconv.py --cuda-only    # only the CUDA section
 """
 
 from __future__ import annotations
@@ -114,12 +123,12 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 
 
-def build(case: str, variant: str, size: int) -> tuple[nn.Module, Tensor, Tensor | None]:
+def build(case: str, variant: str, size: int, batch: int = BATCH) -> tuple[nn.Module, Tensor, Tensor | None]:
     torch.manual_seed(0)
     if case in LAYERS:
         channels, hw = LAYERS[case]
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        return _wrap(conv, variant), torch.randn(BATCH, channels, hw, hw), None
+        return _wrap(conv, variant), torch.randn(batch, channels, hw, hw), None
     import torchvision
 
     from attnsurgeon.blocks import find_blocks
@@ -130,7 +139,7 @@ def build(case: str, variant: str, size: int) -> tuple[nn.Module, Tensor, Tensor
         for info, block in find_blocks(model):
             for site in info.convs:  # every conv of every block: the paper's DY-ResNet (target=all)
                 replace_module(block, site.conv, _wrap(block.get_submodule(site.conv), variant), expect=nn.Conv2d)
-    return model, torch.randn(BATCH, 3, size, size), torch.randint(0, 1000, (BATCH,))
+    return model, torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
 
 
 def _status_kb(field: str) -> int:
@@ -194,9 +203,82 @@ def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: in
             name = v
             if v == "ours" and key in LAYERS:
                 model, x, _ = build(key, v, size)
-                name += " (stacked)" if model.prefers_stacked(x) else " (per-sample)"
+                name += " (stacked)" if model.uses_stacked(x) else " (per-sample)"
             print(f"{label:<11} {name:<22} {median[v]:>9.3f} {median[v] / median['seed']:>7.2f} "
                   f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
+
+
+# --- CUDA section ------------------------------------------------------------------------
+
+def _cuda_stepper(case: str, variant: str, size: int, batch: int, train: bool) -> Callable[[], None]:
+    model, x, target = build(case, variant, size, batch)
+    fmt = torch.channels_last
+    model = model.cuda().to(memory_format=fmt)
+    x = x.cuda().contiguous(memory_format=fmt)
+    target = None if target is None else target.cuda()
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+
+        return infer
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+            loss = out.float().square().mean() if target is None else F.cross_entropy(out, target)
+        loss.backward()
+
+    return step
+
+
+def cuda_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
+               reps: int, train: bool) -> None:
+    """Median time and peak memory per (case, variant) on CUDA, variants interleaved."""
+    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
+    for label, key in cases.items():
+        steps = {v: _cuda_stepper(key, v, size, batch, train) for v in variants}
+        for step in steps.values():
+            step()
+            step()  # warm-up (cuDNN autotuning, allocator)
+        torch.cuda.synchronize()
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(reps):
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                steps[v]()
+                torch.cuda.synchronize()
+                samples[v].append(time.perf_counter() - start)
+        peak = {}
+        for v, step in steps.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        median = {v: statistics.median(t) for v, t in samples.items()}
+        for v in variants:
+            print(f"{label:<11} {v:<22} {1e3 * median[v]:>10.2f} {median[v] / median['seed']:>7.2f} "
+                  f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
+        del steps
+        torch.cuda.empty_cache()
+
+
+def cuda_section(args: argparse.Namespace) -> None:
+    print(f"\nCUDA: {torch.cuda.get_device_name()}, batch {args.cuda_batch}, bf16 autocast, channels_last")
+    for train in (False, True):
+        mode = "training step (forward + backward)" if train else "inference"
+        cuda_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
+                   LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train)
+        if not args.skip_model:
+            cuda_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
+                       MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train)
 
 
 def main() -> None:
@@ -205,10 +287,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per variant, layer cases")
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
+    parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(child_memory(*args.child, args.size))
+        return
+    if args.cuda_only:
+        if not torch.cuda.is_available():
+            sys.exit("--cuda-only: no CUDA device here")
+        cuda_section(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -218,6 +307,10 @@ def main() -> None:
         table(f"DY-ResNet-18 training step (forward + cross-entropy + backward), input {args.size}",
               {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    if torch.cuda.is_available():
+        cuda_section(args)
+    else:
+        print("no CUDA device: CUDA section skipped")
 
 
 if __name__ == "__main__":
