@@ -81,7 +81,8 @@ class SeedDynamicConv2d(nn.Module):
         b, c, h, w = x.shape
         weight = torch.mm(pi, self.weight.view(self.kernels, -1)).view(-1, *self.weight.shape[2:])
         bias = None if self.bias is None else torch.mm(pi, self.bias).view(-1)
-        out = F.conv2d(x.view(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation, self.groups * b)
+        # the seed has x.view(...), which fails on a channels_last input (CUDA section): reshape
+        out = F.conv2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation, self.groups * b)
         return out.view(b, self.out_channels, out.size(-2), out.size(-1))
 
 
@@ -210,17 +211,33 @@ def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: in
 
 # --- CUDA section ------------------------------------------------------------------------
 
-def _cuda_stepper(case: str, variant: str, size: int, batch: int, train: bool) -> Callable[[], None]:
+def _to_channels_last(model: nn.Module) -> nn.Module:
+    """channels_last for every 4-D parameter and buffer. ``model.to(memory_format=...)``
+    fails on a model with a 5-D parameter (the seed's kernel bank), which stays as it is."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_stepper(case: str, variant: str, size: int, batch: int, train: bool,
+                    device: torch.device) -> Callable[[], None]:
     model, x, target = build(case, variant, size, batch)
-    fmt = torch.channels_last
-    model = model.cuda().to(memory_format=fmt)
-    x = x.cuda().contiguous(memory_format=fmt)
-    target = None if target is None else target.cuda()
+    model = _to_channels_last(model.to(device))
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    target = None if target is None else target.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     if not train:
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.inference_mode(), autocast:
                 model(x)
 
         return infer
@@ -228,7 +245,7 @@ def _cuda_stepper(case: str, variant: str, size: int, batch: int, train: bool) -
 
     def step() -> None:
         model.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast:
             out = model(x)
             loss = out.float().square().mean() if target is None else F.cross_entropy(out, target)
         loss.backward()
@@ -236,49 +253,53 @@ def _cuda_stepper(case: str, variant: str, size: int, batch: int, train: bool) -
     return step
 
 
-def cuda_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
-               reps: int, train: bool) -> None:
-    """Median time and peak memory per (case, variant) on CUDA, variants interleaved."""
+def device_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
+                 reps: int, train: bool, device: torch.device) -> None:
+    """Median time and peak memory (CUDA) per (case, variant), variants interleaved."""
     print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
     for label, key in cases.items():
-        steps = {v: _cuda_stepper(key, v, size, batch, train) for v in variants}
+        steps = {v: _device_stepper(key, v, size, batch, train, device) for v in variants}
         for step in steps.values():
             step()
             step()  # warm-up (cuDNN autotuning, allocator)
-        torch.cuda.synchronize()
+        _sync(device)
         samples: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(reps):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                torch.cuda.synchronize()
+                _sync(device)
                 start = time.perf_counter()
                 steps[v]()
-                torch.cuda.synchronize()
+                _sync(device)
                 samples[v].append(time.perf_counter() - start)
-        peak = {}
-        for v, step in steps.items():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        peak = dict.fromkeys(variants, float("nan"))
+        if device.type == "cuda":
+            for v, step in steps.items():  # one call alone: what it allocates on top of what it holds
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
         median = {v: statistics.median(t) for v, t in samples.items()}
         for v in variants:
             print(f"{label:<11} {v:<22} {1e3 * median[v]:>10.2f} {median[v] / median['seed']:>7.2f} "
                   f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
         del steps
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def cuda_section(args: argparse.Namespace) -> None:
-    print(f"\nCUDA: {torch.cuda.get_device_name()}, batch {args.cuda_batch}, bf16 autocast, channels_last")
+    device = torch.device(args.cuda_device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke test)"
+    print(f"\n{name}: batch {args.cuda_batch}, bf16 autocast, channels_last")
     for train in (False, True):
         mode = "training step (forward + backward)" if train else "inference"
-        cuda_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
-                   LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train)
+        device_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
+                     LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train, device)
         if not args.skip_model:
-            cuda_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
-                       MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train)
+            device_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
+                         MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train, device)
 
 
 def main() -> None:
@@ -289,13 +310,14 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
+    parser.add_argument("--cuda-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke-test the section
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(child_memory(*args.child, args.size))
         return
     if args.cuda_only:
-        if not torch.cuda.is_available():
+        if args.cuda_device == "cuda" and not torch.cuda.is_available():
             sys.exit("--cuda-only: no CUDA device here")
         cuda_section(args)
         return
