@@ -214,6 +214,15 @@ def settings(args: argparse.Namespace) -> list[Setting]:
     return out
 
 
+def _cpu_name() -> str:
+    try:  # Linux; platform.processor() is often empty
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        return f"{model}, {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -230,7 +239,7 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(f"torch {torch.__version__}, {name}, {args.threads} threads, input {args.size}, {args.reps} rounds; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     mem = device.type == "cuda"
