@@ -14,13 +14,30 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply", "export_onnx", "load", "set_temperature", "temperature_schedule"]
+__all__ = [
+    "__version__",
+    "apply",
+    "export_onnx",
+    "freeze_original",
+    "load",
+    "new_modules",
+    "param_groups",
+    "set_dynconv_form",
+    "set_temperature",
+    "temperature_schedule",
+    "unfreeze",
+]
 
 _LAZY = {
     "apply": "attnsurgeon.surgery",
     "load": "attnsurgeon.checkpoint",
     "export_onnx": "attnsurgeon.onnx_export",
     "set_temperature": "attnsurgeon.layers.dynamic_conv",
+    "set_dynconv_form": "attnsurgeon.layers.dynamic_conv",
+    "param_groups": "attnsurgeon.training",
+    "freeze_original": "attnsurgeon.training",
+    "unfreeze": "attnsurgeon.training",
+    "new_modules": "attnsurgeon.training",
     "temperature_schedule": "attnsurgeon.layers.dynamic_conv",
 }
 

@@ -53,6 +53,10 @@ Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", sho
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout, nothing else.")]
 InputSize = Annotated[int, typer.Option("--input-size", help="Square input size for MAC counts and probes.")]
+L = "latency"  # help panel
+Latency = Annotated[bool, typer.Option("--latency", help="Also time the original and the modified model at --input-size (eval, inference mode, interleaved rounds, median) and print both and their ratio.", rich_help_panel=L)]
+Device = Annotated[Optional[str], typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
+Batch = Annotated[Optional[int], typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
 
 
 @contextlib.contextmanager
@@ -107,14 +111,19 @@ def insert(
     head: Head = None,
     force: Force = False,
     input_size: InputSize = 224,
+    latency: Latency = False,
+    device: Device = None,
+    batch: Batch = None,
     json: Json = False,
 ) -> None:
     """Rewrite MODEL's blocks with attention and save a safe .pt checkpoint."""
     with _user_errors():
         from .commands import run_insert
+        from .latency import check_latency_options
 
         run_insert(_opts(model, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
-                   output=output, force=force, input_size=input_size, as_json=json)
+                   output=output, force=force, input_size=input_size, as_json=json,
+                   latency=check_latency_options(latency, device, batch))
 
 
 @app.command()
@@ -131,14 +140,18 @@ def summarize(
     seed: Seed = None,
     head: Head = None,
     input_size: InputSize = 224,
+    latency: Latency = False,
+    device: Device = None,
+    batch: Batch = None,
     json: Json = False,
 ) -> None:
     """Show parameters and MACs per stage before and after surgery (writes nothing)."""
     with _user_errors():
         from .commands import run_summarize
+        from .latency import check_latency_options
 
         run_summarize(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
-                      input_size=input_size, as_json=json)
+                      input_size=input_size, as_json=json, latency=check_latency_options(latency, device, batch))
 
 
 @app.command("export-onnx")

@@ -26,6 +26,7 @@ from .recipe import Recipe, check_head, check_init, check_seed, load_recipe, rul
 if TYPE_CHECKING:
     from torch import nn
 
+    from .latency import LatencyOptions
     from .surgery import Change
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
@@ -127,7 +128,8 @@ def _block_groups(model: nn.Module) -> dict[str, str]:
     return {info.name: info.stage for info, _ in find_blocks(model)}
 
 
-def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True) -> dict[str, Any]:
+def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
+                       latency: LatencyOptions | None = None) -> dict[str, Any]:
     from .report import measure, preservation, summary_data
 
     groups = _block_groups(p.original)
@@ -142,8 +144,21 @@ def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True) -> d
         if pres is not None:
             pres["function_kept"] = False
             pres["note"] = note
-    return summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
+    data = summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
                         changes=p.changes, input_size=input_size, preservation=pres)
+    return _with_latency(data, p.original, p.model, input_size=input_size, latency=latency)
+
+
+def _with_latency(data: dict[str, Any], original: nn.Module, model: nn.Module, *, input_size: int,
+                  latency: LatencyOptions | None) -> dict[str, Any]:
+    """``data`` plus ``"latency"``: measured before/after times, or None when not asked."""
+    if latency is not None:
+        from .latency import measure_latency
+
+        data["latency"] = measure_latency(original, model, input_size=input_size, options=latency)
+    else:
+        data["latency"] = None
+    return data
 
 
 def _emit(data: dict[str, Any], as_json: bool) -> None:
@@ -155,7 +170,8 @@ def _emit(data: dict[str, Any], as_json: bool) -> None:
         print_summary(out, data)
 
 
-def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool) -> None:
+def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool,
+               latency: LatencyOptions | None = None) -> None:
     from .checkpoint import check_output, save
     from .report import check_input_size
 
@@ -169,7 +185,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     output = check_output(output, force=force, suffix=(".pt", ".pth"), hint=hint)
     with _stdout_to_stderr():
         p = prepare(opts, recipe)
-        data = summarize_prepared(p, input_size=input_size)
+        data = summarize_prepared(p, input_size=input_size, latency=latency)
         save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
              preservation=data["preservation"])
     data["output"] = str(output)
@@ -177,7 +193,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     err.print(f"wrote {output}", markup=False, highlight=False)
 
 
-def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
+def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOptions | None = None) -> dict[str, Any]:
     from . import checkpoint
     from .report import measure, summary_data
     from .zoo import build_model
@@ -193,6 +209,7 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
         after=measure(model, groups, input_size=input_size),
         changes=changes, input_size=input_size, preservation=data.get("preservation"),
     )
+    _with_latency(result, original, model, input_size=input_size, latency=latency)
     made_by = "; ".join(r.describe() for r in recipe.rules)
     if recipe.head:
         made_by += f"; head {recipe.head}"
@@ -202,13 +219,14 @@ def _summarize_checkpoint(path: Path, *, input_size: int) -> dict[str, Any]:
     return result
 
 
-def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool) -> None:
+def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool,
+                  latency: LatencyOptions | None = None) -> None:
     from .report import check_input_size
 
     check_input_size(input_size)
     if _is_checkpoint(target, opts, "summarize"):
         with _stdout_to_stderr():
-            data = _summarize_checkpoint(Path(target), input_size=input_size)
+            data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
             err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
@@ -218,14 +236,15 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     if len(recipes) <= 1:
         recipe = opts.recipe(recipes[0] if recipes else None)
         with _stdout_to_stderr():
-            data = summarize_prepared(prepare(opts, recipe), input_size=input_size)
+            data = summarize_prepared(prepare(opts, recipe), input_size=input_size, latency=latency)
         _emit(data, as_json)
         return
     rows = []
     for path in recipes:
         recipe = opts.recipe(path)
         with _stdout_to_stderr():
-            data = summarize_prepared(prepare(opts, recipe), input_size=input_size, probe=False)
+            data = summarize_prepared(prepare(opts, recipe), input_size=input_size, probe=False,
+                                      latency=latency)
         data["source"] = str(path)
         rows.append(data)
     if as_json:

@@ -148,8 +148,19 @@ def _span(first: str, last: str, n: int) -> str:
     return f"{first} .. {last} ({n})"
 
 
+def latency_line(lat: dict[str, Any], macs: dict[str, Any]) -> str:
+    """``latency (cpu ..., batch 1): 12.1 ms -> 13.4 ms (x1.11), MACs x1.00``."""
+    threads = f", {lat['threads']} threads" if lat.get("threads") else ""
+    mac_ratio = macs["macs_after"] / macs["macs_before"] if macs["macs_before"] else float("inf")
+    return (f"latency ({lat['device']}: {lat['device_name']}{threads}; batch {lat['batch']}, "
+            f"median of {lat['rounds']} interleaved rounds): {lat['before_ms']:.3g} ms -> "
+            f"{lat['after_ms']:.3g} ms (x{lat['ratio']:.2f}; MACs x{mac_ratio:.2f})")
+
+
 def print_summary(console: Console, data: dict[str, Any]) -> None:
     console.print(summary_table(data))
+    if data.get("latency"):
+        console.print(latency_line(data["latency"], data["total"]), highlight=False, soft_wrap=True)
     if data["changes"]:
         console.print(changes_table(data["changes"]))
     for line in skipped_lines(data.get("skipped", ())):
@@ -169,11 +180,16 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="recipes compared")
     table.add_column("recipe", no_wrap=True)
     table.add_column("model", no_wrap=True)
-    for col in ("params", "+params", "+%", "MACs", "+MACs"):
+    timed = any(data.get("latency") for data in rows)
+    for col in ("params", "+params", "+%", "MACs", "+MACs", *(("ms before", "ms after", "latency x") if timed else ())):
         table.add_column(col, justify="right", no_wrap=True)
     for data in rows:
-        t = data["total"]
+        t, lat = data["total"], data.get("latency")
+        times = (f"{lat['before_ms']:.3g}", f"{lat['after_ms']:.3g}", f"{lat['ratio']:.2f}") if lat else ("-",) * 3
         table.add_row(Path(data.get("source", "")).stem, data["model"], si(t["params_after"]),
                       _plus(t["params_added"]), f"{t['params_added_pct']:.2f}%",
-                      si(t["macs_after"]), _plus(t["macs_added"]))
+                      si(t["macs_after"]), _plus(t["macs_added"]), *(times if timed else ()))
+    if timed:
+        lat = next(d["latency"] for d in rows if d.get("latency"))
+        table.caption = f"latency: {lat['device']}, batch {lat['batch']}, median of {lat['rounds']} interleaved rounds"
     return table

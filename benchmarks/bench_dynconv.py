@@ -28,9 +28,18 @@ glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every tensor over 64 KiB is its own
 returned to the OS when freed, and the resident set follows the live tensors (to within
 malloc's small-block heap, a few MB).
 
+CUDA section (runs when a CUDA device is present, or alone with ``--cuda-only``): the same
+cases and variants at batch 256 (``--cuda-batch``), bf16 autocast, channels_last model and
+input, inference (eval, ``torch.inference_mode``) and training step (forward + backward);
+the device is synchronised around each timed call; peak memory is
+``torch.cuda.max_memory_allocated`` during one call of the variant alone, minus what was
+allocated before it (the model, its input and, for training, its gradients). ``ours`` there
+runs the stacked form (the CUDA choice of ``DynamicConv2d.uses_stacked``).
+
     python benchmarks/bench_dynconv.py                # layers + DY-ResNet-18 at 224 (~8 min on 2 cores)
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
     python benchmarks/bench_dynconv.py --skip-model   # layers only
+    python benchmarks/bench_dynconv.py --cuda-only    # only the CUDA section
 """
 
 from __future__ import annotations
@@ -72,7 +81,8 @@ class SeedDynamicConv2d(nn.Module):
         b, c, h, w = x.shape
         weight = torch.mm(pi, self.weight.view(self.kernels, -1)).view(-1, *self.weight.shape[2:])
         bias = None if self.bias is None else torch.mm(pi, self.bias).view(-1)
-        out = F.conv2d(x.view(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation, self.groups * b)
+        # the seed has x.view(...), which fails on a channels_last input (CUDA section): reshape
+        out = F.conv2d(x.reshape(1, -1, h, w), weight, bias, self.stride, self.padding, self.dilation, self.groups * b)
         return out.view(b, self.out_channels, out.size(-2), out.size(-1))
 
 
@@ -114,12 +124,12 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 
 
-def build(case: str, variant: str, size: int) -> tuple[nn.Module, Tensor, Tensor | None]:
+def build(case: str, variant: str, size: int, batch: int = BATCH) -> tuple[nn.Module, Tensor, Tensor | None]:
     torch.manual_seed(0)
     if case in LAYERS:
         channels, hw = LAYERS[case]
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        return _wrap(conv, variant), torch.randn(BATCH, channels, hw, hw), None
+        return _wrap(conv, variant), torch.randn(batch, channels, hw, hw), None
     import torchvision
 
     from attnsurgeon.blocks import find_blocks
@@ -130,7 +140,7 @@ def build(case: str, variant: str, size: int) -> tuple[nn.Module, Tensor, Tensor
         for info, block in find_blocks(model):
             for site in info.convs:  # every conv of every block: the paper's DY-ResNet (target=all)
                 replace_module(block, site.conv, _wrap(block.get_submodule(site.conv), variant), expect=nn.Conv2d)
-    return model, torch.randn(BATCH, 3, size, size), torch.randint(0, 1000, (BATCH,))
+    return model, torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
 
 
 def _status_kb(field: str) -> int:
@@ -194,9 +204,102 @@ def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: in
             name = v
             if v == "ours" and key in LAYERS:
                 model, x, _ = build(key, v, size)
-                name += " (stacked)" if model.prefers_stacked(x) else " (per-sample)"
+                name += " (stacked)" if model.uses_stacked(x) else " (per-sample)"
             print(f"{label:<11} {name:<22} {median[v]:>9.3f} {median[v] / median['seed']:>7.2f} "
                   f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
+
+
+# --- CUDA section ------------------------------------------------------------------------
+
+def _to_channels_last(model: nn.Module) -> nn.Module:
+    """channels_last for every 4-D parameter and buffer. ``model.to(memory_format=...)``
+    fails on a model with a 5-D parameter (the seed's kernel bank), which stays as it is."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_stepper(case: str, variant: str, size: int, batch: int, train: bool,
+                    device: torch.device) -> Callable[[], None]:
+    model, x, target = build(case, variant, size, batch)
+    model = _to_channels_last(model.to(device))
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    target = None if target is None else target.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast:
+                model(x)
+
+        return infer
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=False)
+        with autocast:
+            out = model(x)
+            loss = out.float().square().mean() if target is None else F.cross_entropy(out, target)
+        loss.backward()
+
+    return step
+
+
+def device_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
+                 reps: int, train: bool, device: torch.device) -> None:
+    """Median time and peak memory (CUDA) per (case, variant), variants interleaved."""
+    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
+    for label, key in cases.items():
+        steps = {v: _device_stepper(key, v, size, batch, train, device) for v in variants}
+        for step in steps.values():
+            step()
+            step()  # warm-up (cuDNN autotuning, allocator)
+        _sync(device)
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(reps):
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                _sync(device)
+                start = time.perf_counter()
+                steps[v]()
+                _sync(device)
+                samples[v].append(time.perf_counter() - start)
+        peak = dict.fromkeys(variants, float("nan"))
+        if device.type == "cuda":
+            for v, step in steps.items():  # one call alone: what it allocates on top of what it holds
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        median = {v: statistics.median(t) for v, t in samples.items()}
+        for v in variants:
+            print(f"{label:<11} {v:<22} {1e3 * median[v]:>10.2f} {median[v] / median['seed']:>7.2f} "
+                  f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
+        del steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cuda_section(args: argparse.Namespace) -> None:
+    device = torch.device(args.cuda_device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke test)"
+    print(f"\n{name}: batch {args.cuda_batch}, bf16 autocast, channels_last")
+    for train in (False, True):
+        mode = "training step (forward + backward)" if train else "inference"
+        device_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
+                     LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train, device)
+        if not args.skip_model:
+            device_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
+                         MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train, device)
 
 
 def main() -> None:
@@ -205,10 +308,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per variant, layer cases")
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
+    parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
+    parser.add_argument("--cuda-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke-test the section
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(child_memory(*args.child, args.size))
+        return
+    if args.cuda_only:
+        if args.cuda_device == "cuda" and not torch.cuda.is_available():
+            sys.exit("--cuda-only: no CUDA device here")
+        cuda_section(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -218,6 +329,10 @@ def main() -> None:
         table(f"DY-ResNet-18 training step (forward + cross-entropy + backward), input {args.size}",
               {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    if torch.cuda.is_available():
+        cuda_section(args)
+    else:
+        print("no CUDA device: CUDA section skipped")
 
 
 if __name__ == "__main__":

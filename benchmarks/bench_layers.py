@@ -444,7 +444,7 @@ def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | 
 
 def _ours_note(module: nn.Module, x: Tensor) -> str:
     """Which eager path our dynamic conv takes for this input (it picks per call)."""
-    pick = getattr(module, "prefers_stacked", None)
+    pick = getattr(module, "uses_stacked", None)
     if pick is None:
         return ""
     return "stacked form" if pick(x) else "per-sample form"

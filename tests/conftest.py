@@ -13,6 +13,16 @@ from attnsurgeon.cli import app
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip (visibly, with -ra) on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process: ``cli("insert", "resnet18", ...)`` -> click Result."""

@@ -212,7 +212,7 @@ def test_dynconv_preserve_is_trainable():
     x = torch.randn(4, 8, 6, 6)
     torch.testing.assert_close(dyn(x), conv(x), rtol=1e-5, atol=1e-6)
     dyn(x).square().mean().backward()
-    g = dyn.weight.grad  # sum_n pi_nk g_n: different per kernel, so the kernels diverge
+    g = dyn.weight.grad.unflatten(0, (3, -1))  # sum_n pi_nk g_n: different per kernel, so the kernels diverge
     assert not torch.allclose(g[0], g[1]) and not torch.allclose(g[1], g[2])
 
 
@@ -260,10 +260,12 @@ def test_dy_resnet18_parameter_count():
 def _loop_reference(dyn: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
     """Eq. 1-2 one sample at a time, with an explicitly aggregated kernel."""
     pi = dyn.kernel_attention(x)
+    bank = dyn.bank()  # (K, C_out, C_in / groups, kh, kw)
+    biases = None if dyn.bias is None else dyn.bias.unflatten(0, (dyn.groups, dyn.kernels, -1)).transpose(0, 1).flatten(1)
     outs = []
     for n in range(x.shape[0]):
-        weight = (pi[n].view(-1, 1, 1, 1, 1) * dyn.weight).sum(0)
-        bias = None if dyn.bias is None else pi[n] @ dyn.bias
+        weight = (pi[n].view(-1, 1, 1, 1, 1) * bank).sum(0)
+        bias = None if biases is None else pi[n] @ biases
         outs.append(F.conv2d(x[n:n + 1], weight, bias, dyn.stride, dyn.padding, dyn.dilation, dyn.groups))
     return torch.cat(outs)
 
@@ -345,3 +347,141 @@ def test_set_temperature_and_checkpoint():
     assert set_temperature(nn.Sequential(nn.Conv2d(3, 3, 1)), 2.0) == 0
     with pytest.raises(ValueError, match="got 0"):
         set_temperature(model, 0)
+
+
+# --- dynamic conv: 4-D kernel bank, old checkpoints, form choice -------------------------
+
+def _old_layout_state(dyn: DynamicConv2d) -> dict[str, torch.Tensor]:
+    """``dyn``'s state_dict as the 5-D layout wrote it: weight (K, C_out, ...), bias (K, C_out)."""
+    state = dict(dyn.state_dict())
+    state["weight"] = dyn.bank().clone()
+    assert state["weight"].dim() == 5
+    if dyn.bias is not None:
+        state["bias"] = dyn.bias.unflatten(0, (dyn.groups, dyn.kernels, -1)).transpose(0, 1).flatten(1).clone()
+    return state
+
+
+def test_dynconv_bank_is_4d_in_kernel_major_order():
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(8, 12, 3, padding=1, kernels=3)
+    assert dyn.weight.shape == (3 * 12, 8, 3, 3) and dyn.bias.shape == (36,)
+    torch.testing.assert_close(dyn.bank()[2, 5], dyn.weight[2 * 12 + 5], rtol=0, atol=0)
+    grouped = DynamicConv2d(8, 12, 3, padding=1, kernels=3, groups=2)  # (group, kernel, channel)
+    torch.testing.assert_close(grouped.bank()[2, 6 + 1], grouped.weight[1 * 18 + 2 * 6 + 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups, bias", [(1, False), (2, True)])
+def test_dynconv_loads_old_5d_checkpoints(groups, bias):
+    torch.manual_seed(0)
+    source = DynamicConv2d(8, 12, 3, padding=1, groups=groups, bias=bias, temperature=2.0)
+    old = _old_layout_state(source)
+    fresh = DynamicConv2d(8, 12, 3, padding=1, groups=groups, bias=bias)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.weight, source.weight, rtol=0, atol=0)
+    if bias:
+        torch.testing.assert_close(fresh.bias, source.bias, rtol=0, atol=0)
+    x = torch.randn(3, 8, 7, 7)
+    torch.testing.assert_close(fresh(x), source(x), rtol=0, atol=0)
+    wrong = dict(old, weight=torch.zeros(4, 12, 8, 3, 2))  # wrong numel: a clear size error
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(wrong)
+
+
+def test_old_5d_checkpoint_loads_through_attnsurgeon_load(tmp_path):
+    from attnsurgeon.checkpoint import save
+    from attnsurgeon.recipe import Recipe, make_rule
+    from attnsurgeon.surgery import apply_recipe
+
+    model = torchvision.models.resnet18()
+    recipe = Recipe(rules=(make_rule("dynconv", layers="layer4", where="test"),), seed=0)
+    apply_recipe(model, recipe)
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicConv2d):
+            state[f"{name}.weight"] = module.bank().clone()
+    path = tmp_path / "old.pt"
+    save(path, model, model_name="resnet18", recipe=recipe)
+    data = torch.load(path, weights_only=True)
+    data["state_dict"] = state  # as a checkpoint from before the 4-D bank holds it
+    torch.save(data, path)
+    loaded = attnsurgeon.load(path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_channels_last_converts_a_model_with_dynamic_convs(x64):
+    model = _resnet18().eval()
+    apply(model, "dynconv", params={"target": "all"})
+    with torch.no_grad():
+        ref = model(x64)
+        model = model.to(memory_format=torch.channels_last)  # failed on the 5-D bank
+        assert model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        got = model(x64.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_dynconv_forms_agree_channels_last_and_keep_the_layout(groups, channels_last):
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(8, 12, 3, padding=1, groups=groups, temperature=1.0)
+    x = torch.randn(3, 8, 9, 9)
+    ref = _loop_reference(dyn, x)
+    if channels_last:
+        dyn, x = dyn.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    pi = dyn.kernel_attention(x)
+    for y in (dyn.forward_per_sample(x, pi), dyn.forward_stacked(x, pi)):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_set_dynconv_form_overrides_the_choice():
+    from types import SimpleNamespace
+
+    from attnsurgeon.layers.dynamic_conv import set_dynconv_form
+
+    model = nn.Sequential(DynamicConv2d(64, 64, 3, padding=1), DynamicConv2d(512, 512, 3, padding=1))
+    early, late = model
+    x_early, x_late = torch.empty(32, 64, 56, 56), torch.empty(32, 512, 7, 7)
+    assert not early.uses_stacked(x_early) and late.uses_stacked(x_late)  # the CPU rule
+    # CUDA: stacked whatever the shape (a stand-in input: no GPU here); batch 1 stays a plain conv
+    on_cuda = SimpleNamespace(shape=(32, 64, 56, 56), device=torch.device("cuda"))
+    assert early.uses_stacked(on_cuda)
+    assert not early.uses_stacked(SimpleNamespace(shape=(1, 64, 56, 56), device=torch.device("cuda")))
+    assert set_dynconv_form(model, "per_sample") == 2
+    assert not late.uses_stacked(x_late) and not early.uses_stacked(on_cuda)
+    assert set_dynconv_form(model, "stacked") == 2
+    assert early.uses_stacked(x_early) and "form=stacked" in repr(early)
+    set_dynconv_form(model, "auto")
+    assert not early.uses_stacked(x_early)
+    with pytest.raises(ValueError, match="got 'fast'"):
+        set_dynconv_form(model, "fast")
+    assert attnsurgeon.set_dynconv_form(nn.Conv2d(3, 3, 1), "auto") == 0
+
+
+@pytest.mark.parametrize("form", ["stacked", "per_sample"])
+def test_forced_forms_give_the_same_model_output(form, x64):
+    from attnsurgeon.layers.dynamic_conv import set_dynconv_form
+
+    model = _resnet18().eval()
+    apply(model, "dynconv", params={"target": "all"})
+    with torch.no_grad():
+        ref = model(x64)
+        set_dynconv_form(model, form)
+        torch.testing.assert_close(model(x64), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_dynconv_on_cuda_runs_stacked_and_matches_cpu():
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(64, 64, 3, padding=1)
+    x = torch.randn(8, 64, 14, 14)
+    ref = dyn(x)
+    gpu, xg = copy.deepcopy(dyn).cuda(), x.cuda()
+    assert gpu.uses_stacked(xg) and not dyn.uses_stacked(x)
+    torch.testing.assert_close(gpu(xg).cpu(), ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu.to(memory_format=torch.channels_last)(xg.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=5e-2, atol=5e-2)

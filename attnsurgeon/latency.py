@@ -1,0 +1,147 @@
+"""Measured latency of a model before and after surgery (``--latency``).
+
+MACs say how much arithmetic the attention adds; they do not say what it costs on a real
+device, where gates, pooling and memory traffic (uncounted in MACs) can dominate. This
+module times both models on one device in one run:
+
+* eval mode, under ``torch.inference_mode()``, on a fixed random batch of
+  ``batch x 3 x input_size x input_size``;
+* ``warmup`` untimed calls of each model, then ``rounds`` rounds; each round times one
+  call of each model, in the order original, modified on even rounds and modified,
+  original on odd ones (ABBA), so load drifts and cache effects hit both alike;
+* on CUDA the device is synchronised before and after each timed call;
+* reported: the median time per call of each model and the ratio after / before.
+
+Default batch (:func:`default_batch`): 1 on CPU, the latency of one image as an online
+service sees it, and quick even for large models; 64 on CUDA, because at batch 1 a GPU is
+bound by kernel launches and the ratio would count operators rather than their cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = ["DEVICES", "LatencyOptions", "check_latency_options", "default_batch", "measure_latency"]
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """What ``--latency``, ``--device`` and ``--batch`` asked for (``batch`` None: default)."""
+
+    device: str = "cpu"
+    batch: int | None = None
+    rounds: int = 15
+    warmup: int = 3
+
+
+def default_batch(device: str) -> int:
+    """1 on CPU, 64 on CUDA (see the module docstring)."""
+    return 64 if device == "cuda" else 1
+
+
+def check_latency_options(latency: bool, device: str | None, batch: int | None) -> LatencyOptions | None:
+    """The options of ``--latency/--device/--batch`` as :class:`LatencyOptions` (or None).
+
+    Raises:
+        UsageError: ``--device``/``--batch`` without ``--latency``, an unknown device, a
+            batch below 1, or ``--device cuda`` on a machine without CUDA.
+    """
+    if not latency:
+        if device is not None or batch is not None:
+            raise UsageError("--device and --batch set up --latency; add --latency")
+        return None
+    device = device or "cpu"
+    if device not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {batch}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine")
+    return LatencyOptions(device=device, batch=batch)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
+
+
+def measure_latency(
+    original: nn.Module,
+    modified: nn.Module,
+    *,
+    input_size: int,
+    options: LatencyOptions = LatencyOptions(),
+    timer: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Time ``original`` and ``modified`` side by side (module docstring).
+
+    The models are not changed: on CUDA copies are timed; on CPU the models themselves,
+    with every submodule's train/eval mode restored afterwards.
+
+    Args:
+        original, modified: the models before and after surgery.
+        input_size: H = W of the input batch.
+        options: device, batch, rounds and warm-up calls.
+        timer: the clock (seconds); tests inject a fake one.
+
+    Returns:
+        Plain data: ``device``, ``device_name``, ``batch``, ``input``, ``threads``,
+        ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call) and
+        ``ratio`` (``after_ms / before_ms``).
+    """
+    from .report import evaluating
+
+    device = torch.device(options.device)
+    batch = options.batch or default_batch(options.device)
+    models = [original, modified]
+    if device.type != "cpu":
+        models = [copy.deepcopy(m).to(device) for m in models]
+    dtype = next((p.dtype for p in models[0].parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    samples: list[list[float]] = [[], []]
+    with evaluating(models[0]), evaluating(models[1]), torch.inference_mode():
+        for _ in range(options.warmup):
+            for m in models:
+                m(x)
+        sync()
+        for r in range(options.rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                sync()
+                start = timer()
+                models[i](x)
+                sync()
+                samples[i].append(timer() - start)
+    before, after = (1e3 * statistics.median(s) for s in samples)
+    return {
+        "device": options.device,
+        "device_name": _device_name(device),
+        "batch": batch,
+        "input": [batch, 3, input_size, input_size],
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "rounds": options.rounds,
+        "warmup": options.warmup,
+        "before_ms": before,
+        "after_ms": after,
+        "ratio": after / before if before > 0 else float("inf"),
+    }
