@@ -402,3 +402,31 @@ def test_every_other_position_preserves(name, position):
     assert len(changes) == (residual if position == "identity" else total)
     with torch.no_grad():
         assert rel_error(reference, model.eval()(x)) <= TOLERANCE
+
+
+LARGER = {  # blocks, with a shortcut (torchvision's configurations)
+    "efficientnet_v2_s": (40, 35),  # FusedMBConv in stages 1-3, MBConv after
+    "mobilenet_v3_large": (15, 10),  # Table 1 of the MobileNetV3 paper: 1+1+2+3+1+2 residual bnecks
+    "regnet_x_400mf": (22, 22),  # no SE: no builtin position
+    "resnext50_32x4d": (16, 16),
+    "mnasnet1_0": (16, 10),
+}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", LARGER)
+def test_larger_variants(name):
+    """The larger variants: block counts, and SE at mid plus SK, preserved."""
+    model = calibrated(name)
+    found = find_blocks(model)
+    assert (len(found), sum(i.shortcut for i, _ in found)) == LARGER[name]
+    assert any(i.builtin for i, _ in found) == (name in ("efficientnet_v2_s", "mobilenet_v3_large"))
+    if name == "efficientnet_v2_s":
+        assert {i.type for i, _ in found} == {"FusedMBConv", "MBConv"}
+    x = probe()
+    with torch.no_grad():
+        reference = model(x)
+    apply(model, "se", position="mid", init="preserve")
+    apply(model, "sk", layers="stage3:", init="preserve")
+    with torch.no_grad():
+        assert rel_error(reference, model.eval()(x)) <= TOLERANCE
