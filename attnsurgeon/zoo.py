@@ -62,30 +62,35 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``model`` strictly; a misfit names the first offending keys.
 
+    Modules may convert a legacy layout while loading (a dynamic conv's old 5-D kernel
+    bank), so shapes are compared only when the load itself refuses them.
+
     Raises:
         UsageError: keys missing or unexpected, a shape that differs, or a floating-point
             tensor holding NaN or infinity (a diverged run's weights).
     """
+    from .checkpoint import with_metadata
+
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
     problems = []
     if missing:
         problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
     if unexpected:
         problems.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
-    if shape:
-        k = shape[0]
-        problems.append(f"shape of {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
     if problems:
         raise UsageError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}")
     for k, v in state.items():
         if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
             raise UsageError(f"{source}: {k} holds NaN or infinite values; refusing non-finite weights")
-    from .checkpoint import with_metadata
-
-    model.load_state_dict(with_metadata(state, model), strict=True)
+    try:
+        model.load_state_dict(with_metadata(state, model), strict=True)
+    except RuntimeError as e:
+        shape = [k for k in own if own[k].shape != state[k].shape]
+        detail = (f"shape of {shape[0]}: file {tuple(state[shape[0]].shape)}, model {tuple(own[shape[0]].shape)}"
+                  if shape else str(e).strip().splitlines()[-1].strip())
+        raise UsageError(f"{source} does not fit {type(model).__name__}: {detail}") from None
 
 
 def build_model(

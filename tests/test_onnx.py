@@ -27,9 +27,13 @@ from attnsurgeon.surgery import apply
 
 ATOL = 1e-4
 LAYERS = "layer3.1:layer4.0"
-CASES = [(name, pos) for name, spec in KINDS.items()
-         for pos in ([p for p in POSITIONS if p != "builtin"] if spec.mode == "insert" else (None,))]
-# (builtin: resnet18 has no built-in SE; tests/test_families.py exports it on MobileNetV3)
+# Every kind at its default position, and every position with two kinds of different
+# shapes (a channel gate and a spatial one): positions are wired in the block, the same
+# for every kind, and each export costs seconds. (builtin: resnet18 has no built-in SE;
+# tests/test_families.py exports it on MobileNetV3.)
+SLOTS = [p for p in POSITIONS if p != "builtin"]
+CASES = sorted({(name, spec.default_position) for name, spec in KINDS.items()}
+               | {(k, p) for k in ("se", "cbam") for p in SLOTS}, key=lambda c: (c[0], c[1] or ""))
 
 
 @torch.library.custom_op("attnsurgeon_test::mystery", mutates_args=())
