@@ -190,3 +190,28 @@ def test_a_conflict_leaves_the_model_untouched():
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert type(model.layer3[1]) is torchvision.models.resnet.BasicBlock
+
+
+@pytest.mark.parametrize("kind", ["se", "eca"])
+def test_channel_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, monkeypatch):
+    """At ``standard`` a channel gate runs as addcmul(identity, out, scale), without its
+    forward: the same function as gate-then-add; a module with a hook runs unfused, so
+    the hook fires."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    apply(model, kind, layers="layer3:")
+    gates = [m for n, m in model.named_modules() if n.endswith("attn_standard")]
+    forward = type(gates[0]).forward
+    entered = []
+    monkeypatch.setattr(type(gates[0]), "forward", lambda self, x: entered.append(1) or forward(self, x))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+    assert entered == []  # fused: the gate's forward never ran
+    calls = []
+    for gate in gates:
+        gate.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        plain = model(x)
+    assert len(calls) == len(entered) == 4
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -174,6 +174,20 @@ class Slotted(nn.Module):
         for attr in SLOT_ATTR.values():
             setattr(self, attr, nn.Identity())
 
+    def _standard_add(self, out: Tensor, identity: Tensor) -> Tensor:
+        """``attn_standard(out) + identity``, fused where the slot holds a channel gate.
+
+        A module with ``channel_gate = True`` computes ``x * self._scale(x)`` (SE, ECA): the
+        block then runs ``addcmul(identity, out, scale)``, one pass that never writes the
+        gated tensor. Memory traffic, not arithmetic, is what a gate costs, most of all on
+        a GPU. The same function, to float rounding; a module with hooks runs as itself,
+        so the hooks still fire.
+        """
+        gate = self.attn_standard
+        if getattr(gate, "channel_gate", False) and not (gate._forward_hooks or gate._forward_pre_hooks):
+            return torch.addcmul(identity, out, gate._scale(out))
+        return gate(out) + identity
+
     def _branch(self, x: Tensor) -> Tensor:
         """``pre``, the body with ``mid`` after child ``_mid``, then ``standard``."""
         out = self.attn_pre(x)

@@ -9,7 +9,8 @@ and the detection and segmentation models built on them (``fasterrcnn_resnet50_f
        │                                                               (+) ─ relu ─ attn_post ─>
        └─ attn_pre ─ conv1 ─ bn1 ─ relu ─ [attn_mid] ─ ... ─ bn ─ attn_standard ┘
 
-``mid`` follows the main spatial conv with its norm and ReLU: ``conv2`` in a Bottleneck
+At ``standard`` a channel gate (SE, ECA) and the residual add run as one ``addcmul``
+(see ``Slotted._standard_add``). ``mid`` follows the main spatial conv with its norm and ReLU: ``conv2`` in a Bottleneck
 (mmdetection's ``after_conv2``), ``conv1`` in a BasicBlock (the first of its two 3x3s).
 The block's ``relu`` is one module used several times, so SK keeps it and applies ReLU in
 its own paths (ReLU of a mix of ReLU outputs changes nothing).
@@ -31,10 +32,10 @@ class SlottedBasicBlock(Slotted, BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)
         out = self.attn_mid(self.relu(self.bn1(self.conv1(self.attn_pre(x)))))
-        out = self.attn_standard(self.bn2(self.conv2(out)))
+        out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(identity)
-        return self.attn_post(self.relu(out + identity))
+        return self.attn_post(self.relu(self._standard_add(out, identity)))
 
 
 class SlottedBottleneck(Slotted, Bottleneck):
@@ -44,10 +45,10 @@ class SlottedBottleneck(Slotted, Bottleneck):
         identity = self.attn_identity(x)
         out = self.relu(self.bn1(self.conv1(self.attn_pre(x))))
         out = self.attn_mid(self.relu(self.bn2(self.conv2(out))))
-        out = self.attn_standard(self.bn3(self.conv3(out)))
+        out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample(identity)
-        return self.attn_post(self.relu(out + identity))
+        return self.attn_post(self.relu(self._standard_add(out, identity)))
 
 
 def _stride(conv: nn.Module) -> int:

@@ -13,6 +13,10 @@ largest logit whose sigmoid float32 still tells from 1 (``sigmoid(17)`` rounds t
 gradient to 0): the closest start to the identity that can still learn. That is far below
 float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
 and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
+
+A module whose forward is exactly ``x * self._scale(x)``, with a ``(N, C, 1, 1)`` scale,
+says so with ``channel_gate = True`` (SE, ECA); a block may then fuse the gate with its
+residual add (``blocks.Slotted._standard_add``).
 """
 
 from __future__ import annotations

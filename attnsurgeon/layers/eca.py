@@ -82,6 +82,8 @@ class ECA(nn.Module):
 
     offset: Tensor
 
+    channel_gate = True  # forward is x * self._scale(x): a block may fuse it (blocks.Slotted)
+
     def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0) -> None:
         super().__init__()
         if channels < 1:

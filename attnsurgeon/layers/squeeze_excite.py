@@ -33,6 +33,8 @@ class SqueezeExcite(nn.Module):
         reduction: r, the ratio of the bottleneck MLP (hidden width C / r).
     """
 
+    channel_gate = True  # forward is x * self._scale(x): a block may fuse it (blocks.Slotted)
+
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
         if channels < 1 or reduction < 1:
