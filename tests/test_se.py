@@ -192,11 +192,11 @@ def test_a_conflict_leaves_the_model_untouched():
     assert type(model.layer3[1]) is torchvision.models.resnet.BasicBlock
 
 
-@pytest.mark.parametrize("kind", ["se", "eca"])
-def test_channel_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, monkeypatch):
-    """At ``standard`` a channel gate runs as addcmul(identity, out, scale), without its
-    forward: the same function as gate-then-add; a module with a hook runs unfused, so
-    the hook fires."""
+@pytest.mark.parametrize("kind", ["se", "eca", "cbam"])
+def test_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, monkeypatch):
+    """At ``standard`` a gate's last multiply folds into the residual add (gate_add),
+    without the module's forward: the same function as gate-then-add; a module with a
+    hook runs unfused, so the hook fires."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     apply(model, kind, layers="layer3:")

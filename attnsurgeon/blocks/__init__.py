@@ -175,17 +175,18 @@ class Slotted(nn.Module):
             setattr(self, attr, nn.Identity())
 
     def _standard_add(self, out: Tensor, identity: Tensor) -> Tensor:
-        """``attn_standard(out) + identity``, fused where the slot holds a channel gate.
+        """``attn_standard(out) + identity``, fused where the slot's module offers it.
 
-        A module with ``channel_gate = True`` computes ``x * self._scale(x)`` (SE, ECA): the
-        block then runs ``addcmul(identity, out, scale)``, one pass that never writes the
-        gated tensor. Memory traffic, not arithmetic, is what a gate costs, most of all on
-        a GPU. The same function, to float rounding; a module with hooks runs as itself,
-        so the hooks still fire.
+        A module with ``gate_add(x, identity)`` (SE, ECA, CBAM: see :mod:`attnsurgeon.layers`)
+        folds its last gate multiply into the add, one pass that never writes the gated
+        tensor: memory traffic, not arithmetic, is what a gate costs, most of all on a GPU.
+        The same function, to float rounding; a module with hooks runs as itself, so the
+        hooks still fire.
         """
         gate = self.attn_standard
-        if getattr(gate, "channel_gate", False) and not (gate._forward_hooks or gate._forward_pre_hooks):
-            return torch.addcmul(identity, out, gate._scale(out))
+        fused = getattr(gate, "gate_add", None)
+        if fused is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in gate.modules()):
+            return fused(out, identity)
         return gate(out) + identity
 
     def _branch(self, x: Tensor) -> Tensor:

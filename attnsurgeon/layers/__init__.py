@@ -14,9 +14,10 @@ gradient to 0): the closest start to the identity that can still learn. That is 
 float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
 and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
 
-A module whose forward is exactly ``x * self._scale(x)``, with a ``(N, C, 1, 1)`` scale,
-says so with ``channel_gate = True`` (SE, ECA); a block may then fuse the gate with its
-residual add (``blocks.Slotted._standard_add``).
+A module whose forward ends in a gate multiply may offer ``gate_add(x, identity)``, equal to
+``forward(x) + identity`` but with the last multiply folded into the add as one
+``torch.addcmul`` (SE, ECA, CBAM); a residual block then uses it at ``standard``
+(``blocks.Slotted._standard_add``), saving a full pass over the feature map.
 """
 
 from __future__ import annotations

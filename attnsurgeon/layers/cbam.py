@@ -137,6 +137,11 @@ class CBAM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.spatial(self.channel(x))
 
+    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``forward(x) + identity``, the spatial gate's multiply folded into the add."""
+        x = self.channel(x)
+        return torch.addcmul(identity, x, self.spatial._scale(x))
+
     def reset_parameters(self) -> None:
         self.channel.reset_parameters()
         self.spatial.reset_parameters()

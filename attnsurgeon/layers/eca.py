@@ -82,8 +82,6 @@ class ECA(nn.Module):
 
     offset: Tensor
 
-    channel_gate = True  # forward is x * self._scale(x): a block may fuse it (blocks.Slotted)
-
     def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0) -> None:
         super().__init__()
         if channels < 1:
@@ -109,6 +107,10 @@ class ECA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self._scale(x)
+
+    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``forward(x) + identity`` in one pass (see :mod:`attnsurgeon.layers`)."""
+        return torch.addcmul(identity, x, self._scale(x))
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()

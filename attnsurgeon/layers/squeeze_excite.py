@@ -18,6 +18,7 @@ Departures from the paper:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import PRESERVE_LOGIT, initialised
@@ -32,8 +33,6 @@ class SqueezeExcite(nn.Module):
         channels: C, the channels of the feature map it gates.
         reduction: r, the ratio of the bottleneck MLP (hidden width C / r).
     """
-
-    channel_gate = True  # forward is x * self._scale(x): a block may fuse it (blocks.Slotted)
 
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
@@ -52,6 +51,10 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self._scale(x)  # Eq. 4
+
+    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``forward(x) + identity`` in one pass (see :mod:`attnsurgeon.layers`)."""
+        return torch.addcmul(identity, x, self._scale(x))
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
