@@ -40,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 from ..kinds import POSITIONS
 
 __all__ = [
-    "NORMS", "SLOT_ATTR", "BlockInfo", "ConvSite", "Family", "HeadInfo", "Slotted",
+    "NORMS", "SLOT_ATTR", "BlockInfo", "ConvSite", "Family", "HeadInfo", "Slotted", "SlottedInverted",
     "find_blocks", "find_head", "make_slotted", "scan_branch", "unsupported_message",
 ]
 
@@ -197,6 +197,23 @@ class Slotted(nn.Module):
             if i == self._mid:
                 out = self.attn_mid(out)
         return self.attn_standard(out)
+
+
+class SlottedInverted(Slotted):
+    """The slotted forward of an inverted residual: its shortcut is ``x`` itself, present
+    where the flag named by ``_residual`` is set (MobileNetV2/V3, EfficientNet, MNASNet)."""
+
+    _residual = "use_res_connect"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._branch(x)
+        if getattr(self, self._residual):
+            out = self._drop_path(out) + self.attn_identity(x)
+        return self.attn_post(out)
+
+    def _drop_path(self, out: Tensor) -> Tensor:
+        """Where the family drops the branch (EfficientNet's stochastic depth); else ``out``."""
+        return out
 
 
 def scan_branch(body: nn.Sequential, prefix: str) -> tuple[list[ConvSite], int, str | None]:

@@ -17,19 +17,16 @@ from __future__ import annotations
 from torch import Tensor
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from . import BlockInfo, Family, Slotted, describe_branch
+from . import BlockInfo, Family, SlottedInverted, describe_branch
 
 __all__ = ["FAMILY", "SlottedFusedMBConv", "SlottedMBConv"]
 
 
-class _Residual(Slotted):
+class _Residual(SlottedInverted):
     _body = "block"
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._branch(x)
-        if self.use_res_connect:
-            out = self.stochastic_depth(out) + self.attn_identity(x)
-        return self.attn_post(out)
+    def _drop_path(self, out: Tensor) -> Tensor:
+        return self.stochastic_depth(out)
 
 
 class SlottedMBConv(_Residual, MBConv):

@@ -11,24 +11,18 @@ follows the depthwise conv's ReLU. Blocks without a shortcut have no ``identity`
 
 from __future__ import annotations
 
-from torch import Tensor
 from torchvision.models.mnasnet import _InvertedResidual
 
-from . import BlockInfo, Family, Slotted, describe_branch
+from . import BlockInfo, Family, SlottedInverted, describe_branch
 
 __all__ = ["FAMILY", "SlottedMNASInvertedResidual"]
 
 
-class SlottedMNASInvertedResidual(Slotted, _InvertedResidual):
+class SlottedMNASInvertedResidual(SlottedInverted, _InvertedResidual):
     """MNASNet's _InvertedResidual with attention slots."""
 
     _body = "layers"
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._branch(x)
-        if self.apply_residual:
-            out = out + self.attn_identity(x)
-        return self.attn_post(out)
+    _residual = "apply_residual"
 
 
 def describe(block: _InvertedResidual) -> BlockInfo:

@@ -19,36 +19,23 @@ block across two Sequentials; that block is not found.
 
 from __future__ import annotations
 
-from torch import Tensor
 from torchvision.models import mobilenetv2, mobilenetv3
 
-from . import BlockInfo, Family, Slotted, describe_branch
+from . import BlockInfo, Family, SlottedInverted, describe_branch
 
 __all__ = ["FAMILY", "SlottedInvertedResidualV2", "SlottedInvertedResidualV3"]
 
 
-class SlottedInvertedResidualV2(Slotted, mobilenetv2.InvertedResidual):
+class SlottedInvertedResidualV2(SlottedInverted, mobilenetv2.InvertedResidual):
     """MobileNetV2's InvertedResidual with attention slots."""
 
     _body = "conv"
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._branch(x)
-        if self.use_res_connect:
-            out = out + self.attn_identity(x)
-        return self.attn_post(out)
 
-
-class SlottedInvertedResidualV3(Slotted, mobilenetv3.InvertedResidual):
+class SlottedInvertedResidualV3(SlottedInverted, mobilenetv3.InvertedResidual):
     """MobileNetV3's InvertedResidual with attention slots."""
 
     _body = "block"
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._branch(x)
-        if self.use_res_connect:
-            out = out + self.attn_identity(x)
-        return self.attn_post(out)
 
 
 def describe(block: mobilenetv2.InvertedResidual | mobilenetv3.InvertedResidual) -> BlockInfo:
