@@ -434,3 +434,19 @@ def test_larger_variants(name):
     apply(model, "sk", layers="stage3:", init="preserve")
     with torch.no_grad():
         assert rel_error(reference, model.eval()(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("rules", [("sk", "se"), ("se", "sk")])
+def test_replace_and_insert_on_one_block_in_either_order(rules):
+    """SK on a block's depthwise conv and SE at its mid, in either rule order: the mid
+    slot still follows the (replaced) main conv, and both run."""
+    model = torchvision.models.mobilenet_v2().eval()
+    recipe = Recipe(rules=tuple(make_rule(k, position="mid" if k == "se" else None, layers="features.3",
+                                          where="t") for k in rules), seed=0)
+    apply_recipe(model, recipe)
+    block = model.features[3]
+    assert type(block.conv[1][0]).__name__ == "SelectiveKernelConv" and block._mid == 1
+    ran = []
+    block.attn_mid.register_forward_hook(lambda m, args, out: ran.append(args[0].shape[1]))
+    model(torch.randn(1, 3, SIZE, SIZE))
+    assert ran == [144]

@@ -233,7 +233,7 @@ def scan_branch(body: nn.Sequential, prefix: str) -> tuple[list[ConvSite], int, 
     for i, (name, child) in enumerate(body.named_children()):
         if isinstance(child, SqueezeExcitation):
             builtin = f"{prefix}.{name}"
-        elif isinstance(child, nn.Sequential) and len(child) and isinstance(child[0], nn.Conv2d):
+        elif isinstance(child, nn.Sequential) and len(child) and _is_conv(child[0]):
             flat.extend((i, f"{prefix}.{name}.{sub}", m) for sub, m in child.named_children())
         else:
             flat.append((i, f"{prefix}.{name}", child))
