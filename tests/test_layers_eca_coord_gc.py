@@ -156,27 +156,32 @@ def test_coord_mid_width_is_max_8_c_over_r(channels: int, mid: int) -> None:
 
 def test_mobilenet_v2_with_ca_matches_the_papers_count() -> None:
     """CA on the expanded channels after the depthwise conv of every inverted residual with
-    expansion (the official mbv2_ca.py; the lead's ``mid`` position), inserted by hand.
+    expansion (the official mbv2_ca.py): the ``mid`` position of features.2 on.
 
     The official README's ImageNet table prints 3.95M for "MobileNetV2 + CA" (3.5M for
-    MobileNetV2): torchvision's 3,504,872 + 16 modules = 3,950,648.
+    MobileNetV2): torchvision's 3,504,872 + 16 modules = 3,950,648. The same modules
+    wired in by hand (depthwise conv, then CA) give the same count and the same function.
     """
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    model = torchvision.models.mobilenet_v2()
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2().eval()
+    by_hand = copy.deepcopy(model)
     base = sum(p.numel() for p in model.parameters())
-    inserted = 0
-    for block in model.modules():
+    changes = apply(model, "coord", position="mid", layers="features.2:", seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    assert len(changes) == 16 and base == 3_504_872
+    assert total == 3_950_648 and round(total / 1e6, 2) == 3.95
+    modules = iter(getattr(b, "attn_mid") for b in model.features[2:18])
+    for block in by_hand.modules():
         if isinstance(block, InvertedResidual) and len(block.conv) == 4:  # pw, dw, pw-linear, bn
             depthwise = block.conv[1]
             assert depthwise[0].groups == depthwise[0].in_channels  # the depthwise conv
-            block.conv[1] = nn.Sequential(depthwise, CoordAttention(depthwise[0].out_channels))
-            inserted += 1
-    total = sum(p.numel() for p in model.parameters())
-    assert inserted == 16 and base == 3_504_872
-    assert total == 3_950_648 and round(total / 1e6, 2) == 3.95
+            block.conv[1] = nn.Sequential(depthwise, next(modules))
+    assert sum(p.numel() for p in by_hand.parameters()) == total
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+        torch.testing.assert_close(model(x), by_hand(x))
 
 
 def test_coord_paper_init_is_mbv2_ca() -> None:
