@@ -180,7 +180,8 @@ def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, n
     block = make_slotted(block)
     new = _like(new, block)
     setattr(block, SLOT_ATTR[where], new)
-    note = "beside the block's built-in SqueezeExcitation" if info.builtin else ""
+    kept = info.builtin and isinstance(block.get_submodule(info.builtin), SqueezeExcitation)  # not replaced by a rule
+    note = "beside the block's built-in SqueezeExcitation" if kept else ""
     return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{SLOT_ATTR[where]}",
                   type(new).__name__, _count(new), 0, note=note)
 

@@ -450,3 +450,13 @@ def test_replace_and_insert_on_one_block_in_either_order(rules):
     block.attn_mid.register_forward_hook(lambda m, args, out: ran.append(args[0].shape[1]))
     model(torch.randn(1, 3, SIZE, SIZE))
     assert ran == [144]
+
+
+def test_the_builtin_note_follows_what_the_block_holds_at_insertion():
+    model = torchvision.models.efficientnet_b0()
+    changes = apply_recipe(model, Recipe(rules=(
+        make_rule("se", position="builtin", layers="features.2", where="t"),
+        make_rule("cbam", position="mid", layers="features.2:features.3", where="t"))))
+    notes = {(c.block, c.where): c.note for c in changes}
+    assert notes[("features.2.0", "mid")] == ""  # its SE was replaced by rule 1
+    assert notes[("features.3.0", "mid")] == "beside the block's built-in SqueezeExcitation"
