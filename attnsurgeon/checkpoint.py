@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -164,9 +165,13 @@ def load_plain(path: str | Path, *, what: str, kind: str) -> Any:
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: a zip; legacy: a pickle
         raise UsageError(f"{what} is not a loadable {kind}: not a file torch.save wrote")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file's warnings would be a second line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zip errors, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in first:  # torch's advice (weights_only=False) is not ours to give
+            first = "it holds pickled objects beyond tensors and plain data, which are never unpickled"
         raise UsageError(f"{what} is not a loadable {kind} ({first})") from None
 
 

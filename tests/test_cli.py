@@ -208,7 +208,7 @@ def test_weights_file_errors(cli, tmp_path, weights18):
     pickled = tmp_path / "model.pth"
     torch.save(torchvision.models.resnet18(), pickled)  # a whole pickled module: refused
     user_error(cli("insert", "resnet18", "--attn", "se", "--weights-file", str(pickled), "-o", str(out)),
-               "is not a loadable state_dict")
+               "is not a loadable state_dict (it holds pickled objects beyond tensors and plain data")
     assert not out.exists()
 
 
