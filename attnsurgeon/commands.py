@@ -102,17 +102,15 @@ class Prepared:
 
 
 def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
-    import torch
-
     from .surgery import apply_recipe
+    from .torch_state import seeded
     from .zoo import build_model, check_model_name
 
     name = check_model_name(recipe.model)
     if opts.weights_file is not None and recipe.weights not in (None, "none"):
         raise UsageError("give --weights or --weights-file, not both")
     # random base weights come from the recipe's seed too: same command, same file
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed if recipe.seed is not None else 0)
+    with seeded(recipe.seed if recipe.seed is not None else 0):
         original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
     model = copy.deepcopy(original)
     changes = apply_recipe(model, recipe)

@@ -108,7 +108,7 @@ def measure_latency(
         ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call) and
         ``ratio`` (``after_ms / before_ms``).
     """
-    from .report import evaluating
+    from .torch_state import evaluating
 
     device = torch.device(options.device)
     batch = options.batch or default_batch(options.device)

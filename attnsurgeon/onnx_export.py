@@ -37,7 +37,8 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import UsageError
-from .report import check_input_size, evaluating
+from .report import check_input_size
+from .torch_state import evaluating
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
            "describe_onnx", "export_onnx", "print_export_summary", "verify_onnx"]

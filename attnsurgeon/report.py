@@ -8,8 +8,7 @@ is not counted, as in the papers' tables.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
 from .surgery import Change
+from .torch_state import evaluating
 
 __all__ = ["MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "GroupStats", "ModelStats", "check_input_size", "measure",
            "preservation", "summary_data"]
@@ -60,18 +60,6 @@ class ModelStats:
 
     def by_name(self) -> dict[str, GroupStats]:
         return {g.name: g for g in self.groups}
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore every submodule's mode afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _partition(model: nn.Module, blocks: Mapping[str, str]) -> list[tuple[str, str]]:

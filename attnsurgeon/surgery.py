@@ -11,14 +11,12 @@ position (a block without a shortcut has no ``identity``) and reports them.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from torchvision.ops.misc import SqueezeExcitation
@@ -28,6 +26,7 @@ from .errors import UsageError
 from .kinds import HEAD_BUILDERS, POSITIONS, builder, get_kind
 from .recipe import Recipe, Rule, load_recipe, make_rule
 from .select import select_blocks
+from .torch_state import seeded
 
 __all__ = ["Change", "Changes", "Skip", "apply", "apply_recipe", "replace_module"]
 
@@ -110,16 +109,6 @@ def _like(new: nn.Module, ref: nn.Module) -> nn.Module:
     return new.train(ref.training)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _targets(attn: str, params: Mapping[str, Any], info: BlockInfo) -> list[ConvSite]:
     if attn == "sk":
         return [c for c in info.convs if c.main]
@@ -144,7 +133,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     plan, skipped = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
         rule.layers, names, where="--layers" if cli else f"{_where(recipe, n)}: layers"))
     changes: list[Change] = []
-    with _seeded(recipe.seed):
+    with seeded(recipe.seed):
         for n, rule, info, block, where in plan:
             kind = get_kind(rule.attn)
             build = builder(kind)

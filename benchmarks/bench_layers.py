@@ -36,6 +36,7 @@ The table goes to stdout (Markdown); progress goes to stderr. Needs timm (``pip 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -462,10 +463,17 @@ class Timing:
     calls_per_sample: int
 
 
+def _precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """fp32 on the CPU; on CUDA the GPU protocol of issue 10: bf16 autocast."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _step(module: nn.Module, x: Tensor, mode: str, grad_out: Tensor | None) -> Callable[[], None]:
     if mode == "fwd":
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), _precision(x.device):
                 module(x)
         return run
     params = list(module.parameters())
@@ -474,8 +482,14 @@ def _step(module: nn.Module, x: Tensor, mode: str, grad_out: Tensor | None) -> C
         for p in params:
             p.grad = None
         x.grad = None
-        module(x).backward(grad_out)
+        with _precision(x.device):
+            out = module(x)
+        out.backward(grad_out.to(out.dtype))
     return run_bwd
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -486,9 +500,10 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: int, warmup: int,
-              target_ms: float, seed: int = 0) -> Timing:
+              target_ms: float, seed: int = 0, device: torch.device = torch.device("cpu")) -> Timing:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen).to(device, memory_format=_memory_format(device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     grad_out = None
     if mode == "fwd":
         for m in modules.values():
@@ -500,7 +515,7 @@ def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: i
         with torch.no_grad():
             out_shapes = {name: m(x).shape for name, m in modules.items()}
         # one output gradient, shaped per implementation (the seed's dual pool flattens)
-        grad_out = torch.randn(next(iter(out_shapes.values())), generator=gen)
+        grad_out = torch.randn(next(iter(out_shapes.values())), generator=gen).to(device)
     steps = {name: _step(m, x, mode, None if grad_out is None else grad_out.reshape(out_shapes[name]))
              for name, m in modules.items()}
 
@@ -509,8 +524,10 @@ def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: i
     for name, step in steps.items():
         for _ in range(warmup):
             step()
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         per_call[name] = time.perf_counter() - t0
     calls = max(1, round(target_ms / 1e3 / statistics.median(per_call.values())))
 
@@ -520,9 +537,11 @@ def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: i
         order = names[r % len(names):] + names[:r % len(names)]  # rotate the round-robin
         for name in order:
             step = steps[name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(calls):
                 step()
+            sync()
             samples[name].append((time.perf_counter() - t0) / calls)
     median_ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
     ours = samples["ours"]
@@ -565,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 31, quick 3)")
     parser.add_argument("--target-ms", type=float, default=None,
                         help="approximate time of one sample (default 20, quick 2)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bf16 autocast, channels_last (issue 10's GPU protocol)")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool")
     args = parser.parse_args(argv)
@@ -583,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_layers needs timm: pip install -e '.[bench]'", file=sys.stderr)
         return 2
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     if args.quick:
@@ -603,9 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.module} {_fmt_shape(case.shape)}", file=sys.stderr, flush=True)
         torch.manual_seed(0)
-        modules = {name: make() for name, make in case.impls.items()}
+        modules = {name: make().to(device, memory_format=_memory_format(device))
+                   for name, make in case.impls.items()}
         params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-        x = torch.randn(case.shape)
+        x = torch.randn(case.shape, device=device)
         with torch.no_grad():
             shapes_out = {name: tuple(m.eval()(x).flatten(1).shape) for name, m in modules.items()}
         if len(set(shapes_out.values())) != 1:
@@ -615,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         if ours_note:
             notes["ours"] = ours_note
         gc.collect()
-        fwd = time_case(modules, case.shape, "fwd", reps=reps, warmup=warmup, target_ms=target_ms)
-        bwd = time_case(modules, case.shape, "fwd+bwd", reps=reps, warmup=warmup, target_ms=target_ms)
+        fwd = time_case(modules, case.shape, "fwd", reps=reps, warmup=warmup, target_ms=target_ms, device=device)
+        bwd = time_case(modules, case.shape, "fwd+bwd", reps=reps, warmup=warmup, target_ms=target_ms,
+                        device=device)
         impl_names = [n for n in ("ours", "timm", "seed") if n in modules or n in notes]
         for name in impl_names:
             if name not in modules:

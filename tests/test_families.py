@@ -30,6 +30,7 @@ from attnsurgeon.errors import UsageError
 from attnsurgeon.kinds import KINDS
 from attnsurgeon.recipe import Recipe, make_rule
 from attnsurgeon.surgery import apply, apply_recipe
+from attnsurgeon.zoo import build_model
 
 TOLERANCE = 1e-4  # max|delta logits| / max|logits| under --init preserve
 SIZE = 64
@@ -100,10 +101,7 @@ CASES = [(k, spec.default_position) for k, spec in KINDS.items() if spec.mode ==
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_blocks_per_stage_match_the_architecture(name):
-    with torch.device("meta"):
-        model = torchvision.models.get_model(name) if name != "regnet_y_400mf" else None
-    model = model or torchvision.models.get_model(name)
-    found = find_blocks(model)
+    found = find_blocks(build_model(name, structure_only=True))  # meta where the builder allows
     total, residual, per_stage = FAMILIES[name]
     assert len(found) == total
     assert sum(info.shortcut for info, _ in found) == residual
@@ -460,3 +458,16 @@ def test_the_builtin_note_follows_what_the_block_holds_at_insertion():
     notes = {(c.block, c.where): c.note for c in changes}
     assert notes[("features.2.0", "mid")] == ""  # its SE was replaced by rule 1
     assert notes[("features.3.0", "mid")] == "beside the block's built-in SqueezeExcitation"
+
+
+@pytest.mark.parametrize("kind", ["eca", "coord", "gc"])
+@pytest.mark.parametrize("position", ["pre", "post", "identity"])
+def test_newer_kinds_preserve_at_every_position_on_a_mobilenet(kind, position):
+    """ECA, coordinate attention and GC at the positions the per-kind cases above leave out."""
+    model = base("mobilenet_v2")
+    x = probe()
+    with torch.no_grad():
+        reference = model(x)
+    apply(model, kind, position=position, init="preserve")
+    with torch.no_grad():
+        assert rel_error(reference, model.eval()(x)) <= TOLERANCE

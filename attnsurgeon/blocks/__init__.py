@@ -27,10 +27,9 @@ takes the alias of its deepest block. Strides are measured by one forward pass o
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ..kinds import POSITIONS
+from ..torch_state import evaluating
 
 __all__ = [
     "NORMS", "SLOT_ATTR", "BlockInfo", "ConvSite", "Family", "HeadInfo", "Slotted", "SlottedInverted",
@@ -361,7 +361,7 @@ def _output_strides(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) 
     state = {k: torch.empty_like(v, device="meta")
              for k, v in (*root.named_parameters(), *root.named_buffers())}
     try:
-        with _eval(root), torch.no_grad():
+        with evaluating(root), torch.no_grad():
             torch.func.functional_call(root, state, (torch.empty(1, 3, size, size, device="meta"),))
     except Exception:  # an exotic root (detector wrappers, odd inputs): no aliases by stride
         return {}
@@ -376,17 +376,6 @@ def _record(sizes: dict[str, int], name: str) -> Callable[..., None]:
         if isinstance(output, Tensor):
             sizes[name] = int(output.shape[-1])
     return hook
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _common_prefix(names: list[str]) -> str:
