@@ -63,6 +63,7 @@ class Param:
     help: str
     symbol: str = ""  # the paper's symbol, e.g. "r"
     minimum: float | None = None
+    maximum: float | None = None  # where a larger value only exhausts memory (a typo's guard)
     choices: tuple[Any, ...] = ()
 
     def parse(self, raw: object, *, where: str) -> Any:
@@ -90,6 +91,8 @@ class Param:
             raise UsageError(f"{where}: {self.name} must be one of {allowed}, got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise UsageError(f"{where}: {self.name} must be >= {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(f"{where}: {self.name} must be <= {self.maximum:g}, got {value!r}")
         return value
 
 
@@ -220,10 +223,12 @@ register(KindSpec(
     mode="replace",
     builder="attnsurgeon.layers.selective_kernel:from_conv",
     params=(
-        Param("branches", int, 2, "number of paths; path m is a 3x3 conv with dilation m", "M", minimum=1),
+        Param("branches", int, 2, "number of paths; path m is a 3x3 conv with dilation m", "M",
+              minimum=1, maximum=8),
         Param("groups", int, 32, "groups of the extra paths (path 1 keeps the replaced conv's)", "G", minimum=1),
         Param("reduction", int, 16, "reduction ratio of the fuse FC", "r", minimum=1),
-        Param("min_dim", int, 32, "lower bound of the fuse FC width d = max(C/r, L)", "L", minimum=1),
+        Param("min_dim", int, 32, "lower bound of the fuse FC width d = max(C/r, L)", "L",
+              minimum=1, maximum=4096),
     ),
     note="replaces the block's main 3x3 conv and the norm after it",
 ))
@@ -235,7 +240,7 @@ register(KindSpec(
     mode="replace",
     builder="attnsurgeon.layers.dynamic_conv:from_conv",
     params=(
-        Param("kernels", int, 4, "number of kernels aggregated per sample", "K", minimum=1),
+        Param("kernels", int, 4, "number of kernels aggregated per sample", "K", minimum=1, maximum=64),
         Param("temperature", float, 30.0, "softmax temperature (anneal to 1 while training)", "tau", minimum=1e-6),
         Param("reduction", int, 4, "reduction ratio of the attention MLP", "r", minimum=1),
         Param("target", str, "spatial", "which convs of the block: 'spatial' (3x3) or 'all' "
@@ -270,8 +275,9 @@ register(KindSpec(
               "odd number nearest to (log2(C) + b) / gamma, ties to the smaller", "k",
               choices=(0, 1, 3, 5, 7, 9)),
         Param("gamma", float, 2.0, "gamma of the adaptive kernel rule (unused when kernel_size > 0)",
-              "gamma", minimum=1e-6),
-        Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b"),
+              "gamma", minimum=0.1),
+        Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b",
+              minimum=-64, maximum=64),
     ),
     default_position="standard",
     note="k parameters per module; 80 on ResNet-50 (the paper's count)",
@@ -286,7 +292,8 @@ register(KindSpec(
     builder="attnsurgeon.layers.coord:build",
     params=(
         Param("reduction", int, 32, "reduction ratio of the shared 1x1 conv", "r", minimum=1),
-        Param("min_dim", int, 8, "lower bound of the mid width max(min_dim, C // r)", "", minimum=1),
+        Param("min_dim", int, 8, "lower bound of the mid width max(min_dim, C // r)", "",
+              minimum=1, maximum=4096),
     ),
     default_position="standard",
     note="gates along H and along W, from means over one axis each",

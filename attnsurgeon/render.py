@@ -38,6 +38,8 @@ def print_kinds(console: Console) -> None:
         console.print(f"[bold cyan]{spec.name}[/]  {spec.title}: {where}", highlight=False, soft_wrap=True)
         for p in spec.params:
             extra = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
+            if p.maximum is not None:
+                extra += f" (at most {p.maximum:g})"
             symbol = f" [{p.symbol}]" if p.symbol else ""
             console.print(f"    --param {p.name}={p.default}{symbol}  {p.help}{extra}", highlight=False, markup=False, soft_wrap=True)
         if spec.note:
@@ -57,7 +59,7 @@ def kinds_data() -> dict[str, Any]:
                 "params": [
                     {"name": p.name, "type": p.type.__name__, "default": p.default,
                      "symbol": p.symbol, "help": p.help, "minimum": p.minimum,
-                     "choices": list(p.choices)}
+                     "maximum": p.maximum, "choices": list(p.choices)}
                     for p in s.params
                 ],
             }

@@ -175,6 +175,9 @@ ERRORS = [
     (["insert", "resnet18", "--attn", "dynconv", "--position", "pre"], "takes no position"),
     (["insert", "resnet18", "--attn", "se", "--param", "reduction=zero"], "reduction must be int, got 'zero'"),
     (["insert", "resnet18", "--attn", "se", "--param", "reduction=0"], "reduction must be >= 1"),
+    # a typo for kernels=4 is refused at once instead of exhausting memory for minutes
+    (["insert", "resnet18", "--attn", "dynconv", "--param", "kernels=100000"], "kernels must be <= 64"),
+    (["insert", "resnet18", "--attn", "eca", "--param", "b=1e9"], "b must be <= 64"),
     (["insert", "resnet18", "--attn", "se", "--param", "ratio=4"], "takes no parameter 'ratio'"),
     (["insert", "resnet18", "--attn", "se", "--param", "reduction"], "expected KEY=VALUE"),
     (["insert", "resnet18", "--attn", "se", "--weights", "IMAGENET9"], "has no weights 'IMAGENET9'"),

@@ -81,6 +81,8 @@ def test_params_resolve_or_usage_error(kind, data):
             assert math.isfinite(value)
         if p.minimum is not None:
             assert value >= p.minimum
+        if p.maximum is not None:
+            assert value <= p.maximum
         if p.choices:
             assert value in p.choices
 
