@@ -35,7 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-_err = Console(stderr=True)
+_err = Console(stderr=True, emoji=False)  # echo the user's text verbatim (":b:" is not an emoji)
 
 S = "surgery"  # help panel
 ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]

@@ -33,8 +33,9 @@ __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kind
 
 # results (tables) on stdout, messages on stderr. Piped into a file or a log, rich would
 # assume 80 columns and squeeze the tables; there is no terminal to fit, so use 120.
-out = Console(width=None if Console().is_terminal or os.environ.get("COLUMNS") else 120)
-err = Console(stderr=True)
+out = Console(width=None if Console().is_terminal or os.environ.get("COLUMNS") else 120,
+              emoji=False)  # the user's text verbatim (":b:" is not an emoji)
+err = Console(stderr=True, emoji=False)
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ def select_blocks(
     groups: dict[str, list[int]] = {}  # stage, then alias -> its block indices
     for column in range(1, max(len(b) for b in blocks)):
         for i, b in enumerate(blocks):
-            if i not in groups.setdefault(b[column], []):
+            if b[column] and i not in groups.setdefault(b[column], []):  # "": no alias
                 groups[b[column]].append(i)
     stages = list(groups)
     if spec.strip() == "all":

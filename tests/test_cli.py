@@ -171,6 +171,8 @@ ERRORS = [
     (["insert", "resnet18", "--attn", "se", "--layers", "layer9"], "unknown layer 'layer9'"),
     (["insert", "resnet18", "--attn", "se", "--layers", "layer4:layer2"], "reversed"),
     (["insert", "resnet18", "--attn", "se", "--layers", ""], "empty layer spec"),
+    # the user's text comes back verbatim: rich would print ":b:" as an emoji
+    (["insert", "resnet18", "--attn", "se", "--layers", "a:b:c"], "got 'a:b:c'"),
     (["insert", "resnet18", "--attn", "se", "--position", "middle"], "unknown position 'middle'"),
     (["insert", "resnet18", "--attn", "dynconv", "--position", "pre"], "takes no position"),
     (["insert", "resnet18", "--attn", "se", "--param", "reduction=zero"], "reduction must be int, got 'zero'"),

@@ -266,6 +266,19 @@ def test_stage_aliases_mean_the_same_depth_in_every_family(cli):
     assert [g["name"] for g in data["groups"] if g["params_added"]] == ["features.5", "features.7"]
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mnasnet0_5", "resnet18"])
+def test_stage_aliases_survive_surgery(name):
+    """A model that already carries attention (every kind, in turn) keeps its aliases:
+    stage4 still means output stride 1/32. Before, a dynamic conv could not run on the
+    meta device, the stride trace failed silently and aliases were numbered by block."""
+    fresh = {info.name: info.alias for info, _ in find_blocks(build_model(name, structure_only=True))}
+    for kind, spec in KINDS.items():
+        model = torchvision.models.get_model(name)
+        apply(model, kind, position="mid" if spec.mode == "insert" else None)
+        got = {info.name: info.alias for info, _ in find_blocks(model)}
+        assert got == fresh, kind
+
+
 def test_summary_rows_per_stage_for_a_flat_family(cli):
     result = cli("summarize", "mobilenet_v2", "--attn", "cbam", "--position", "mid", "--input-size", "64", "--json")
     data = json.loads(result.stdout)

@@ -22,7 +22,8 @@ conv's dilation as the stride it stands in for, so a segmentation backbone (dila
 stages) gets the same aliases as its classifier. Where a family has native stages
 (ResNet ``layerN``, RegNet ``blockN``, ConvNeXt, EfficientNet, MNASNet), a native stage
 takes the alias of its deepest block. Strides are measured by one forward pass on the
-``meta`` device (no memory, no arithmetic).
+``meta`` device (no memory, no arithmetic); a model that cannot run there gets no aliases
+(its blocks are still selected by name), never aliases guessed from block order.
 """
 
 from __future__ import annotations
@@ -320,24 +321,18 @@ def find_blocks(model: nn.Module) -> list[tuple[BlockInfo, nn.Module]]:
             found.append((info, module))
     if not found:
         return found
-    aliases = _aliases(model, found)
-    return [(replace(info, alias=aliases[info.name], stage=info.stage or aliases[info.name]), m)
+    aliases = _aliases(model, found)  # none where the strides cannot be measured: no guesses
+    return [(replace(info, alias=aliases.get(info.name, ""),
+                     stage=info.stage or aliases.get(info.name) or info.name), m)
             for info, m in found]
 
 
 def _aliases(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) -> dict[str, str]:
     """``stageN`` per block name (see the module docstring)."""
     strides = _output_strides(model, found)
-    nominal = {}
-    for info, _ in found:
-        stride = strides.get(info.name)
-        if stride is None:  # could not measure: fall back to the native stage's order
-            nominal = {}
-            break
-        nominal[info.name] = stride * info.dilation
-    if not nominal:
-        stages = list(dict.fromkeys(info.stage or info.name for info, _ in found))
-        return {info.name: f"stage{stages.index(info.stage or info.name) + 1}" for info, _ in found}
+    if any(info.name not in strides for info, _ in found):
+        return {}  # numbering stages in order instead would make stage4 mean another stride
+    nominal = {info.name: strides[info.name] * info.dilation for info, _ in found}
     by_stage: dict[str, int] = {}
     for info, _ in found:
         if info.stage:

@@ -322,8 +322,9 @@ def _channels_last(t: Tensor) -> bool:
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype a conv of ``x`` by ``weight`` runs in: autocast's, else the weight's."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and weight.is_floating_point():
+    device = x.device.type  # a meta tensor (a shape-only trace) has no autocast; asking raises
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and weight.is_floating_point()):
         return torch.get_autocast_dtype(device)
     return weight.dtype
 
