@@ -345,25 +345,31 @@ def _aliases(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) -> dict
 
 
 def _output_strides(model: nn.Module, found: list[tuple[BlockInfo, nn.Module]]) -> dict[str, int]:
-    """Each block's output stride, from one forward of the blocks' common ancestor on the
-    meta device (parameters swapped for meta tensors: nothing is computed or copied)."""
-    names = [info.name for info, _ in found]
-    root_path = _common_prefix(names)
-    root = model.get_submodule(root_path)
+    """Each block's output stride, from one forward of an image on the meta device
+    (parameters swapped for meta tensors: nothing is computed or copied), through the
+    deepest module around all blocks that takes an image: the blocks' common ancestor
+    (a detector's backbone body) or one above it (RegNet's trunk takes the stem's output)."""
     size = 256
     sizes: dict[str, int] = {}
     hooks = [block.register_forward_hook(_record(sizes, info.name)) for info, block in found]
-    state = {k: torch.empty_like(v, device="meta")
-             for k, v in (*root.named_parameters(), *root.named_buffers())}
+    path = _common_prefix([info.name for info, _ in found])
     try:
-        with evaluating(root), torch.no_grad():
-            torch.func.functional_call(root, state, (torch.empty(1, 3, size, size, device="meta"),))
-    except Exception:  # an exotic root (detector wrappers, odd inputs): no aliases by stride
-        return {}
+        while True:
+            root = model.get_submodule(path)
+            state = {k: torch.empty_like(v, device="meta")
+                     for k, v in (*root.named_parameters(), *root.named_buffers())}
+            sizes.clear()
+            try:
+                with evaluating(root), torch.no_grad():
+                    torch.func.functional_call(root, state, (torch.empty(1, 3, size, size, device="meta"),))
+                return {name: max(1, round(size / width)) for name, width in sizes.items()}
+            except Exception:  # not an image's module (odd inputs, detector wrappers)
+                if not path:
+                    return {}
+                path = path.rpartition(".")[0]
     finally:
         for h in hooks:
             h.remove()
-    return {name: max(1, round(size / width)) for name, width in sizes.items()}
 
 
 def _record(sizes: dict[str, int], name: str) -> Callable[..., None]:
