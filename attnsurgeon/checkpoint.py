@@ -233,7 +233,7 @@ def rebuild(
     from .zoo import build_model, fit_state_dict
 
     model = copy.deepcopy(base) if base is not None else build_model(
-        data["model"], model_kwargs=data["model_kwargs"])
+        data["model"], model_kwargs=data["model_kwargs"], like=data["state_dict"])
     changes = apply_recipe(model, recipe_of(data, path))
     fit_state_dict(model, data["state_dict"], source=f"{path}: state_dict")
     return model, changes

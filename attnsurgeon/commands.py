@@ -198,7 +198,7 @@ def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOption
     from .zoo import build_model
 
     data = checkpoint.read(path)
-    original = build_model(data["model"], model_kwargs=data["model_kwargs"])
+    original = build_model(data["model"], model_kwargs=data["model_kwargs"], like=data["state_dict"])
     model, changes = checkpoint.rebuild(data, path, base=original)
     recipe = checkpoint.recipe_of(data, path)
     groups = _block_groups(original)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UsageError, foreign_error, suggest
 
-__all__ = ["build_model", "check_model_name", "load_state_dict_file", "model_names"]
+__all__ = ["build_model", "check_model_name", "freeze_norms_like", "load_state_dict_file", "model_names"]
 
 
 def model_names() -> list[str]:
@@ -59,11 +61,38 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Make each ``BatchNorm2d`` of ``model`` a ``FrozenBatchNorm2d`` where ``state`` holds one.
+
+    torchvision's detection builders freeze the backbone's norms when they load weights and
+    build plain ``BatchNorm2d`` without; the keys tell them apart (a frozen norm has no
+    ``num_batches_tracked``). A norm of ``model`` that ``state`` does not name (where a
+    Selective Kernel conv, with norms of its own, replaced it) takes the kind of ``model``'s
+    other norms in the nearest module around it that ``state`` names.
+    """
+    norms = [(path, m) for path, m in model.named_modules()
+             if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    frozen = {path: f"{path}.num_batches_tracked" not in state
+              for path, _ in norms if f"{path}.running_var" in state}
+    for path, module in norms:
+        if type(module) is not nn.BatchNorm2d or not module.affine or not module.track_running_stats:
+            continue
+        verdict, parts = frozen.get(path), path.split(".")
+        while verdict is None and parts:
+            parts.pop()
+            prefix = ".".join(parts) + "." if parts else ""
+            around = [v for k, v in frozen.items() if k.startswith(prefix)]
+            verdict = all(around) if around else None
+        if verdict:
+            model.set_submodule(path, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+
+
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``model`` strictly; a misfit names the first offending keys.
 
-    Modules may convert a legacy layout while loading (a dynamic conv's old 5-D kernel
-    bank), so shapes are compared only when the load itself refuses them.
+    Norms become frozen where ``state`` says so (:func:`freeze_norms_like`). Modules may
+    convert a legacy layout while loading (a dynamic conv's old 5-D kernel bank), so
+    shapes are compared only when the load itself refuses them.
 
     Raises:
         UsageError: keys missing or unexpected, a shape that differs, or a floating-point
@@ -71,6 +100,7 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
     """
     from .checkpoint import with_metadata
 
+    freeze_norms_like(model, state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -99,6 +129,7 @@ def build_model(
     weights: str | None = None,
     weights_file: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    like: Mapping[str, torch.Tensor] | None = None,
     structure_only: bool = False,
 ) -> nn.Module:
     """Build torchvision model ``name``, with random, torchvision or local weights.
@@ -110,10 +141,14 @@ def build_model(
             a cached file works offline.
         weights_file: a local state_dict of the unmodified model.
         model_kwargs: passed to the torchvision builder (e.g. ``num_classes``).
+        like: a state_dict the model is built to fit (``weights_file``'s, or a checkpoint's):
+            torchvision builds another architecture when it loads pretrained weights (the
+            auxiliary head of a segmentation model, the frozen norms of a detector), and a
+            file of such weights must load into a model built without them.
         structure_only: random weights on the ``meta`` device where the builder allows it
             (no memory, no initialisation), for commands that only read the structure.
     """
-    if structure_only and weights is None and weights_file is None:
+    if structure_only and weights is None and weights_file is None and like is None:
         try:
             with torch.device("meta"):
                 return build_model(name, model_kwargs=model_kwargs)
@@ -126,7 +161,11 @@ def build_model(
     if weights is not None and weights_file is not None:
         raise UsageError("give --weights or --weights-file, not both")
     enum = _weights_enum(name, weights) if weights is not None else None
+    if weights_file is not None:
+        like = load_state_dict_file(weights_file)
     builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    if like is not None and "aux_loss" in builder_params and any(k.startswith("aux_classifier.") for k in like):
+        kwargs.setdefault("aux_loss", True)  # what a segmentation builder does when it loads weights
     if "weights_backbone" in builder_params:  # detection/segmentation: no silent backbone download
         kwargs.setdefault("weights_backbone", None)
     try:
@@ -143,6 +182,8 @@ def build_model(
         ) from None
     except (TypeError, ValueError) as e:
         raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
+    if like is not None:
+        freeze_norms_like(model, like)
     if weights_file is not None:
-        fit_state_dict(model, load_state_dict_file(weights_file), source=f"--weights-file {weights_file}")
+        fit_state_dict(model, like, source=f"--weights-file {weights_file}")
     return model

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import urllib.error
 
 import pytest
 import torch
 import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+import attnsurgeon
 from attnsurgeon.errors import UsageError
 from attnsurgeon.zoo import build_model
 
@@ -61,3 +66,46 @@ def test_misfit_state_dict_names_the_keys(tmp_path):
         build_model("resnet18", weights_file=path)
     with pytest.raises(UsageError, match="not both"):
         build_model("resnet18", weights="DEFAULT", weights_file=path)
+
+
+def _pretrained_layout(name: str) -> dict[str, torch.Tensor]:
+    """A random state_dict of the architecture torchvision builds when it loads ``name``'s
+    pretrained weights: a segmentation model gains its auxiliary head, a detector freezes
+    its backbone's norms. torchvision's own strict load checks this below."""
+    if "aux_loss" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        return torchvision.models.get_model(name, weights_backbone=None, aux_loss=True).state_dict()
+    model = torchvision.models.get_model(name, weights_backbone=None)
+    for path, m in list(model.backbone.body.named_modules()):
+        if type(m) is nn.BatchNorm2d:
+            model.backbone.body.set_submodule(path, FrozenBatchNorm2d(m.num_features, eps=m.eps))
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("source", ["--weights", "--weights-file"])
+@pytest.mark.parametrize("name, kind", [("deeplabv3_mobilenet_v3_large", "se"),
+                                        ("fasterrcnn_mobilenet_v3_large_320_fpn", "sk")])
+def test_pretrained_segmentation_and_detection_round_trip(cli, torch_home, tmp_path, name, kind, source):
+    """torchvision builds another architecture when it loads weights; the checkpoint of such
+    a model reloads (before, it wrote files its own load refused: unexpected aux_classifier,
+    missing num_batches_tracked), and summarize sees the same base model as insert did."""
+    state = _pretrained_layout(name)
+    if source == "--weights":
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+        torch.save(state, torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1])
+        weights = "DEFAULT"
+    else:
+        weights = str(tmp_path / "w.pth")
+        torch.save(state, weights)
+    out = tmp_path / "m.pt"
+    inserted = cli("insert", name, source, weights, "--attn", kind, "--layers", "stage4",
+                   "--input-size", "64", "-o", str(out), "--json")
+    assert inserted.exit_code == 0, inserted.output
+    summarized = cli("summarize", str(out), "--input-size", "64", "--json")
+    assert summarized.exit_code == 0, summarized.output
+    assert json.loads(summarized.stdout)["total"] == json.loads(inserted.stdout)["total"]
+    model = attnsurgeon.load(out)
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    common = saved.keys() & state.keys()  # all but the convs and norms sk replaced
+    assert len(common) > 0.9 * len(state) and all(torch.equal(saved[k], state[k]) for k in common)
