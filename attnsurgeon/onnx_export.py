@@ -151,10 +151,22 @@ class _SegmentationOutput(nn.Module):
 
 def _one_output(model: nn.Module, *, input_size: int) -> nn.Module:
     """``model``, or a wrapper returning its ``"out"`` tensor (torchvision segmentation
-    models return ``{"out": ..., "aux": ...}``; the file's one output is ``out``)."""
+    models return ``{"out": ..., "aux": ...}``; the file's one output is ``out``).
+
+    Raises:
+        UsageError: the output is not one tensor or such a dict (a detector's list of
+            boxes per image, whose number depends on the image).
+    """
     with evaluating(model), torch.no_grad():
         out = model(torch.zeros(1, 3, input_size, input_size))
-    return _SegmentationOutput(model) if isinstance(out, dict) and "out" in out else model
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor):
+        return _SegmentationOutput(model)
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(
+            f"{type(model).__name__} returns a {type(out).__name__}, not a tensor: export-onnx writes "
+            "models with one tensor output (classifiers, segmentation models' 'out'); a detector's "
+            "boxes per image are not supported")
+    return model
 
 
 def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:

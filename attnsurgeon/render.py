@@ -95,8 +95,10 @@ def blocks_table(model: str, blocks: Sequence[dict[str, Any]]) -> Table:
 
 
 def summary_table(data: dict[str, Any]) -> Table:
-    table = Table(title=f"{data['model']}: parameters and MACs "
-                        f"(MACs at 1x3x{data['input_size']}x{data['input_size']})")
+    size = f"1x3x{data['input_size']}x{data['input_size']}"
+    if data.get("resized_to"):
+        size += ", which the model resizes to 1x3x{}x{}".format(*data["resized_to"])
+    table = Table(title=f"{data['model']}: parameters and MACs (MACs at {size})")
     for col in ("stage", "params before", "params after", "added", "% added",
                 "MACs before", "MACs after", "MACs added"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
@@ -169,10 +171,13 @@ def print_summary(console: Console, data: dict[str, Any]) -> None:
         console.print(line, highlight=False, soft_wrap=True)
     p = data.get("preservation")
     if p:
+        logits = p.get("compared", "logits") == "logits"
         console.print(
             f"preservation ({data['recipe'].get('init', 'paper')} init, probe {p['probe']}): "
-            f"max |Δlogits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
-            f"relative {p['relative']:.3g}), top-1 agreement {100 * p['top1_agreement']:.0f}%"
+            + (f"max |Δlogits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
+               if logits else f"max |Δ{p['compared']}| {p['max_abs']:.3g} (scale {p['logit_scale']:.3g}, ")
+            + f"relative {p['relative']:.3g})"
+            + (f", top-1 agreement {100 * p['top1_agreement']:.0f}%" if p.get("top1_agreement") is not None else "")
             + (f"; NOT kept: {p['note']}" if p.get("function_kept") is False else ""),
             highlight=False, soft_wrap=True,
         )

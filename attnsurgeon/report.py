@@ -2,8 +2,9 @@
 
 MACs are counted by ``torch.utils.flop_counter`` (convolutions, linear layers and matrix
 products; it counts a multiply-add as 2 FLOPs, and we report MACs = FLOPs / 2) for one
-image of ``input_size`` x ``input_size``. Element-wise work (gates, pooling, activations)
-is not counted, as in the papers' tables.
+image of ``input_size`` x ``input_size`` (a detector resizes it first, to its own
+``min_size``: the counts are then at that size, and the summary says so). Element-wise
+work (gates, pooling, activations) is not counted, as in the papers' tables.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class GroupStats:
 @dataclass(frozen=True)
 class ModelStats:
     groups: tuple[GroupStats, ...]
+    backbone_input: tuple[int, int] | None = None  # (H, W) the model's backbone got, where it has one
 
     @property
     def params(self) -> int:
@@ -111,6 +113,14 @@ def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> 
 
     flop = FlopCounterMode(display=False)
     x = torch.zeros(1, 3, input_size, input_size, device=_device(model), dtype=_dtype(model))
+    seen: list[tuple[int, int]] = []  # what the backbone gets: a detector resizes the input first
+
+    def note_size(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen.append((int(args[0].shape[-2]), int(args[0].shape[-1])))
+
+    backbone = getattr(model, "backbone", None)
+    hook = backbone.register_forward_pre_hook(note_size) if isinstance(backbone, nn.Module) else None
     try:
         with evaluating(model), torch.no_grad(), flop:
             model(x)
@@ -120,6 +130,9 @@ def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> 
             f"cannot run {type(model).__name__} on a 1x3x{input_size}x{input_size} input to count "
             f"MACs ({first}); try another --input-size"
         ) from None
+    finally:
+        if hook is not None:
+            hook.remove()
     counts = flop.get_flop_counts()
     prefix = type(model).__name__
     macs = dict.fromkeys(order, 0)
@@ -127,7 +140,7 @@ def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> 
         macs[group] += int(sum(counts.get(f"{prefix}.{path}", {}).values())) // 2
     macs["head"] += int(flop.get_total_flops()) // 2 - sum(macs.values())
     return ModelStats(tuple(GroupStats(g, params[g], macs[g]) for g in order
-                            if g != "head" or params[g] or macs[g]))
+                            if g != "head" or params[g] or macs[g]), seen[0] if seen else None)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -145,26 +158,43 @@ def preservation(
 ) -> dict[str, Any] | None:
     """How far ``modified`` is from ``original`` on a fixed random probe batch (eval mode).
 
-    Returns ``max_abs`` (max |delta logits|), ``logit_scale`` (max |original logits|),
-    ``relative`` (their ratio) and ``top1_agreement`` (fraction of equal argmax, per pixel
-    for segmentation); ``None`` for models whose output is not a batch of logits.
+    Returns ``compared`` (``"logits"``), ``max_abs`` (max |delta logits|), ``logit_scale``
+    (max |original logits|), ``relative`` (their ratio) and ``top1_agreement`` (fraction of
+    equal argmax, per pixel for segmentation). A detector's output (a list of boxes per
+    image) has no logits: its backbone's feature maps are compared instead (``compared``
+    is ``"backbone features"``, ``top1_agreement`` None). ``None`` for any other output.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, input_size, input_size, generator=gen)
     x = x.to(device=_device(original), dtype=_dtype(original))
+    compared = "logits"
     with evaluating(original), evaluating(modified), torch.no_grad():
         a, b = _logits(original(x)), _logits(modified(x))
+        backbones = getattr(original, "backbone", None), getattr(modified, "backbone", None)
+        if (a is None or b is None) and all(isinstance(m, nn.Module) for m in backbones):
+            a, b, compared = _features(backbones[0](x)), _features(backbones[1](x)), "backbone features"
     if a is None or b is None:
-        return None  # e.g. a detector's list of dicts: no logits to compare
+        return None
     diff = (a - b).abs().max().item()
     scale = a.abs().max().item()
     return {
+        "compared": compared,
         "max_abs": diff,
         "logit_scale": scale,
         "relative": diff / scale if scale > 0 else float("inf"),
-        "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item(),
+        "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item() if compared == "logits" else None,
         "probe": f"{batch}x3x{input_size}x{input_size} N(0,1), seed {seed}",
     }
+
+
+def _features(output: object) -> torch.Tensor | None:
+    """A backbone's feature maps (a tensor, or a dict of them: an FPN's levels) as one
+    flat tensor."""
+    if isinstance(output, torch.Tensor):
+        return output.flatten()
+    if isinstance(output, Mapping) and output and all(isinstance(v, torch.Tensor) for v in output.values()):
+        return torch.cat([v.flatten() for v in output.values()])
+    return None
 
 
 def _logits(output: object) -> torch.Tensor | None:
@@ -198,6 +228,9 @@ def summary_data(
         "model": model_name,
         "recipe": recipe,
         "input_size": input_size,
+        # a detector resizes the input itself: the MACs are at this (H, W)
+        "resized_to": list(after.backbone_input) if after.backbone_input not in (
+            None, (input_size, input_size)) else None,
         "groups": rows,
         "total": _row("total", before.params, after.params, before.macs, after.macs),
         "changes": [c.to_data() for c in changes],

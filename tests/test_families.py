@@ -345,11 +345,21 @@ def test_detection_model_end_to_end(cli, tmp_path):
     blocks = json.loads(result.stdout)["blocks"]
     assert len(blocks) == 15 and blocks[0]["name"] == "backbone.body.1"
     out = tmp_path / "det.pt"
-    result = cli("insert", name, "--attn", "se", "--layers", "stage4:", "--input-size", "320", "-o", str(out), "--json")
+    result = cli("insert", name, "--attn", "se", "--layers", "stage4:", "--init", "preserve",
+                 "--input-size", "64", "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert len(data["changes"]) == 3 and data["total"]["params_added"] > 0 and data["total"]["macs_added"] > 0
-    assert data["preservation"] is None  # a detector has no logits to compare
+    assert data["resized_to"] == [320, 320]  # the detector resizes to its min_size: MACs are at 320
+    pres = data["preservation"]  # a detector has no logits: its backbone's features are compared
+    assert pres["compared"] == "backbone features" and pres["top1_agreement"] is None
+    assert 0 < pres["relative"] <= 1e-4
+    shown = cli("summarize", str(out), "--input-size", "64")
+    text = " ".join(shown.stdout.split())  # the table's title wraps
+    assert "MACs at 1x3x64x64, which the model resizes to 1x3x320x320" in text and "max |Δbackbone features|" in text
+    refused = cli("export-onnx", str(out), "-o", str(tmp_path / "det.onnx"), "--input-size", "64")
+    assert refused.exit_code == 2 and "FasterRCNN returns a list, not a tensor" in refused.stderr
+    assert not (tmp_path / "det.onnx").exists()
     model = attnsurgeon.load(out).eval()
     images = [torch.rand(3, 200, 240), torch.rand(3, 160, 160)]
     with torch.no_grad():
