@@ -31,13 +31,14 @@ import torchvision
 from torch import nn
 
 from . import __version__
-from .errors import UsageError, foreign_error
+from .errors import UsageError, first_line, foreign_error
 from .recipe import Recipe, recipe_from_data
 
 if TYPE_CHECKING:
     from .surgery import Change
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "check_output", "load", "load_plain", "read", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "build_base", "check_output", "load", "load_plain", "read",
+           "save"]
 
 FORMAT = "attnsurgeon"
 FORMAT_VERSION = 1
@@ -162,17 +163,18 @@ def load_plain(path: str | Path, *, what: str, kind: str) -> Any:
     article = "an" if kind[:1] in "aeiou" else "a"
     if not head:
         raise UsageError(f"{what} is empty, not {article} {kind}")
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: a zip; legacy: a pickle
+    try:
+        zipped = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # a damaged end record, which is_zipfile lets through: torch.load says more
+        zipped = True
+    if not zipped and head[:1] != b"\x80":  # torch.save: a zip; legacy: a pickle
         raise UsageError(f"{what} is not a loadable {kind}: not a file torch.save wrote")
     try:
         with warnings.catch_warnings():  # a damaged file's warnings would be a second line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zip errors, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in first:  # torch's advice (weights_only=False) is not ours to give
-            first = "it holds pickled objects beyond tensors and plain data, which are never unpickled"
-        raise UsageError(f"{what} is not a loadable {kind} ({first})") from None
+        raise UsageError(f"{what} is not a loadable {kind} ({first_line(e)})") from None
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -204,12 +206,31 @@ def read(path: str | Path) -> dict[str, Any]:
     _check_field(path, "recipe", data["recipe"], isinstance(data["recipe"], Mapping), "a table")
     _check_field(path, "state_dict", state, isinstance(state, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()), "a dict of tensors")
-    for key, kind, want in (("weights", str, "a string"), ("versions", dict, "a table"),
-                            ("preservation", dict, "a table")):
-        value = data.get(key)
-        _check_field(path, key, value, value is None or isinstance(value, kind), want)
-    recipe_of(data, path)  # parse it now: a bad recipe is an error before any model is built
+    loads = sorted({"weights", "weights_backbone"} & set(kwargs))
+    if loads:  # a checkpoint's weights are its state_dict; nothing is downloaded for it
+        raise UsageError(f"{path}: checkpoint field 'model_kwargs' may not set {loads[0]!r}")
+    weights, versions, pres = data.get("weights"), data.get("versions"), data.get("preservation")
+    _check_field(path, "weights", weights, weights is None or isinstance(weights, str), "a string")
+    _check_field(path, "versions", versions, versions is None or (isinstance(versions, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in versions.items())), "a table of strings")
+    _check_field(path, "preservation", pres, pres is None or _is_preservation(pres),
+                 "a table of the preservation figures")
+    recipe = recipe_of(data, path)  # parse it now: a bad recipe is an error before any model is built
+    if recipe.model not in (None, data["model"]):
+        raise UsageError(f"{path}: checkpoint is of model {data['model']!r} but its recipe names {recipe.model!r}")
     return data
+
+
+def _is_preservation(value: Any) -> bool:
+    """What :func:`attnsurgeon.report.preservation` writes: a probe, figures and notes."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (isinstance(value, dict) and isinstance(value.get("probe"), str)
+            and all(number(value.get(k)) for k in ("max_abs", "logit_scale"))
+            and all(value.get(k) is None or number(value.get(k)) for k in ("relative", "top1_agreement"))
+            and all(isinstance(k, str) and isinstance(v, (str, int, float, bool, type(None)))
+                    for k, v in value.items()))
 
 
 def _check_field(path: Path, key: str, value: Any, ok: bool, want: str) -> None:
@@ -230,13 +251,23 @@ def rebuild(
     its recipe made to the torchvision model (a copy of ``base`` when given: the
     unmodified model, already built)."""
     from .surgery import apply_recipe
-    from .zoo import build_model, fit_state_dict
+    from .zoo import fit_state_dict
 
-    model = copy.deepcopy(base) if base is not None else build_model(
-        data["model"], model_kwargs=data["model_kwargs"], like=data["state_dict"])
+    model = copy.deepcopy(base) if base is not None else build_base(data, path)
     changes = apply_recipe(model, recipe_of(data, path))
     fit_state_dict(model, data["state_dict"], source=f"{path}: state_dict")
     return model, changes
+
+
+def build_base(data: dict[str, Any], path: str | Path) -> nn.Module:
+    """The unmodified torchvision model a checkpoint's data was made from (random weights,
+    the architecture its state_dict needs); errors name the file."""
+    from .zoo import build_model
+
+    try:
+        return build_model(data["model"], model_kwargs=data["model_kwargs"], like=data["state_dict"])
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
 
 
 def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -160,9 +161,24 @@ def _with_latency(data: dict[str, Any], original: nn.Module, model: nn.Module, *
     return data
 
 
+def _write_json(data: Any) -> None:
+    """``data`` as JSON on stdout; NaN and infinity (a diverged or all-zero model's figures),
+    which JSON has no words for, become null."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    sys.stdout.write(json.dumps(plain(data), indent=2, allow_nan=False) + "\n")
+
+
 def _emit(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        _write_json(data)
     else:
         from .render import print_summary
 
@@ -195,10 +211,9 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
 def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOptions | None = None) -> dict[str, Any]:
     from . import checkpoint
     from .report import measure, summary_data
-    from .zoo import build_model
 
     data = checkpoint.read(path)
-    original = build_model(data["model"], model_kwargs=data["model_kwargs"], like=data["state_dict"])
+    original = checkpoint.build_base(data, path)
     model, changes = checkpoint.rebuild(data, path, base=original)
     recipe = checkpoint.recipe_of(data, path)
     groups = _block_groups(original)
@@ -247,7 +262,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         data["source"] = str(path)
         rows.append(data)
     if as_json:
-        sys.stdout.write(json.dumps({"recipes": rows}, indent=2) + "\n")
+        _write_json({"recipes": rows})
     else:
         from .render import comparison_table
 
@@ -292,7 +307,7 @@ def run_blocks(model_name: str, *, as_json: bool) -> None:
     if not blocks:
         raise UsageError(unsupported_message(model, model_name))
     if as_json:
-        sys.stdout.write(json.dumps({"model": model_name, "blocks": blocks}, indent=2) + "\n")
+        _write_json({"model": model_name, "blocks": blocks})
         return
     from .render import blocks_table
 
@@ -303,7 +318,7 @@ def run_kinds(*, as_json: bool) -> None:
     from .render import kinds_data, print_kinds
 
     if as_json:
-        sys.stdout.write(json.dumps(kinds_data(), indent=2) + "\n")
+        _write_json(kinds_data())
     else:
         print_kinds(out)
 
@@ -351,7 +366,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
 
 def _emit_export(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        _write_json(data)
     else:
         from .onnx_export import print_export_summary
 

@@ -16,7 +16,7 @@ import errno
 import re
 from collections.abc import Iterable
 
-__all__ = ["UsageError", "foreign_error", "suggest"]
+__all__ = ["UsageError", "first_line", "foreign_error", "suggest"]
 
 # errno values that mean "this file cannot be written here", whatever wrote it
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -38,6 +38,17 @@ def suggest(value: str, valid: Iterable[str], *, limit: int = 8) -> str:
     if len(valid) <= limit:
         return f" (valid: {', '.join(valid)})"
     return f" (valid: {', '.join(valid[:limit])}, ... {len(valid) - limit} more)"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none), in our words
+    where torch's would mislead: its advice to retry a refused file with
+    ``weights_only=False`` is not ours to give for a file from anywhere."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "Weights only load failed" in first:
+        return "it holds pickled objects beyond tensors and plain data, which are never unpickled"
+    return first
 
 
 def foreign_error(exc: BaseException, *, writing: object | None = None) -> UsageError | None:

@@ -359,7 +359,7 @@ def verify_onnx(
                                    f"PyTorch {list(want.shape)}")
                 break
             max_abs = float(np.max(np.abs(have - want)))
-            max_rel = max_abs / max(float(np.max(np.abs(want))), np.finfo(np.float32).tiny)
+            max_rel = max_abs / max(float(np.max(np.abs(want))), float(np.finfo(np.float32).tiny))
             result["runs"].append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs,
                                    "max_rel": max_rel, "passed": max_abs <= atol})  # NaN fails
         result["passed"] = result["error"] is None and all(r["passed"] for r in result["runs"])

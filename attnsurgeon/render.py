@@ -125,7 +125,7 @@ def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
     key = lambda c: (c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", ""))  # noqa: E731
     for (rule, attn, where, _stage, module, note), group in groupby(changes, key=key):
         items = list(group)
-        blocks = _span(items[0]["block"], items[-1]["block"], len(items))
+        blocks = _span([c["block"] for c in items])
         table.add_row(str(rule) if rule else "head", attn, where, blocks, module,
                       _plus(sum(c["params_added"] for c in items)), *([note] if notes else []))
     return table
@@ -142,14 +142,18 @@ def skipped_lines(skipped: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _span(first: str, last: str, n: int) -> str:
-    """``layer1.0``, ``layer1.2``, 3 -> ``layer1.0-2 (3)``."""
+def _span(blocks: Sequence[str]) -> str:
+    """``layer1.0, layer1.1, layer1.2`` -> ``layer1.0-2 (3)``; blocks that are not one run
+    of a stage are listed (``layer1.0, layer1.2``), the middle elided past four."""
+    first, last, n = blocks[0], blocks[-1], len(blocks)
     if n == 1:
         return first
-    stage, _, tail = last.rpartition(".")
-    if first.startswith(stage + ".") and tail.isdigit():
-        return f"{first}-{tail} ({n})"
-    return f"{first} .. {last} ({n})"
+    stage = first.rpartition(".")[0]
+    tails = [b.rpartition(".")[2] for b in blocks]
+    if (all(b.rpartition(".")[0] == stage for b in blocks) and all(t.isdigit() for t in tails)
+            and [int(t) for t in tails] == list(range(int(tails[0]), int(tails[0]) + n))):
+        return f"{first}-{tails[-1]} ({n})"
+    return ", ".join(blocks) if n <= 4 else f"{first}, {blocks[1]}, ..., {last} ({n})"
 
 
 def latency_line(lat: dict[str, Any], macs: dict[str, Any]) -> str:
@@ -176,7 +180,7 @@ def print_summary(console: Console, data: dict[str, Any]) -> None:
             f"preservation ({data['recipe'].get('init', 'paper')} init, probe {p['probe']}): "
             + (f"max |Δlogits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
                if logits else f"max |Δ{p['compared']}| {p['max_abs']:.3g} (scale {p['logit_scale']:.3g}, ")
-            + f"relative {p['relative']:.3g})"
+            + (f"relative {p['relative']:.3g})" if p.get("relative") is not None else "no relative figure: all zero)")
             + (f", top-1 agreement {100 * p['top1_agreement']:.0f}%" if p.get("top1_agreement") is not None else "")
             + (f"; NOT kept: {p['note']}" if p.get("function_kept") is False else ""),
             highlight=False, soft_wrap=True,

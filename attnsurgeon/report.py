@@ -181,7 +181,7 @@ def preservation(
         "compared": compared,
         "max_abs": diff,
         "logit_scale": scale,
-        "relative": diff / scale if scale > 0 else float("inf"),
+        "relative": diff / scale if scale > 0 else None,  # None: all-zero logits, no scale
         "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item() if compared == "logits" else None,
         "probe": f"{batch}x3x{input_size}x{input_size} N(0,1), seed {seed}",
     }

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .errors import UsageError, foreign_error, suggest
+from .errors import UsageError, first_line, foreign_error, suggest
 
 __all__ = ["build_model", "check_model_name", "freeze_norms_like", "load_state_dict_file", "model_names"]
 
@@ -68,8 +70,12 @@ def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     build plain ``BatchNorm2d`` without; the keys tell them apart (a frozen norm has no
     ``num_batches_tracked``). A norm of ``model`` that ``state`` does not name (where a
     Selective Kernel conv, with norms of its own, replaced it) takes the kind of ``model``'s
-    other norms in the nearest module around it that ``state`` names.
+    other norms in the nearest module around it that ``state`` names. Only a torchvision
+    detector is changed: elsewhere a norm without ``num_batches_tracked`` is one saved
+    before PyTorch 0.4.1 (:func:`fit_state_dict` fills it in, as torch does).
     """
+    if not type(model).__module__.startswith("torchvision.models.detection."):
+        return
     norms = [(path, m) for path, m in model.named_modules()
              if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
     frozen = {path: f"{path}.num_batches_tracked" not in state
@@ -87,21 +93,50 @@ def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
             model.set_submodule(path, FrozenBatchNorm2d(module.num_features, eps=module.eps))
 
 
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Make torchvision's builders load pretrained weights with ``weights_only=True``.
+
+    They call ``weights.get_state_dict(...)``, which is ``torch.hub.load_state_dict_from_url``
+    with its default ``weights_only=False``; and the hash of a file already in the hub cache
+    is never checked. A file planted there would run code when unpickled.
+    """
+    enum = torchvision.models.WeightsEnum
+    plain = enum.get_state_dict
+
+    def safe(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return plain(self, *args, **{**kwargs, "weights_only": True})
+
+    enum.get_state_dict = safe  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        enum.get_state_dict = plain  # type: ignore[method-assign]
+
+
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``model`` strictly; a misfit names the first offending keys.
 
-    Norms become frozen where ``state`` says so (:func:`freeze_norms_like`). Modules may
-    convert a legacy layout while loading (a dynamic conv's old 5-D kernel bank), so
-    shapes are compared only when the load itself refuses them.
+    Norms become frozen where ``state`` says so (:func:`freeze_norms_like`); a norm's
+    ``num_batches_tracked`` that ``state`` lacks (a file saved before PyTorch 0.4.1) is
+    filled in. Modules may convert a legacy layout while loading (a dynamic conv's old 5-D
+    kernel bank), so shapes are compared only when the load itself refuses them.
 
     Raises:
-        UsageError: keys missing or unexpected, a shape that differs, or a floating-point
-            tensor holding NaN or infinity (a diverged run's weights).
+        UsageError: keys missing or unexpected, a shape that differs, a tensor that is not
+            a dense CPU tensor of real numbers, or a floating-point tensor holding NaN or
+            infinity (a diverged run's weights).
     """
     from .checkpoint import with_metadata
 
+    for k, v in state.items():
+        if v.layout != torch.strided or v.device.type != "cpu" or v.is_complex():
+            raise UsageError(f"{source}: {k} is a {v.layout} {v.dtype} tensor on {v.device.type}; "
+                             "expected dense CPU tensors of real numbers")
     freeze_norms_like(model, state)
     own = model.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in state
+                and f"{k[: -len('num_batches_tracked')]}running_var" in state}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     problems = []
@@ -166,22 +201,27 @@ def build_model(
     builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
     if like is not None and "aux_loss" in builder_params and any(k.startswith("aux_classifier.") for k in like):
         kwargs.setdefault("aux_loss", True)  # what a segmentation builder does when it loads weights
-    if "weights_backbone" in builder_params:  # detection/segmentation: no silent backbone download
-        kwargs.setdefault("weights_backbone", None)
+    if "weights_backbone" in builder_params:  # detection/segmentation: never a backbone download
+        kwargs["weights_backbone"] = None
     try:
-        model = torchvision.models.get_model(name, weights=enum, **kwargs)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
-        if enum is None:
-            if kwargs and isinstance(e, RuntimeError) and foreign_error(e) is None:
-                raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
-            raise
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise UsageError(
-            f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: {e}); "
-            f"offline, put the file in {cache} or use --weights-file"
-        ) from None
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{name}: bad model arguments {kwargs}: {e}") from None
+        with _weights_only():
+            model = torchvision.models.get_model(name, weights=enum, **kwargs)
+    except Exception as e:
+        error = foreign_error(e) if enum is None else None  # out of memory
+        if error is not None:
+            raise error from e
+        first = first_line(e)
+        if enum is not None:
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
+            cached = cache / Path(urlparse(enum.url).path).name
+            if cached.is_file():
+                raise UsageError(f"--weights {weights}: the cached file {cached} does not load "
+                                 f"({first}); delete it to download it again") from None
+            raise UsageError(f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: "
+                             f"{first}); offline, put the file in {cache} or use --weights-file") from None
+        if model_kwargs:
+            raise UsageError(f"{name}: bad model arguments {model_kwargs}: {first}") from None
+        raise
     if like is not None:
         freeze_norms_like(model, like)
     if weights_file is not None:

@@ -271,3 +271,16 @@ def test_a_checkpoint_takes_no_surgery_options(cli, tmp_path):
     user_error(cli("summarize", str(out), "--param", "reduction=4"), "summarize FILE.pt takes no surgery options")
     user_error(cli("export-onnx", str(out), "--weights", "DEFAULT", "-o", str(tmp_path / "a.onnx")),
                "export-onnx FILE.pt takes no surgery options")
+
+
+@pytest.mark.parametrize("blocks, shown", [
+    (["layer1.0"], "layer1.0"),
+    (["layer1.0", "layer1.1", "layer1.2"], "layer1.0-2 (3)"),
+    (["layer1.0", "layer1.2"], "layer1.0, layer1.2"),  # not one run: listed, never "layer1.0-2"
+    (["features.8", "features.9", "features.10", "features.12", "features.13"],
+     "features.8, features.9, ..., features.13 (5)"),
+])
+def test_changes_table_block_spans(blocks, shown):
+    from attnsurgeon.render import _span
+
+    assert _span(blocks) == shown

@@ -23,6 +23,7 @@ import torchvision
 from test_cli import user_error
 from torch import nn
 
+import attnsurgeon
 from attnsurgeon import checkpoint
 from attnsurgeon.errors import UsageError, foreign_error
 
@@ -320,6 +321,11 @@ def malformed(**fields) -> dict:
     ({"format_version": True}, "format_version True is not supported"),
     ({"recipe": {"insert": [{"attn": "se", "params": {"reduction": 0}}]}}, "reduction must be >= 1"),
     ({"weights": 7}, "checkpoint field 'weights' must be a string, got 7"),
+    # a forged file must not make the tool download (or unpickle) anything
+    ({"model_kwargs": {"weights_backbone": "DEFAULT"}}, "checkpoint field 'model_kwargs' may not set 'weights_backbone'"),
+    ({"model": "vit_b_16"}, "checkpoint is of model 'vit_b_16' but its recipe names 'resnet18'"),
+    ({"preservation": {"max_abs": "x"}}, "checkpoint field 'preservation' must be a table of the preservation figures"),
+    ({"versions": {"torch": torch.zeros(1)}}, "checkpoint field 'versions' must be a table of strings"),
 ])
 def test_checkpoint_fields_are_checked(cli, tmp_path, fields, message):
     path = tmp_path / "m.pt"
@@ -339,6 +345,77 @@ def test_checkpoint_with_a_wrong_shaped_tensor(cli, tmp_path):
     user_error(cli("summarize", str(path)), message)
     user_error(cli("export-onnx", str(path), "-o", str(out)), message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.empty(1000, 512, device="meta"), "fc.weight is a torch.strided torch.float32 tensor on meta"),
+    (torch.zeros(1000, 512).to_sparse(), "fc.weight is a torch.sparse_coo torch.float32 tensor on cpu"),
+    (torch.zeros(1000, 512, dtype=torch.complex64), "fc.weight is a torch.strided torch.complex64 tensor on cpu"),
+])
+def test_tensors_that_are_not_dense_real_cpu_tensors(cli, tmp_path, tensor, message):
+    state = torchvision.models.resnet18().state_dict()
+    state["fc.weight"] = tensor
+    torch.save(state, tmp_path / "w.pth")
+    user_error(cli("insert", "resnet18", "--attn", "se", "--weights-file", str(tmp_path / "w.pth"),
+                   "-o", str(tmp_path / "m.pt")), message)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_model_kwargs_a_builder_fails_on_name_the_file(cli, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(malformed(model="mobilenet_v2", recipe={"model": "mobilenet_v2", "insert": [{"attn": "se"}]},
+                         model_kwargs={"round_nearest": 0}), path)  # a ZeroDivisionError in torchvision
+    user_error(cli("summarize", str(path)), f"{path}: mobilenet_v2: bad model arguments {{'round_nearest': 0}}")
+
+
+def test_a_pickle_planted_in_the_hub_cache_never_runs(cli, tmp_path, monkeypatch):
+    """torchvision loads pretrained weights with torch.hub's weights_only=False, and never
+    checks the hash of a file already in the cache; --weights loads them weights_only."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    torch.save({"x": _Planted()}, cache / url.rsplit("/", 1)[-1])
+    result = cli("summarize", "resnet18", "--attn", "se", "--weights", "DEFAULT", "--input-size", "32")
+    user_error(result, "does not load (it holds pickled objects beyond tensors and plain data, which are never unpickled)")
+    assert not (tmp_path / "PWNED").exists()
+
+
+class _Planted:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["TORCH_HOME"]) / "PWNED",))
+
+
+def test_figures_json_has_no_words_for_are_null(cli, tmp_path):
+    """A zeroed classifier (a common fine-tuning start) has all-zero logits: the relative
+    error has no scale, and NaN or Infinity would make --json invalid JSON."""
+    state = torchvision.models.resnet18().state_dict()
+    state["fc.weight"].zero_()
+    state["fc.bias"].zero_()
+    torch.save(state, tmp_path / "w.pth")
+    out = tmp_path / "m.pt"
+    result = cli("insert", "resnet18", "--attn", "se", "--weights-file", str(tmp_path / "w.pth"),
+                 "--input-size", "32", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["preservation"]["relative"] is None
+    exported = cli("export-onnx", str(out), "-o", str(tmp_path / "m.onnx"), "--input-size", "32", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["verification"]["runs"][0]["max_rel"] == 0.0
+    assert "no relative figure" in cli("summarize", str(out), "--input-size", "32").stdout
+
+
+def test_weights_saved_before_num_batches_tracked_load(cli, tmp_path):
+    """A file from before PyTorch 0.4.1 (or converted) has no num_batches_tracked: torch's
+    own load fills it in, and so do we; its norms stay trainable BatchNorm2d."""
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "w.pth")
+    out = tmp_path / "m.pt"
+    result = cli("insert", "resnet18", "--attn", "se", "--weights-file", str(tmp_path / "w.pth"),
+                 "--input-size", "32", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    model = attnsurgeon.load(out)
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 20
 
 
 # --- command-line conventions ----------------------------------------------------------
