@@ -61,7 +61,7 @@ def check_output(path: str | Path, *, force: bool, suffix: str | tuple[str, ...]
         raise UsageError(f"-o: expected a {want} file, got {str(path)!r}{hint}")
     if path.is_dir():
         raise UsageError(f"-o: {path} is a directory")
-    if path.exists() and not force:
+    if (path.exists() or path.is_symlink()) and not force:  # a dangling link too
         raise UsageError(f"{path} exists; use --force to overwrite it")
     if not path.parent.is_dir():
         raise UsageError(f"-o: directory {path.parent} does not exist")

@@ -47,7 +47,9 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if "Weights only load failed" in first:
-        return "it holds pickled objects beyond tensors and plain data, which are never unpickled"
+        if "Unsupported global" in text:
+            return "it holds pickled objects beyond tensors and plain data, which are never unpickled"
+        return "a damaged pickle"
     return first
 
 
@@ -69,8 +71,8 @@ def foreign_error(exc: BaseException, *, writing: object | None = None) -> Usage
     if isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError) and any(s in text.lower() for s in _OUT_OF_MEMORY)
     ):
-        return UsageError(f"out of memory ({_memory_reason(text)}); try a smaller --input-size "
-                          "or --param value, or free some memory")
+        return UsageError(f"out of memory ({_memory_reason(text)}); try a smaller --input-size, "
+                          "--batch or --param value, or free some memory")
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno != errno.EPIPE:
         reason = exc.strerror or first
         if writing is not None:

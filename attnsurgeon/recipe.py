@@ -119,11 +119,15 @@ def make_rule(
     attn: str, *, layers: str = "all", position: str | None = None,
     params: Mapping[str, object] | None = None, where: str,
 ) -> Rule:
-    """Validate one rule and resolve its parameters (defaults filled in)."""
-    kind = get_kind(attn, where=f"{where}: attn")
-    resolved_position = kind.resolve_position(position, where=where)
-    check_spec_syntax(layers, where=f"{where}: layers")
-    resolved = kind.resolve_params(params or {}, where=where)
+    """Validate one rule and resolve its parameters (defaults filled in). Errors name
+    ``where`` and the key (``rule 2: layers``), or the option for ``where="options"``."""
+    def at(key: str) -> str:
+        return f"--{key}" if where == "options" else f"{where}: {key}"
+
+    kind = get_kind(attn, where=at("attn"))
+    resolved_position = kind.resolve_position(position, where=at("position"))
+    check_spec_syntax(layers, where=at("layers"))
+    resolved = kind.resolve_params(params or {}, where=at("param") if where == "options" else where)
     return Rule(attn=attn, layers=layers.strip(), position=resolved_position,
                 params=tuple(resolved.items()))
 

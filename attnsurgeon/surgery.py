@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
                                   type(new_conv).__name__, _count(new_conv) + _count(new_norm), replaced))
         if recipe.head is not None:
             changes.append(_apply_head(model, recipe.head, init=recipe.init))
+    gone = {c.block for c in changes if c.where == "builtin"}  # a later rule replaced the built-in SE
+    changes = [replace(c, note="") if c.block in gone and c.note.startswith("beside") else c for c in changes]
     return Changes(changes, skipped)
 
 

@@ -473,13 +473,14 @@ def test_replace_and_insert_on_one_block_in_either_order(rules):
     assert ran == [144]
 
 
-def test_the_builtin_note_follows_what_the_block_holds_at_insertion():
+@pytest.mark.parametrize("builtin_first", [True, False])
+def test_the_builtin_note_follows_what_the_block_holds_in_the_end(builtin_first):
     model = torchvision.models.efficientnet_b0()
-    changes = apply_recipe(model, Recipe(rules=(
-        make_rule("se", position="builtin", layers="features.2", where="t"),
-        make_rule("cbam", position="mid", layers="features.2:features.3", where="t"))))
+    rules = (make_rule("se", position="builtin", layers="features.2", where="t"),
+             make_rule("cbam", position="mid", layers="features.2:features.3", where="t"))
+    changes = apply_recipe(model, Recipe(rules=rules if builtin_first else rules[::-1]))
     notes = {(c.block, c.where): c.note for c in changes}
-    assert notes[("features.2.0", "mid")] == ""  # its SE was replaced by rule 1
+    assert notes[("features.2.0", "mid")] == ""  # its SE is replaced, by an earlier or a later rule
     assert notes[("features.3.0", "mid")] == "beside the block's built-in SqueezeExcitation"
 
 

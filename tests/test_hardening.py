@@ -418,6 +418,18 @@ def test_weights_saved_before_num_batches_tracked_load(cli, tmp_path):
     assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == 20
 
 
+def test_a_damaged_pickle_is_not_called_pickled_objects(cli, tmp_path):
+    (tmp_path / "g.pt").write_bytes(b"\x80\x02garbagegarbage")
+    user_error(cli("summarize", str(tmp_path / "g.pt")), "is not a loadable attnsurgeon checkpoint (a damaged pickle)")
+
+
+def test_a_dangling_link_is_not_overwritten_without_force(cli, tmp_path):
+    link = tmp_path / "m.pt"
+    link.symlink_to(tmp_path / "missing" / "m.pt")
+    user_error(cli("insert", "resnet18", "--attn", "se", "--input-size", "32", "-o", str(link)), "exists; use --force")
+    assert link.is_symlink()
+
+
 # --- command-line conventions ----------------------------------------------------------
 
 
@@ -443,7 +455,7 @@ def test_conventions_without_torch(argv, expect):
     (OSError(errno.ENOSPC, "No space left on device"), "a.pt", "cannot write a.pt: No space left on device; nothing was written"),
     (OSError(errno.EROFS, "Read-only file system"), "a.pt", "cannot write a.pt: Read-only file system; nothing was written"),
     (PermissionError(errno.EACCES, "Permission denied", "w.pth"), None, "w.pth: Permission denied"),
-    (MemoryError(), None, "out of memory (allocation failed); try a smaller --input-size or --param value, or free some memory"),
+    (MemoryError(), None, "out of memory (allocation failed); try a smaller --input-size, --batch or --param value, or free some memory"),
     (OSError(errno.EPIPE, "Broken pipe"), None, None),  # a closed pipe is click's business
     (OSError(errno.ENOENT, "No such file"), "a.pt", None),  # not a write failure: a bug, keeps its traceback
     (RuntimeError("shape mismatch"), None, None),

@@ -16,8 +16,8 @@ Adding a family is one file in this package that defines ``FAMILY`` and one line
 
 **Stage aliases.** Every block also gets a family-independent alias ``stageN``: the
 blocks whose output has *nominal* stride ``2**(N+1)`` relative to the input (stage1 =
-1/4, stage2 = 1/8, stage3 = 1/16, stage4 = 1/32; stage0 = 1/2, where MobileNets,
-EfficientNets and MNASNet have their first blocks). The nominal stride counts a dilated
+1/4, stage2 = 1/8, stage3 = 1/16, stage4 = 1/32; stage0 = 1/2, where MobileNetV2,
+MobileNetV3-Large and EfficientNets have their first blocks). The nominal stride counts a dilated
 conv's dilation as the stride it stands in for, so a segmentation backbone (dilated
 stages) gets the same aliases as its classifier. Where a family has native stages
 (ResNet ``layerN``, RegNet ``blockN``, ConvNeXt, EfficientNet, MNASNet), a native stage
