@@ -175,6 +175,9 @@ def preservation(
             a, b, compared = _features(backbones[0](x)), _features(backbones[1](x)), "backbone features"
     if a is None or b is None:
         return None
+    if not bool(torch.isfinite(a).all()):
+        raise UsageError("the unmodified model's outputs on the probe batch are not finite (NaN or infinity): "
+                         "its weights are broken (a negative running_var?)")
     diff = (a - b).abs().max().item()
     scale = a.abs().max().item()
     return {

@@ -404,6 +404,15 @@ def test_figures_json_has_no_words_for_are_null(cli, tmp_path):
     assert "no relative figure" in cli("summarize", str(out), "--input-size", "32").stdout
 
 
+def test_weights_that_make_a_nan_model_are_refused(cli, tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["bn1.running_var"][:] = -1.0  # finite, but sqrt(var + eps) is NaN
+    torch.save(state, tmp_path / "w.pth")
+    user_error(cli("insert", "resnet18", "--attn", "se", "--weights-file", str(tmp_path / "w.pth"),
+                   "--input-size", "32", "-o", str(tmp_path / "m.pt")), "outputs on the probe batch are not finite")
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_weights_saved_before_num_batches_tracked_load(cli, tmp_path):
     """A file from before PyTorch 0.4.1 (or converted) has no num_batches_tracked: torch's
     own load fills it in, and so do we; its norms stay trainable BatchNorm2d."""
