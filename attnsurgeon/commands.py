@@ -111,8 +111,8 @@ def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
     name = check_model_name(recipe.model)
     if opts.weights_file is not None and recipe.weights not in (None, "none"):
         raise UsageError("give --weights or --weights-file, not both")
-    # random base weights come from the recipe's seed too: same command, same file
-    with seeded(recipe.seed if recipe.seed is not None else 0):
+    # random base weights come from the recipe's seed too (0 unless given): same command, same file
+    with seeded(recipe.seed):
         original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
     model = copy.deepcopy(original)
     changes = apply_recipe(model, recipe)

@@ -39,6 +39,7 @@ from .checkpoint import atomic_write
 from .errors import UsageError
 from .report import check_input_size
 from .torch_state import evaluating
+from .zoo import is_detector
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
            "describe_onnx", "export_onnx", "print_export_summary", "verify_onnx"]
@@ -157,15 +158,18 @@ def _one_output(model: nn.Module, *, input_size: int) -> nn.Module:
         UsageError: the output is not one tensor or such a dict (a detector's list of
             boxes per image, whose number depends on the image).
     """
+    if is_detector(model):  # refused before any work: a detector's forward is seconds
+        raise UsageError(
+            f"{type(model).__name__} returns a list, not a tensor: export-onnx writes models with one "
+            "tensor output (classifiers, segmentation models' 'out'); a detector's boxes per image "
+            "are not supported")
     with evaluating(model), torch.no_grad():
         out = model(torch.zeros(1, 3, input_size, input_size))
     if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor):
         return _SegmentationOutput(model)
     if not isinstance(out, torch.Tensor):
-        raise UsageError(
-            f"{type(model).__name__} returns a {type(out).__name__}, not a tensor: export-onnx writes "
-            "models with one tensor output (classifiers, segmentation models' 'out'); a detector's "
-            "boxes per image are not supported")
+        raise UsageError(f"{type(model).__name__} returns a {type(out).__name__}, not a tensor: export-onnx "
+                         "writes models with one tensor output (classifiers, segmentation models' 'out')")
     return model
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .kinds import HEADS, KINDS, POSITIONS
 
-__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_kinds", "print_summary", "si", "skipped_lines"]
+__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_kinds", "print_summary", "si"]
 
 
 def si(n: float, unit: str = "") -> str:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .surgery import Change
 from .torch_state import evaluating
+from .zoo import is_detector
 
 __all__ = ["MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "GroupStats", "ModelStats", "check_input_size", "measure",
            "preservation", "summary_data"]
@@ -125,7 +126,7 @@ def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> 
         with evaluating(model), torch.no_grad(), flop:
             model(x)
     except Exception as e:  # the model's own error: wrong input size, wrong input kind
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(
             f"cannot run {type(model).__name__} on a 1x3x{input_size}x{input_size} input to count "
             f"MACs ({first}); try another --input-size"
@@ -167,12 +168,13 @@ def preservation(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, input_size, input_size, generator=gen)
     x = x.to(device=_device(original), dtype=_dtype(original))
-    compared = "logits"
+    detector = is_detector(original)  # compare its backbones: running the whole detector is wasted
+    compared = "backbone features" if detector else "logits"
     with evaluating(original), evaluating(modified), torch.no_grad():
-        a, b = _logits(original(x)), _logits(modified(x))
-        backbones = getattr(original, "backbone", None), getattr(modified, "backbone", None)
-        if (a is None or b is None) and all(isinstance(m, nn.Module) for m in backbones):
-            a, b, compared = _features(backbones[0](x)), _features(backbones[1](x)), "backbone features"
+        if detector:
+            a, b = _features(original.backbone(x)), _features(modified.backbone(x))
+        else:
+            a, b = _logits(original(x)), _logits(modified(x))
     if a is None or b is None:
         return None
     if not bool(torch.isfinite(a).all()):

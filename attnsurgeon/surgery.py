@@ -129,9 +129,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     if recipe.rules and not blocks:
         raise UsageError(unsupported_message(model, recipe.model or type(model).__name__))
     names = [(info.name, info.stage, info.alias) for info, _ in blocks]
-    cli = recipe.source == "command line"
     plan, skipped = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
-        rule.layers, names, where="--layers" if cli else f"{_where(recipe, n)}: layers"))
+        rule.layers, names, where=_layers_where(recipe, n)))
     changes: list[Change] = []
     with seeded(recipe.seed):
         for n, rule, info, block, where in plan:
@@ -156,8 +155,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
                                   type(new_conv).__name__, _count(new_conv) + _count(new_norm), replaced))
         if recipe.head is not None:
             changes.append(_apply_head(model, recipe.head, init=recipe.init))
-    gone = {c.block for c in changes if c.where == "builtin"}  # a later rule replaced the built-in SE
-    changes = [replace(c, note="") if c.block in gone and c.note.startswith("beside") else c for c in changes]
+    # notes say what a block holds in the end: a built-in SE a rule replaced is gone
+    beside = {info.name for info, _ in blocks if info.builtin} - {c.block for c in changes if c.where == "builtin"}
+    changes = [replace(c, note="beside the block's built-in SqueezeExcitation")
+               if c.block in beside and c.where in SLOT_ATTR else c for c in changes]
     return Changes(changes, skipped)
 
 
@@ -171,14 +172,13 @@ def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, n
     block = make_slotted(block)
     new = _like(new, block)
     setattr(block, SLOT_ATTR[where], new)
-    kept = info.builtin and isinstance(block.get_submodule(info.builtin), SqueezeExcitation)  # not replaced by a rule
-    note = "beside the block's built-in SqueezeExcitation" if kept else ""
     return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{SLOT_ATTR[where]}",
-                  type(new).__name__, _count(new), 0, note=note)
+                  type(new).__name__, _count(new), 0)
 
 
-def _where(recipe: Recipe, n: int) -> str:
-    return "options" if recipe.source == "command line" else f"{recipe.source}: rule {n}"
+def _layers_where(recipe: Recipe, n: int) -> str:
+    """How errors name rule ``n``'s layer spec: the option, or the recipe's file and rule."""
+    return "--layers" if recipe.source == "command line" else f"{recipe.source}: rule {n}: layers"
 
 
 def _plan(
@@ -198,7 +198,7 @@ def _plan(
     for n, rule in enumerate(recipe.rules, start=1):
         kind = get_kind(rule.attn)
         chosen = select(n, rule)
-        label = f"{_where(recipe, n)}: layers {rule.layers!r}"
+        label = f"{_layers_where(recipe, n)} {rule.layers!r}"
         if kind.mode == "insert":
             position = rule.position or kind.default_position  # resolved by make_rule
             having = [i for i in chosen if position in blocks[i][0].slots]

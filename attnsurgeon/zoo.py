@@ -16,7 +16,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UsageError, first_line, foreign_error, suggest
 
-__all__ = ["build_model", "check_model_name", "freeze_norms_like", "load_state_dict_file", "model_names"]
+__all__ = ["build_model", "check_model_name", "fit_state_dict", "is_detector", "load_state_dict_file", "model_names"]
 
 
 def model_names() -> list[str]:
@@ -63,6 +63,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def is_detector(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision detector (its output is boxes per image, and its
+    builder freezes the backbone's norms when it loads weights)."""
+    return type(model).__module__.startswith("torchvision.models.detection.")
+
+
 def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Make each ``BatchNorm2d`` of ``model`` a ``FrozenBatchNorm2d`` where ``state`` holds one.
 
@@ -74,7 +80,7 @@ def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     detector is changed: elsewhere a norm without ``num_batches_tracked`` is one saved
     before PyTorch 0.4.1 (:func:`fit_state_dict` fills it in, as torch does).
     """
-    if not type(model).__module__.startswith("torchvision.models.detection."):
+    if not is_detector(model):
         return
     norms = [(path, m) for path, m in model.named_modules()
              if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
@@ -222,8 +228,8 @@ def build_model(
         if model_kwargs:
             raise UsageError(f"{name}: bad model arguments {model_kwargs}: {first}") from None
         raise
-    if like is not None:
-        freeze_norms_like(model, like)
     if weights_file is not None:
-        fit_state_dict(model, like, source=f"--weights-file {weights_file}")
+        fit_state_dict(model, like, source=f"--weights-file {weights_file}")  # freezes norms too
+    elif like is not None:
+        freeze_norms_like(model, like)
     return model

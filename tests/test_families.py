@@ -240,6 +240,18 @@ def test_builtin_replaces_the_se_and_preserve_says_it_cannot_keep_it(cli, tmp_pa
     assert type(model.features[1][0].block[1]).__name__ == "CBAM"
 
 
+@pytest.mark.parametrize("kind, module", [("eca", "ECA"), ("coord", "CoordAttention"), ("gc", "GlobalContext")])
+def test_newer_kinds_replace_the_builtin_se(kind, module):
+    model = torchvision.models.mobilenet_v3_small().eval()
+    builtin = sum(isinstance(m, SqueezeExcitation) for m in model.modules())
+    changes = apply(model, kind, position="builtin")
+    assert len(changes) == builtin > 0 and {c.where for c in changes} == {"builtin"}
+    assert not any(isinstance(m, SqueezeExcitation) for m in model.modules())
+    assert sum(type(m).__name__ == module for m in model.modules()) == builtin
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
 def test_se_builtin_takes_its_params_and_other_positions_note_the_builtin():
     model = torchvision.models.regnet_y_400mf()
     changes = apply(model, "se", position="builtin", params={"reduction": 8}, layers="stage1")

@@ -45,7 +45,7 @@ runner = CliRunner()
 
 # (kind, position, params) on resnet18: every kind and, for insert kinds, every position
 INSERT_KINDS = ("se", "cbam", "afp", "eca", "coord", "gc")
-POSITIONS = ("standard", "pre", "post", "identity")
+POSITIONS = ("standard", "pre", "mid", "post", "identity")
 CASES: list[tuple[str, str | None, dict[str, str]]] = [
     *((k, p, {}) for k in INSERT_KINDS for p in POSITIONS),
     ("sk", None, {}),

@@ -192,14 +192,16 @@ def test_a_conflict_leaves_the_model_untouched():
     assert type(model.layer3[1]) is torchvision.models.resnet.BasicBlock
 
 
+@pytest.mark.parametrize("name, layers", [("resnet18", "layer3:"), ("mobilenet_v2", "features.8:features.10"),
+                                          ("regnet_y_400mf", "stage4")])
 @pytest.mark.parametrize("kind", ["se", "eca", "cbam"])
-def test_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, monkeypatch):
+def test_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, name, layers, monkeypatch):
     """At ``standard`` a gate's last multiply folds into the residual add (gate_add),
-    without the module's forward: the same function as gate-then-add; a module with a
-    hook runs unfused, so the hook fires."""
+    without the module's forward, in every family's residual blocks: the same function as
+    gate-then-add; a module with a hook runs unfused, so the hook fires."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    apply(model, kind, layers="layer3:")
+    model = torchvision.models.get_model(name).eval()
+    apply(model, kind, layers=layers)
     gates = [m for n, m in model.named_modules() if n.endswith("attn_standard")]
     forward = type(gates[0]).forward
     entered = []
@@ -213,5 +215,5 @@ def test_gate_fuses_with_the_residual_add_and_hooks_still_fire(kind, monkeypatch
         gate.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         plain = model(x)
-    assert len(calls) == len(entered) == 4
+    assert len(calls) == len(entered) == len(gates) > 0
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,7 @@ from ..torch_state import evaluating
 
 __all__ = [
     "NORMS", "SLOT_ATTR", "BlockInfo", "ConvSite", "Family", "HeadInfo", "Slotted", "SlottedInverted",
-    "find_blocks", "find_head", "make_slotted", "scan_branch", "unsupported_message",
+    "describe_branch", "find_blocks", "find_head", "make_slotted", "unsupported_message",
 ]
 
 SLOT_ATTR = {pos: f"attn_{pos}" for pos in POSITIONS if pos != "builtin"}
@@ -190,14 +190,14 @@ class Slotted(nn.Module):
             return fused(out, identity)
         return gate(out) + identity
 
-    def _branch(self, x: Tensor) -> Tensor:
-        """``pre``, the body with ``mid`` after child ``_mid``, then ``standard``."""
+    def _body_out(self, x: Tensor) -> Tensor:
+        """``pre``, then the body with ``mid`` after child ``_mid``: the branch up to ``standard``."""
         out = self.attn_pre(x)
         for i, layer in enumerate(getattr(self, self._body)):
             out = layer(out)
             if i == self._mid:
                 out = self.attn_mid(out)
-        return self.attn_standard(out)
+        return out
 
 
 class SlottedInverted(Slotted):
@@ -207,13 +207,18 @@ class SlottedInverted(Slotted):
     _residual = "use_res_connect"
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._branch(x)
-        if getattr(self, self._residual):
-            out = self._drop_path(out) + self.attn_identity(x)
+        out = self._body_out(x)
+        if not getattr(self, self._residual):
+            out = self.attn_standard(out)
+        elif self._drops_path:  # the drop sits between the gate and the add: no fusing
+            out = self._drop_path(self.attn_standard(out)) + self.attn_identity(x)
+        else:
+            out = self._standard_add(out, self.attn_identity(x))
         return self.attn_post(out)
 
+    _drops_path = False  # True where the family drops the branch (EfficientNet's stochastic depth)
+
     def _drop_path(self, out: Tensor) -> Tensor:
-        """Where the family drops the branch (EfficientNet's stochastic depth); else ``out``."""
         return out
 
 
@@ -271,9 +276,9 @@ def describe_branch(block: nn.Module, body: str, *, shortcut: bool, downsample: 
     Sequential ``body``, with an optional projection ``downsample`` (a conv-norm Sequential)
     on its shortcut."""
     convs, _, builtin = scan_branch(getattr(block, body), body)
+    branch = [block.get_submodule(c.conv) for c in convs]
     if downsample is not None:
         convs.append(ConvSite(f"{downsample}.0", f"{downsample}.1", spatial=False))
-    branch = [block.get_submodule(c.conv) for c in convs if not c.conv.startswith(f"{downsample}.")]
     main = next(block.get_submodule(c.conv) for c in convs if c.main)
     se = block.get_submodule(builtin) if builtin else None
     return BlockInfo(

@@ -24,6 +24,7 @@ __all__ = ["FAMILY", "SlottedFusedMBConv", "SlottedMBConv"]
 
 class _Residual(SlottedInverted):
     _body = "block"
+    _drops_path = True
 
     def _drop_path(self, out: Tensor) -> Tensor:
         return self.stochastic_depth(out)

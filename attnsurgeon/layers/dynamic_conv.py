@@ -43,7 +43,8 @@ default) decides per call:
   ``torch.jit.trace``, ``torch.fx.symbolic_trace``) always get the stacked form, whatever
   ``form`` says;
 * at batch 1 the per-sample form is a plain conv and is always used;
-* on CUDA: the stacked form. Measured on an H100 (DY-ResNet-18 inference, batch 256,
+* on CUDA: the stacked form, on the H100 figures issue 10 reports (not measured by this
+  project: no GPU was lent to it) for DY-ResNet-18 inference (batch 256,
   bf16, channels_last): stacked everywhere ran at 4.3x ResNet-18's time, per-sample
   everywhere at 7.3x, and the CPU rule below at 4.6x; for one layer the per-sample form
   took 1.4x the time and 3.2x the memory of the stacked one. cuDNN's grouped conv with
