@@ -131,15 +131,14 @@ def _block_groups(model: nn.Module) -> dict[str, str]:
 def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
                        latency: LatencyOptions | None = None) -> dict[str, Any]:
     from .report import measure, preservation, summary_data
+    from .surgery import preserve_lost
 
     groups = _block_groups(p.original)
     before = measure(p.original, groups, input_size=input_size)
     after = measure(p.model, groups, input_size=input_size)
     pres = preservation(p.original, p.model, input_size=input_size) if probe and p.changes else None
-    replaced = sum(c.where == "builtin" for c in p.changes)
-    if replaced and p.recipe.init == "preserve":
-        note = (f"{replaced} built-in SqueezeExcitation modules were replaced: --init preserve "
-                "cannot keep the function where a trained module is removed")
+    note = preserve_lost(p.changes, p.recipe.init)
+    if note:
         err.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
         if pres is not None:
             pres["function_kept"] = False

@@ -108,14 +108,14 @@ def measure_latency(
         ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call) and
         ``ratio`` (``after_ms / before_ms``).
     """
-    from .torch_state import evaluating
+    from .torch_state import evaluating, input_dtype
 
     device = torch.device(options.device)
     batch = options.batch or default_batch(options.device)
     models = [original, modified]
     if device.type != "cpu":
         models = [copy.deepcopy(m).to(device) for m in models]
-    dtype = next((p.dtype for p in models[0].parameters() if p.is_floating_point()), torch.float32)
+    dtype = input_dtype(models[0])
     x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError, first_line
 from .surgery import Change
-from .torch_state import evaluating
+from .torch_state import evaluating, input_dtype
 from .zoo import is_detector
 
 __all__ = ["MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "GroupStats", "ModelStats", "check_input_size", "measure",
@@ -113,7 +113,7 @@ def measure(model: nn.Module, blocks: Mapping[str, str], *, input_size: int) -> 
     params["head"] += sum(p.numel() for p in model.parameters(recurse=False))
 
     flop = FlopCounterMode(display=False)
-    x = torch.zeros(1, 3, input_size, input_size, device=_device(model), dtype=_dtype(model))
+    x = torch.zeros(1, 3, input_size, input_size, device=_device(model), dtype=input_dtype(model))
     seen: list[tuple[int, int]] = []  # what the backbone gets: a detector resizes the input first
 
     def note_size(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -149,11 +149,6 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
-
-
 def preservation(
     original: nn.Module, modified: nn.Module, *, input_size: int, batch: int = 4, seed: int = 0
 ) -> dict[str, Any] | None:
@@ -167,7 +162,7 @@ def preservation(
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, input_size, input_size, generator=gen)
-    x = x.to(device=_device(original), dtype=_dtype(original))
+    x = x.to(device=_device(original), dtype=input_dtype(original))
     detector = is_detector(original)  # compare its backbones: running the whole detector is wasted
     compared = "backbone features" if detector else "logits"
     with evaluating(original), evaluating(modified), torch.no_grad():

@@ -12,7 +12,7 @@ position (a block without a shortcut has no ``identity``) and reports them.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .recipe import Recipe, Rule, load_recipe, make_rule
 from .select import select_blocks
 from .torch_state import seeded
 
-__all__ = ["Change", "Changes", "Skip", "apply", "apply_recipe", "replace_module"]
+__all__ = ["Change", "Changes", "Skip", "apply", "apply_recipe", "preserve_lost", "replace_module"]
 
 
 @dataclass(frozen=True)
@@ -288,8 +288,18 @@ def apply(
                                                     params=params, where="apply"),)
         rec = Recipe(rules=rules, head=head, init=init or "paper", seed=seed)
     changes = apply_recipe(model, rec)
-    if rec.init == "preserve" and any(c.where == "builtin" for c in changes):
-        warnings.warn("built-in SqueezeExcitation modules were replaced: init='preserve' cannot "
-                      "keep the function where a trained module is removed", stacklevel=2)
+    lost = preserve_lost(changes, rec.init)
+    if lost:
+        warnings.warn(lost, stacklevel=2)
     return changes
+
+
+def preserve_lost(changes: Sequence[Change], init: str) -> str | None:
+    """Why ``init="preserve"`` did not keep the function, or None: a rule replaced built-in
+    SqueezeExcitation modules (trained modules removed, which no initialisation restores)."""
+    replaced = sum(c.where == "builtin" for c in changes)
+    if not replaced or init != "preserve":
+        return None
+    return (f"{replaced} built-in SqueezeExcitation modules were replaced: init 'preserve' cannot "
+            "keep the function where a trained module is removed")
 

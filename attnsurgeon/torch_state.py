@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "seeded"]
+__all__ = ["evaluating", "input_dtype", "seeded"]
 
 
 @contextlib.contextmanager
@@ -32,3 +32,8 @@ def seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype an input to ``model`` should have: its first floating-point parameter's."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
