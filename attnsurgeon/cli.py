@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import UsageError, foreign_error
+from .errors import UsageError, VerificationError, foreign_error
 
 __all__ = ["app", "main"]
 
@@ -181,7 +181,6 @@ def export_onnx(
     """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
     with _user_errors():
         from .commands import run_export
-        from .onnx_export import VerificationError
 
         try:
             run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),

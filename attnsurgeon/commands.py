@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from .errors import UsageError
+from .errors import UsageError, VerificationError
+from .files import check_input_size, check_output
 from .kinds import parse_cli_params
 from .recipe import Recipe, check_head, check_init, check_seed, load_recipe, rule_from_options
+from .render import blocks_table, comparison_table, kinds_data, print_export_summary, print_kinds, print_summary
 
 if TYPE_CHECKING:
     from torch import nn
@@ -179,15 +181,12 @@ def _emit(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        from .render import print_summary
-
         print_summary(out, data)
 
 
 def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool,
                latency: LatencyOptions | None = None) -> None:
-    from .checkpoint import check_output, save
-    from .report import check_input_size
+    from .checkpoint import save
 
     check_input_size(input_size)
     if len(opts.recipes) > 1:
@@ -234,8 +233,6 @@ def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOption
 
 def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool,
                   latency: LatencyOptions | None = None) -> None:
-    from .report import check_input_size
-
     check_input_size(input_size)
     if _is_checkpoint(target, opts, "summarize"):
         with _stdout_to_stderr():
@@ -263,8 +260,6 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     if as_json:
         _write_json({"recipes": rows})
     else:
-        from .render import comparison_table
-
         out.print(comparison_table(rows))
 
 
@@ -308,14 +303,10 @@ def run_blocks(model_name: str, *, as_json: bool) -> None:
     if as_json:
         _write_json({"model": model_name, "blocks": blocks})
         return
-    from .render import blocks_table
-
     out.print(blocks_table(model_name, blocks))
 
 
 def run_kinds(*, as_json: bool) -> None:
-    from .render import kinds_data, print_kinds
-
     if as_json:
         _write_json(kinds_data())
     else:
@@ -333,7 +324,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
     from . import checkpoint
-    from .onnx_export import VerificationError, check_export_args, export_onnx
+    from .onnx_export import check_export_args, export_onnx
 
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     from_file = _is_checkpoint(target, opts, "export-onnx")
@@ -342,7 +333,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     if not from_file:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
-    output = checkpoint.check_output(output, force=force, suffix=".onnx")
+    output = check_output(output, force=force, suffix=".onnx")
     try:
         with _stdout_to_stderr():
             if from_file:
@@ -367,6 +358,4 @@ def _emit_export(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        from .onnx_export import print_export_summary
-
         print_export_summary(out, data)

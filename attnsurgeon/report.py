@@ -18,28 +18,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError, first_line
+from .files import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_input_size  # re-exported: their old home
 from .surgery import Change
 from .torch_state import evaluating, input_dtype
 from .zoo import is_detector
 
 __all__ = ["MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "GroupStats", "ModelStats", "check_input_size", "measure",
            "preservation", "summary_data"]
-
-MIN_INPUT_SIZE = 32  # ResNets downsample 32x: smaller inputs vanish before the head
-# 2048 covers detection and segmentation sizes; beyond it one probe batch of a ResNet-50
-# needs tens of GB. Checked up front, so the answer is a line, not an allocation failure.
-MAX_INPUT_SIZE = 2048
-
-
-def check_input_size(size: int, where: str = "--input-size") -> int:
-    """Raise UsageError unless ``MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE``."""
-    if size < MIN_INPUT_SIZE:
-        raise UsageError(f"{where} must be >= {MIN_INPUT_SIZE}, got {size}")
-    if size > MAX_INPUT_SIZE:
-        raise UsageError(f"{where} must be <= {MAX_INPUT_SIZE}, got {size} (larger inputs need more "
-                         "memory than a probe is worth)")
-    return size
-
 
 @dataclass(frozen=True)
 class GroupStats:
