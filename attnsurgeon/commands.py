@@ -111,8 +111,6 @@ def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
     from .zoo import build_model, check_model_name
 
     name = check_model_name(recipe.model)
-    if opts.weights_file is not None and recipe.weights not in (None, "none"):
-        raise UsageError("give --weights or --weights-file, not both")
     # random base weights come from the recipe's seed too (0 unless given): same command, same file
     with seeded(recipe.seed):
         original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)

@@ -23,7 +23,8 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from .blocks import NORMS, SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted, unsupported_message
 from .errors import UsageError
-from .kinds import HEAD_BUILDERS, POSITIONS, builder, get_kind
+from .kinds import HEAD_BUILDERS, POSITIONS, KindSpec, builder, get_kind
+from .layers import mark_new
 from .recipe import Recipe, Rule, load_recipe, make_rule
 from .select import select_blocks
 from .torch_state import seeded
@@ -109,12 +110,10 @@ def _like(new: nn.Module, ref: nn.Module) -> nn.Module:
     return new.train(ref.training)
 
 
-def _targets(attn: str, params: Mapping[str, Any], info: BlockInfo) -> list[ConvSite]:
-    if attn == "sk":
-        return [c for c in info.convs if c.main]
-    if params.get("target") == "all":
-        return list(info.convs)
-    return [c for c in info.convs if c.spatial]
+def _targets(kind: KindSpec, params: Mapping[str, Any], info: BlockInfo) -> list[ConvSite]:
+    """The convolutions of ``info``'s block that replace kind ``kind`` takes (``kind.convs``)."""
+    which = kind.conv_targets(params)
+    return [c for c in info.convs if which == "all" or (c.main if which == "main" else c.spatial)]
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
@@ -146,6 +145,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
             norm = block.get_submodule(site.norm) if site.norm else None
             act = block.get_submodule(site.act) if site.act else (site.act_layer() if site.act_layer else None)
             new_conv, new_norm = build(conv, norm, act=act, init=recipe.init, **params)
+            mark_new(new_conv)
             replaced = _count(replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d))
             if new_norm is not None and site.norm is not None:
                 replaced += _count(replace_module(block, site.norm, _like(new_norm, conv), expect=NORMS))
@@ -164,6 +164,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
 
 def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, new: nn.Module) -> Change:
     """Put ``new`` at position ``where`` of ``block``: a slot, or the built-in SE's place."""
+    mark_new(new)
     if where == "builtin":
         new = _like(new, block)
         old = replace_module(block, info.builtin, new, expect=SqueezeExcitation)
@@ -224,7 +225,7 @@ def _plan(
             continue
         for i in chosen:
             info, block = blocks[i]
-            for site in _targets(rule.attn, rule.param_dict, info):
+            for site in _targets(kind, rule.param_dict, info):
                 path = f"{info.name}.{site.conv}"
                 _claim(claimed, path, n, label, path)
                 conv = block.get_submodule(site.conv)
@@ -245,7 +246,7 @@ def _apply_head(model: nn.Module, head: str, *, init: str) -> Change:
     info = find_head(model)
     if info is None:
         raise UsageError(f"--head {head}: {type(model).__name__} has no supported classifier head")
-    new = builder(HEAD_BUILDERS[head])(info.channels, init=init)
+    new = mark_new(builder(HEAD_BUILDERS[head])(info.channels, init=init))
     old = model.get_submodule(info.pool)
     replace_module(model, info.pool, _like(new, model), expect=(nn.AdaptiveAvgPool2d,))
     return Change(0, head, info.pool, "head", "pool", info.pool, type(new).__name__,

@@ -93,12 +93,13 @@ Departures from the paper, and why:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import check_init
+from ._conv import replace_conv
 
 __all__ = [
     "FORMS",
@@ -350,21 +351,10 @@ def from_conv(
     Raises:
         ValueError: a bad param, or a conv with string padding or a non-zeros padding mode.
     """
-    check_init(init)
     if target not in ("spatial", "all"):
         raise ValueError(f"target must be 'spatial' or 'all', got {target!r}")
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "dynconv replaces a zero-padded conv with numeric padding, got "
-            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
-    dyn = DynamicConv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        bias=conv.bias is not None, kernels=kernels, temperature=temperature, reduction=reduction,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    if init == "preserve":
-        dyn.preserve_(conv)
+    dyn = replace_conv(conv, partial(DynamicConv2d, kernels=kernels, temperature=temperature, reduction=reduction),
+                       kind="dynconv", init=init, preserve=lambda new: new.preserve_(conv))
     return dyn, None
 
 

@@ -66,7 +66,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import PRESERVE_LOGIT, check_init
+from . import PRESERVE_LOGIT
+from ._conv import replace_conv
 
 __all__ = ["SelectiveKernelConv", "fit_groups", "from_conv"]
 
@@ -215,19 +216,8 @@ def from_conv(
         ValueError: a bad param, or a conv that is not zero-padded with numeric 'same'
             padding, or a norm that is not a (frozen) batch norm.
     """
-    check_init(init)
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "SK replaces a zero-padded conv with numeric padding, got "
-            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
-    sk = SelectiveKernelConv(
-        conv.in_channels, conv.out_channels,
-        kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-        branches=branches, path_groups=groups, reduction=reduction, min_dim=min_dim,
+    sk = replace_conv(conv, partial(
+        SelectiveKernelConv, branches=branches, path_groups=groups, reduction=reduction, min_dim=min_dim,
         norm_layer=_norm_layer(norm), act_layer=(lambda: copy.deepcopy(act)) if act is not None else None,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    if init == "preserve":
-        sk.preserve_(conv, norm)
+    ), kind="SK", init=init, preserve=lambda new: new.preserve_(conv, norm))
     return sk, (nn.Identity() if _norm_layer(norm) is not None else None)
