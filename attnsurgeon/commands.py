@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .latency import LatencyOptions
-    from .surgery import Change
+    from .surgery import Changes
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
 
@@ -101,7 +101,7 @@ class Prepared:
     recipe: Recipe
     original: nn.Module
     model: nn.Module
-    changes: list[Change] = field(default_factory=list)
+    changes: Changes
     weights: str = "none"
 
 

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 from torch import nn
 
@@ -74,12 +74,34 @@ class Skip:
         return {"rule": self.rule, "block": self.block, "position": self.position}
 
 
-class Changes(list):  # list[Change], plus the blocks each rule skipped
-    """What :func:`apply_recipe` changed: a list of :class:`Change`, with ``skipped``."""
+@dataclass(frozen=True)
+class Changes(Sequence[Change]):
+    """What :func:`apply_recipe` changed: a sequence of :class:`Change` (one per new module),
+    and ``skipped``, the selected blocks a rule left alone because they lack its position."""
 
-    def __init__(self, changes: list[Change] = (), skipped: list[Skip] = ()) -> None:
-        super().__init__(changes)
-        self.skipped = list(skipped)
+    changes: tuple[Change, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Change, ...]: ...
+    def __getitem__(self, index: int | slice) -> Change | tuple[Change, ...]:
+        return self.changes[index]
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+
+class _Step(NamedTuple):
+    """One thing :func:`_plan` found to do: rule ``n`` at ``where`` of one block (a
+    position for an insert kind, the dotted name of a conv for a replace kind)."""
+
+    n: int
+    rule: Rule
+    info: BlockInfo
+    block: nn.Module
+    where: str
 
 
 def _count(module: nn.Module | None) -> int:
@@ -159,7 +181,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     beside = {info.name for info, _ in blocks if info.builtin} - {c.block for c in changes if c.where == "builtin"}
     changes = [replace(c, note="beside the block's built-in SqueezeExcitation")
                if c.block in beside and c.where in SLOT_ATTR else c for c in changes]
-    return Changes(changes, skipped)
+    return Changes(tuple(changes), tuple(skipped))
 
 
 def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, new: nn.Module) -> Change:
@@ -187,13 +209,13 @@ def _plan(
     blocks: list[tuple[BlockInfo, nn.Module]],
     *,
     select: Callable[[int, Rule], list[int]],
-) -> tuple[list[tuple[int, Rule, BlockInfo, nn.Module, str]], list[Skip]]:
+) -> tuple[list[_Step], list[Skip]]:
     """Every (rule number, rule, block, position or conv) the recipe asks for, and the
     selected blocks a rule skips because they lack its position, checked before anything
     is changed: a selection that names nothing, a position no selected block has, two
     rules claiming one slot or conv, or a slot/conv an earlier surgery already changed
     is an error, and the model is left untouched."""
-    plan = []
+    plan: list[_Step] = []
     skipped: list[Skip] = []
     claimed: dict[str, int] = {}
     for n, rule in enumerate(recipe.rules, start=1):
@@ -221,7 +243,7 @@ def _plan(
                 if not fresh:
                     raise UsageError(f"{label}: the {position} position of {info.name} already "
                                      f"holds a {type(held).__name__} (from an earlier surgery)")
-                plan.append((n, rule, info, block, position))
+                plan.append(_Step(n, rule, info, block, position))
             continue
         for i in chosen:
             info, block = blocks[i]
@@ -232,7 +254,7 @@ def _plan(
                 if type(conv) is not nn.Conv2d:
                     raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
                                      "(from an earlier surgery)")
-                plan.append((n, rule, info, block, site.conv))
+                plan.append(_Step(n, rule, info, block, site.conv))
     return plan, skipped
 
 
@@ -276,8 +298,8 @@ def apply(
     ``init`` (``"paper"`` or ``"preserve"``), ``head`` and ``seed`` override the recipe's.
 
     Returns:
-        The list of :class:`Change` records, one per new module; its ``skipped`` lists the
-        selected blocks a rule left alone because they lack its position.
+        :class:`Changes`: the :class:`Change` records, one per new module, and ``skipped``,
+        the selected blocks a rule left alone because they lack its position.
     """
     if recipe is not None:
         if attn is not None:
