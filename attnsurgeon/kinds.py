@@ -283,7 +283,8 @@ register(KindSpec(
     name="afp",
     title="Adaptive feature processing (AFP) fusion",
     paper="Few-shot image classification based on adaptive feature fusion and transformation "
-    "(Computer Engineering and Applications, 2021), as in seed 000; no arXiv version",
+    "(Computer Engineering and Applications, 2021; no arXiv version), as in "
+    "https://blog.csdn.net/weixin_43312117/article/details/121374486",
     mode="insert",
     builder="attnsurgeon.layers.afp:build",
     params=(

@@ -466,7 +466,7 @@ class Timing:
 
 
 def _precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """fp32 on the CPU; on CUDA the GPU protocol of issue 10: bf16 autocast."""
+    """fp32 on the CPU; on CUDA bf16 autocast (the GPU protocol of bench_models.py)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=None,
                         help="approximate time of one sample (default 20, quick 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: bf16 autocast, channels_last (issue 10's GPU protocol)")
+                        help="cuda: bf16 autocast, channels_last")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool")
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ __all__ = ["FAMILY", "SlottedBasicBlock", "SlottedBottleneck"]
 
 
 class SlottedBasicBlock(Slotted, BasicBlock):
-    """torchvision's BasicBlock with the attention slots of DESIGN.md."""
+    """torchvision's BasicBlock with the attention slots (:mod:`attnsurgeon.blocks`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)
@@ -39,7 +39,7 @@ class SlottedBasicBlock(Slotted, BasicBlock):
 
 
 class SlottedBottleneck(Slotted, Bottleneck):
-    """torchvision's Bottleneck with the attention slots of DESIGN.md."""
+    """torchvision's Bottleneck with the attention slots (:mod:`attnsurgeon.blocks`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)

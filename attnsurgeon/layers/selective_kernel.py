@@ -38,7 +38,7 @@ Departures from the paper, and why:
   belongs to the conv alone the surgery removes it from the block (SK applies it per
   path); ResNet's shared ``relu`` stays (see the last point).
 * The FCs are bias-free 1x1 convs on the pooled ``(N, C, 1, 1)`` tensor, as in timm's
-  ``SelectiveKernel`` and the seed's port; the paper writes them as matrices.
+  ``SelectiveKernel``; the paper writes them as matrices.
 * ``--init paper`` is PyTorch's default initialisation (BN weight 1, bias 0), as in the
   reference implementations (timm); the paper names none.
 * ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and its norm, the
