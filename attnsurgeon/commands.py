@@ -23,7 +23,7 @@ from rich.console import Console
 from .errors import UsageError, VerificationError
 from .files import check_input_size, check_output
 from .kinds import parse_cli_params
-from .recipe import Recipe, check_head, check_init, check_seed, load_recipe, rule_from_options
+from .recipe import Recipe, Rule, check_head, check_init, check_seed, load_recipe, rule_from_options
 from .render import blocks_table, comparison_table, kinds_data, print_export_summary, print_kinds, print_summary
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class SurgeryOptions:
         else:
             if self.attn is None and (self.position or self.layers or self.params):
                 raise UsageError("--position/--layers/--param need --attn")
-            rules = ()
+            rules: tuple[Rule, ...] = ()
             if self.attn is not None:
                 rules = (rule_from_options(self.attn, position=self.position,
                                            layers="all" if self.layers is None else self.layers,
@@ -232,11 +232,12 @@ def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOption
 def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool,
                   latency: LatencyOptions | None = None) -> None:
     check_input_size(input_size)
-    if _is_checkpoint(target, opts, "summarize"):
+    if target is not None and _is_checkpoint(target, opts, "summarize"):
         with _stdout_to_stderr():
             data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
-            err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False,
+                      soft_wrap=True)
         _emit(data, as_json)
         return
     opts = replace(opts, model=target)
@@ -261,14 +262,13 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         out.print(comparison_table(rows))
 
 
-def _is_checkpoint(target: str | None, opts: SurgeryOptions, command: str) -> bool:
+def _is_checkpoint(target: str, opts: SurgeryOptions, command: str) -> bool:
     """Whether ``target`` is a file (then no surgery option may come with it) rather than
     a model name: an existing file, whatever its suffix, or anything a model name cannot
     be (torchvision's names have no ``.`` or ``/``). Its content says whether it is an
     attnsurgeon checkpoint (:func:`checkpoint.read`). A folder named like a model (say
     ``resnet18/``) does not hide the model."""
-    if target is None or not ("." in target or os.sep in target or "/" in target
-                              or os.path.isfile(target)):
+    if not ("." in target or os.sep in target or "/" in target or os.path.isfile(target)):
         return False
     if opts != SurgeryOptions():
         raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")
@@ -325,19 +325,19 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     from .onnx_export import check_export_args, export_onnx
 
     check_export_args(input_size=input_size, opset=opset, atol=atol)
-    from_file = _is_checkpoint(target, opts, "export-onnx")
+    path = target if target is not None and _is_checkpoint(target, opts, "export-onnx") else None
     if len(opts.recipes) > 1:
         raise UsageError("export-onnx takes one --recipe")
-    if not from_file:
+    if path is None:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
     output = check_output(output, force=force, suffix=".onnx")
     try:
         with _stdout_to_stderr():
-            if from_file:
-                data = checkpoint.read(target)
-                model, _ = checkpoint.rebuild(data, target)
-                source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
+            if path is not None:
+                data = checkpoint.read(path)
+                model, _ = checkpoint.rebuild(data, path)
+                source = {"source": path, "model": data["model"], "recipe": data["recipe"]}
             else:
                 p = prepare(opts, recipe)
                 model = p.model

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -43,7 +43,8 @@ def print_kinds(console: Console) -> None:
             if p.maximum is not None:
                 extra += f" (at most {p.maximum:g})"
             symbol = f" [{p.symbol}]" if p.symbol else ""
-            console.print(f"    --param {p.name}={p.default}{symbol}  {p.help}{extra}", highlight=False, markup=False, soft_wrap=True)
+            console.print(f"    --param {p.name}={p.default}{symbol}  {p.help}{extra}", highlight=False,
+                          markup=False, soft_wrap=True)
         if spec.note:
             console.print(f"    {spec.note}", style="dim", highlight=False, soft_wrap=True)
         console.print(f"    paper: {spec.paper}", style="dim", highlight=False, soft_wrap=True)
@@ -124,7 +125,9 @@ def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
     notes = any(c.get("note") for c in changes)
     for col in ("rule", "kind", "where", "blocks", "module", "params added", *(["note"] if notes else [])):
         table.add_column(col, justify="right" if col in ("rule", "params added") else "left")
-    key = lambda c: (c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", ""))  # noqa: E731
+    def key(c: dict[str, Any]) -> tuple[Any, ...]:
+        return c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", "")
+
     for (rule, attn, where, _stage, module, note), group in groupby(changes, key=key):
         items = list(group)
         blocks = _span([c["block"] for c in items])

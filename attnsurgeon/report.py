@@ -152,7 +152,8 @@ def preservation(
     compared = "backbone features" if detector else "logits"
     with evaluating(original), evaluating(modified), torch.no_grad():
         if detector:
-            a, b = _features(original.backbone(x)), _features(modified.backbone(x))
+            a = _features(original.get_submodule("backbone")(x))
+            b = _features(modified.get_submodule("backbone")(x))
         else:
             a, b = _logits(original(x)), _logits(modified(x))
     if a is None or b is None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, overload
 
 from torch import nn
-
 from torchvision.ops.misc import SqueezeExcitation
 
 from .blocks import NORMS, SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted, unsupported_message
@@ -187,7 +186,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
 def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, new: nn.Module) -> Change:
     """Put ``new`` at position ``where`` of ``block``: a slot, or the built-in SE's place."""
     mark_new(new)
-    if where == "builtin":
+    if where == "builtin" and info.builtin is not None:  # (a block with a builtin position has one)
         new = _like(new, block)
         old = replace_module(block, info.builtin, new, expect=SqueezeExcitation)
         return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{info.builtin}",
@@ -224,6 +223,8 @@ def _plan(
         label = f"{_layers_where(recipe, n)} {rule.layers!r}"
         if kind.mode == "insert":
             position = rule.position or kind.default_position  # resolved by make_rule
+            if position is None:
+                raise ValueError(f"insert kind {kind.name!r} has no default position")
             having = [i for i in chosen if position in blocks[i][0].slots]
             if not having:
                 have = [p for p in POSITIONS if any(p in blocks[i][0].slots for i in chosen)]
@@ -232,8 +233,9 @@ def _plan(
             skipped.extend(Skip(n, blocks[i][0].name, position) for i in chosen if i not in having)
             for i in having:
                 info, block = blocks[i]
-                slot = info.builtin if position == "builtin" else SLOT_ATTR[position]
+                slot = info.builtin if position == "builtin" and info.builtin else SLOT_ATTR[position]
                 _claim(claimed, f"{info.name}.{slot}", n, label, f"the {position} position of {info.name}")
+                held: nn.Module | None
                 if position == "builtin":
                     held = block.get_submodule(slot)
                     fresh = isinstance(held, SqueezeExcitation)

@@ -52,7 +52,8 @@ def new_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """``model``'s parameters (each once, even if shared) as (original, new) lists."""
     new_ids = {id(p) for _, m in new_modules(model) for p in m.parameters()}
-    original, new = [], []
+    original: list[tuple[str, nn.Parameter]] = []
+    new: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():  # named_parameters yields a shared parameter once
         (new if id(p) in new_ids else original).append((name, p))
     return original, new

@@ -112,11 +112,11 @@ def _weights_only() -> Iterator[None]:
     def safe(self: Any, *args: Any, **kwargs: Any) -> Any:
         return plain(self, *args, **{**kwargs, "weights_only": True})
 
-    enum.get_state_dict = safe  # type: ignore[method-assign]
+    enum.get_state_dict = safe
     try:
         yield
     finally:
-        enum.get_state_dict = plain  # type: ignore[method-assign]
+        enum.get_state_dict = plain
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -197,10 +197,10 @@ def build_model(
         raise UsageError("give --weights or --weights-file, not both")
     enum = _weights_enum(name, weights) if weights is not None else None
     if weights_file is not None:
-        like = load_state_dict_file(weights_file)
+        like = state = load_state_dict_file(weights_file)
     model = _call_builder(name, weights, enum, _builder_kwargs(name, model_kwargs, like), model_kwargs)
     if weights_file is not None:
-        fit_state_dict(model, like, source=f"--weights-file {weights_file}")  # freezes norms too
+        fit_state_dict(model, state, source=f"--weights-file {weights_file}")  # freezes norms too
     elif like is not None:
         freeze_norms_like(model, like)
     return model

@@ -380,7 +380,7 @@ def test_detection_model_end_to_end(cli, tmp_path):
     reloaded = attnsurgeon.load(out).eval()
     with torch.no_grad():
         again = reloaded(images)
-    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(detections, again))
+    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(detections, again, strict=True))
 
 
 def test_segmentation_model_end_to_end(tmp_path):

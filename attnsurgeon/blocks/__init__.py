@@ -388,7 +388,7 @@ def _common_prefix(names: list[str]) -> str:
     """The dotted path of the deepest module that contains every block (not a block)."""
     parts = [n.split(".") for n in names]
     prefix = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):  # up to the shortest name
         if len(set(level)) != 1:
             break
         prefix.append(level[0])

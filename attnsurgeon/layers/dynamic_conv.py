@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,8 +180,9 @@ class DynamicConv2d(nn.Module):
         if self.bias is not None and conv.bias is not None:
             self._grouped(self.bias).copy_(conv.bias.unflatten(0, (g, 1, -1)).expand(-1, self.kernels, -1))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         """Accept the old 5-D layout: ``weight (K, C_out, ...)`` and ``bias (K, C_out)``."""
         k, g = self.kernels, self.groups
         for name, dims in (("weight", 5), ("bias", 2)):
@@ -215,7 +217,8 @@ class DynamicConv2d(nn.Module):
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
         n, _, h, w = x.shape
         positions = 1
-        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation,
+                                   strict=True):
             positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         fan_in = self.weight[0].numel()
         per_sample = positions + _ELEMENT_COST

@@ -130,7 +130,7 @@ class SelectiveKernelConv(nn.Module):
         for name, value in (("branches", branches), ("reduction", reduction), ("min_dim", min_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if any(2 * p != d * (k - 1) for p, d, k in zip(padding, dilation, kernel_size)):
+        if any(2 * p != d * (k - 1) for p, d, k in zip(padding, dilation, kernel_size, strict=True)):
             raise ValueError(
                 "SK needs a 'same'-padded conv so that every path has its output size, got "
                 f"kernel_size={kernel_size}, padding={padding}, dilation={dilation}"
