@@ -2,7 +2,8 @@
 
 ``cli.py`` only parses options and calls these. Options are validated (recipe, kind,
 params, layer-spec syntax, output path) before any model is loaded, and nothing is
-written until everything has succeeded.
+written until everything has succeeded. Importing this module does not import torch: the
+modules that do are imported inside the functions that need them, after those checks.
 """
 
 from __future__ import annotations

@@ -320,6 +320,7 @@ def test_torch_export_of_resnet18(kind: str, x64) -> None:
 
 
 @pytest.mark.parametrize("kind, params", [("eca", {}), ("coord", {}), ("gc", {}), ("gc", {"fusion": "scale"})])
+@pytest.mark.heavy
 def test_onnx_dynamic_hw_matches_pytorch(kind: str, params: dict, tmp_path: Path) -> None:
     """Dynamic batch and H/W: export_onnx verifies 1x3x64x64, 3x3x64x64 and 3x3x96x80;
     onnxruntime at batch 2 and 48x48 is checked here on its own. The new modules' weights
