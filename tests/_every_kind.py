@@ -6,8 +6,9 @@ at slot i (mod its 5 slots): the slots take turns, and since 8 and 5 are coprime
 kinds share a (block, slot) until 40 insert kinds, so a block carries several kinds at
 different slots once there are more than 8. The replace kinds take turns over the stages
 (over the blocks past 4 replace kinds); the dual-pool head replaces the pool. Kinds
-registered later, even by a test after import, are picked up. One module per insert kind keeps torch.compile's time down (every kind at every slot is
-far slower to compile); the per-kind, per-slot checks run on :func:`one_kind_model`.
+registered later, even by a test after import, are picked up. One module per insert
+kind keeps torch.compile's time down (every kind at every slot is far slower to compile);
+the per-kind, per-slot checks run on :func:`one_kind_model`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from attnsurgeon.kinds import HEAD_BUILDERS, KINDS
 from attnsurgeon.recipe import Recipe, make_rule
 from attnsurgeon.surgery import Change, apply_recipe
 
-__all__ = ["INSERT_KINDS", "REPLACE_KINDS", "ddp_worker", "every_kind_model", "every_kind_recipe", "insert_kinds", "kind_cases", "one_kind_model", "slots"]
+__all__ = ["INSERT_KINDS", "REPLACE_KINDS", "ddp_worker", "every_kind_model", "every_kind_recipe", "insert_kinds",
+           "kind_cases", "one_kind_model", "slots"]
 
 INSERT_KINDS = tuple(name for name, spec in KINDS.items() if spec.mode == "insert")
 REPLACE_KINDS = tuple(name for name, spec in KINDS.items() if spec.mode == "replace")
@@ -75,7 +77,7 @@ def every_kind_recipe(*, init: str = "paper", seed: int = 0, head: bool = True) 
     inserts = insert_kinds()
     places = _places(len(blocks), len(positions), len(inserts))
     rules = []
-    for kind, (b, p) in zip(inserts, places):
+    for kind, (b, p) in zip(inserts, places, strict=True):
         rules.append(make_rule(kind, layers=blocks[b].name, position=positions[p], where="test"))
     replaces = tuple(name for name, spec in KINDS.items() if spec.mode == "replace")
     targets = stages if len(replaces) <= len(stages) else [info.name for info in blocks]  # more: per block

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torchvision
-
 from _every_kind import every_kind_model, every_kind_recipe, insert_kinds
+
 from attnsurgeon import training
 from attnsurgeon.kinds import KINDS, POSITIONS, KindSpec, Param, register
 from attnsurgeon.surgery import apply
