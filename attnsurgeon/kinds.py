@@ -199,7 +199,12 @@ register(KindSpec(
     paper="Squeeze-and-Excitation Networks (Hu, Shen, Sun; CVPR 2018): https://arxiv.org/abs/1709.01507",
     mode="insert",
     builder="attnsurgeon.layers.squeeze_excite:build",
-    params=(_REDUCTION,),
+    params=(
+        _REDUCTION,
+        Param("variant", str, "standard", "'standard' (the paper's SE) or 'effective': eSE, one FC C -> C "
+              "and a hard sigmoid, reduction unused (CenterMask, Lee & Park, CVPR 2020: "
+              "https://arxiv.org/abs/1911.06667; timm's 'ese')", choices=("standard", "effective")),
+    ),
     default_position="standard",
 ))
 
@@ -212,6 +217,9 @@ register(KindSpec(
     params=(
         _REDUCTION,
         Param("kernel_size", int, 7, "kernel of the spatial attention conv", "k", choices=(3, 7)),
+        Param("variant", str, "standard", "'standard' (the paper's CBAM) or 'light': each gate pools once, "
+              "0.5 (avg + max), one MLP pass and a 1-channel spatial conv (timm's 'lcbam', no paper)",
+              choices=("standard", "light")),
     ),
     default_position="standard",
 ))
@@ -278,6 +286,8 @@ register(KindSpec(
               "gamma", minimum=0.1),
         Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b",
               minimum=-64, maximum=64),
+        Param("padding", str, "zeros", "padding of the channel axis: 'zeros' (the paper) or 'circular' "
+              "(timm's 'ceca', same parameters)", choices=("zeros", "circular")),
     ),
     default_position="standard",
     note="k parameters per module; 80 on ResNet-50 (the paper's count)",
@@ -312,7 +322,8 @@ register(KindSpec(
               "(x * sigmoid(transform))", choices=("add", "scale")),
     ),
     default_position="standard",
-    note="softmax attention pooling -> C/r bottleneck with LayerNorm -> add to every position",
+    note="softmax attention pooling -> C/r bottleneck with LayerNorm -> add to every position; "
+    "timm's 'gca' is fusion=add, its 'gc' fusion=scale with reduction=8 (the same modules)",
 ))
 
 register(KindSpec(
