@@ -214,6 +214,20 @@ def test_preserve_keeps_the_function(kind, position, params):
             assert ((paper.eval()(x) - ref).abs().max() / ref.abs().max()).item() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "regnet_y_400mf"])
+@pytest.mark.parametrize("kind, params", VARIANTS, ids=[k for k, _ in VARIANTS])
+def test_variants_preserve_on_other_families(name, kind, params):
+    """timm's variants under --init preserve on an inverted-residual and a RegNet family
+    (the calibrated models of tests/test_families.py), at mid."""
+    from test_families import base, probe, rel_error
+
+    model, x = base(name).eval(), probe()
+    with torch.no_grad():
+        ref = model(x)
+        apply(model, kind, position="mid", params=params, init="preserve", seed=0)
+        assert rel_error(ref, model.eval()(x)) <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["simam", "ema", "triplet", "ela", "nl", "se"])
 def test_preserved_modules_learn(kind):
     """Five Adam steps from --init preserve (all parameters, as in fine-tuning; the pattern
