@@ -299,7 +299,10 @@ def _zoo_model() -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.heavy
 def test_onnx_with_dynamic_batch_and_hw(tmp_path):
+    """All new kinds and variants in one export (each kind's own dynamic-batch export at its
+    default position runs in tests/test_onnx.py)."""
     data = export_onnx(_zoo_model(), tmp_path / "zoo.onnx", input_size=64, dynamic_hw=True)
     assert data["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     v = data["verification"]
