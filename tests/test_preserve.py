@@ -241,7 +241,7 @@ def test_summarize_checkpoint_shows_recipe_and_preservation(inserted) -> None:
     summary = json.loads(as_json.stdout)
     assert summary["recipe"]["init"] == "preserve"
     assert summary["recipe"]["insert"] == [{"attn": "se", "layers": "all", "position": "standard",
-                                            "params": {"reduction": 16}}]
+                                            "params": {"reduction": 16, "variant": "standard"}}]
     assert summary["preservation"] == data["preservation"]
 
 
