@@ -371,8 +371,8 @@ register(KindSpec(
               choices=(0, 1)),
     ),
     default_position="post",
-    note="cost grows with (HW)^2: an (HW)x(HW) matrix per image; best on late stages (the paper "
-    "uses res3/res4); the tool warns where it costs more MACs than the stage itself. Zero-init "
+    note="cost grows with (HW)^2: an (HW)x(HW) matrix per image; best on late, low-resolution "
+    "stages; the tool warns where it costs more MACs than the stage itself. Zero-init "
     "BN after W_z: the identity at the start under either init",
 ))
 

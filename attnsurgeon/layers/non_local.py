@@ -11,7 +11,7 @@ sqrt(C/r), and the BN after W_z starts at gamma = beta = 0 (the paper, Sec. 4.1)
 block starts as the identity.
 
 Cost: the pairwise matrix is (HW) x (HW) per image, so memory and MACs grow with the
-square of the resolution; the paper puts the blocks in res3/res4 only. ``insert`` and
+square of the resolution, so it belongs on late, low-resolution stages. ``insert`` and
 ``summarize`` warn on a stage where the inserted modules cost more MACs than the stage's
 own layers.
 
