@@ -24,12 +24,16 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import UsageError, VerificationError, foreign_error
+from .kinds import KINDS
 
 __all__ = ["app", "main"]
 
+# Help texts follow the registry (torch-free), so a kind added there needs no edit here.
+_ABOUT = f"Insert attention ({', '.join(KINDS)}) into torchvision models."
+
 app = typer.Typer(
     name="attnsurgeon",
-    help="Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models.",
+    help=_ABOUT,
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -39,7 +43,7 @@ _err = Console(stderr=True, emoji=False)  # echo the user's text verbatim (":b:"
 
 S = "surgery"  # help panel
 ModelArg = Annotated[str | None, typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
-Attn = Annotated[str | None, typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp | eca | coord | gc (see `attnsurgeon kinds`).", rich_help_panel=S)]
+Attn = Annotated[str | None, typer.Option("--attn", help=f"Attention kind: {' | '.join(KINDS)} (see `attnsurgeon kinds`).", rich_help_panel=S)]
 Position = Annotated[str | None, typer.Option("--position", help="standard | pre | mid | post | identity | builtin (insert kinds; default: the kind's own; `attnsurgeon blocks MODEL` shows which blocks have which).", rich_help_panel=S)]
 Layers = Annotated[str | None, typer.Option("--layers", help="Blocks to change: a stage (layer3) or its alias (stage3, the same depth in every family), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
 Params = Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]
@@ -77,12 +81,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(help=_ABOUT)
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models."""
+    """The app's callback: ``--version``; the help text is ``_ABOUT`` (from the registry)."""
 
 
 def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,

@@ -129,6 +129,18 @@ def _block_groups(model: nn.Module) -> dict[str, str]:
     return {info.name: info.stage for info, _ in find_blocks(model)}
 
 
+def _warn_costly_stages(before: Any, after: Any, *, input_size: int) -> None:
+    """One line on stderr naming the stages where the new modules cost more MACs than the
+    stage's own layers (a non-local block's (HW)^2 on an early stage, say)."""
+    own = before.by_name()
+    costly = [f"{g.name} (+{g.macs - own[g.name].macs:,} vs {own[g.name].macs:,})" for g in after.groups
+              if g.name in own and g.name not in ("stem", "head") and g.macs - own[g.name].macs > own[g.name].macs]
+    if costly:
+        err.print(f"warning: at --input-size {input_size} the inserted modules cost more MACs than the stage "
+                  f"itself in {', '.join(costly)}; a cost that grows with (HW)^2 (nl) belongs on later stages",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
 def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
                        latency: LatencyOptions | None = None) -> dict[str, Any]:
     from .report import measure, preservation, summary_data
@@ -138,6 +150,7 @@ def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
     before = measure(p.original, groups, input_size=input_size)
     after = measure(p.model, groups, input_size=input_size)
     pres = preservation(p.original, p.model, input_size=input_size) if probe and p.changes else None
+    _warn_costly_stages(before, after, input_size=input_size)
     note = preserve_lost(p.changes, p.recipe.init)
     if note:
         err.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)

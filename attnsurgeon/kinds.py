@@ -227,7 +227,12 @@ register(KindSpec(
     paper="Squeeze-and-Excitation Networks (Hu, Shen, Sun; CVPR 2018): https://arxiv.org/abs/1709.01507",
     mode="insert",
     builder="attnsurgeon.layers.squeeze_excite:build",
-    params=(_REDUCTION,),
+    params=(
+        _REDUCTION,
+        Param("variant", str, "standard", "'standard' (the paper's SE) or 'effective': eSE, one FC C -> C "
+              "and a hard sigmoid, reduction unused (CenterMask, Lee & Park, CVPR 2020: "
+              "https://arxiv.org/abs/1911.06667; timm's 'ese')", choices=("standard", "effective")),
+    ),
     default_position="standard",
 ))
 
@@ -240,6 +245,9 @@ register(KindSpec(
     params=(
         _REDUCTION,
         Param("kernel_size", int, 7, "kernel of the spatial attention conv", "k", choices=(3, 7)),
+        Param("variant", str, "standard", "'standard' (the paper's CBAM) or 'light': each gate pools once, "
+              "0.5 (avg + max), one MLP pass and a 1-channel spatial conv (timm's 'lcbam', no paper)",
+              choices=("standard", "light")),
     ),
     default_position="standard",
 ))
@@ -309,6 +317,8 @@ register(KindSpec(
               "gamma", minimum=0.1),
         Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b",
               minimum=-64, maximum=64),
+        Param("padding", str, "zeros", "padding of the channel axis: 'zeros' (the paper) or 'circular' "
+              "(timm's 'ceca', same parameters)", choices=("zeros", "circular")),
     ),
     default_position="standard",
     note="k parameters per module; 80 on ResNet-50 (the paper's count)",
@@ -343,5 +353,89 @@ register(KindSpec(
               "(x * sigmoid(transform))", choices=("add", "scale")),
     ),
     default_position="standard",
-    note="softmax attention pooling -> C/r bottleneck with LayerNorm -> add to every position",
+    note="softmax attention pooling -> C/r bottleneck with LayerNorm -> add to every position; "
+    "timm's 'gca' is fusion=add, its 'gc' fusion=scale with reduction=8 (the same modules)",
+))
+
+register(KindSpec(
+    name="ema",
+    title="Efficient Multi-Scale Attention",
+    paper="Efficient Multi-Scale Attention Module with Cross-Spatial Learning "
+    "(Ouyang, He, Zhang, Luo, Guo, Zhan, Huang; ICASSP 2023): https://arxiv.org/abs/2305.13563",
+    mode="insert",
+    builder="attnsurgeon.layers.ema:build",
+    params=(
+        Param("factor", int, 32, "number of channel groups G (the authors' factor); where G does not "
+              "divide C the largest divisor of C below G is used", "G", minimum=1, maximum=4096),
+    ),
+    default_position="standard",
+    note="per group of C/G channels: a 1x1 branch (H and W strip gates) and a 3x3 branch, each "
+    "weighting the other's map; 10(C/G)^2 + 4(C/G) parameters",
+))
+
+register(KindSpec(
+    name="simam",
+    title="SimAM (parameter-free)",
+    paper="SimAM: A Simple, Parameter-Free Attention Module for Convolutional Neural Networks "
+    "(Yang, Zhang, Li, Xie; ICML 2021): https://proceedings.mlr.press/v139/yang21o.html",
+    mode="insert",
+    builder="attnsurgeon.layers.simam:build",
+    params=(
+        Param("e_lambda", float, 1e-4, "regulariser of the energy function", "lambda",
+              minimum=1e-12, maximum=1e3),
+    ),
+    default_position="standard",
+    note="no parameters under --init paper; --init preserve adds one learnable blend per module "
+    "(x * (1 + alpha (sigmoid(e) - 1)), alpha = 0: exactly the identity)",
+))
+
+register(KindSpec(
+    name="nl",
+    title="Non-local block (embedded Gaussian)",
+    paper="Non-local Neural Networks (Wang, Girshick, Gupta, He; CVPR 2018): https://arxiv.org/abs/1711.07971",
+    mode="insert",
+    builder="attnsurgeon.layers.non_local:build",
+    params=(
+        Param("reduction", int, 2, "channel ratio of theta, phi and g (hidden width C / r)", "r",
+              minimum=1),
+        Param("use_scale", int, 1, "1: divide the pairwise logits by sqrt(C / r) (mmcv's default); 0: don't",
+              choices=(0, 1)),
+    ),
+    default_position="post",
+    note="cost grows with (HW)^2: an (HW)x(HW) matrix per image; best on late, low-resolution "
+    "stages; the tool warns where it costs more MACs than the stage itself. Zero-init "
+    "BN after W_z: the identity at the start under either init",
+))
+
+register(KindSpec(
+    name="triplet",
+    title="Triplet attention",
+    paper="Rotate to Attend: Convolutional Triplet Attention Module (Misra, Nalamada, Arasanipalai, Hou; "
+    "WACV 2021): https://arxiv.org/abs/2010.03045",
+    mode="insert",
+    builder="attnsurgeon.layers.triplet:build",
+    params=(
+        Param("kernel_size", int, 7, "kernel of each branch's conv over [max; mean]", "k", choices=(3, 7)),
+    ),
+    default_position="standard",
+    note="three Z-pool spatial gates on the (C,W), (H,C) and (H,W) views, averaged; 300 parameters per "
+    "module at k = 7 (ResNet-50: 25.56M, the paper's)",
+))
+
+register(KindSpec(
+    name="ela",
+    title="Efficient local attention",
+    paper="ELA: Efficient Local Attention for Deep Convolutional Neural Networks (Xu, Wan; 2024): "
+    "https://arxiv.org/abs/2403.01123",
+    mode="insert",
+    builder="attnsurgeon.layers.ela:build",
+    params=(
+        Param("kernel_size", int, 7, "kernel of the depthwise 1-D convs along H and W", "k",
+              choices=(1, 3, 5, 7, 9, 11, 13, 15)),
+        Param("groups", int, 1, "GroupNorm groups (timm: 1); reduced to a divisor of C", "",
+              minimum=1, maximum=4096),
+    ),
+    default_position="standard",
+    note="timm's EfficientLocalAttn: H and W strips -> depthwise 1-D conv -> GroupNorm -> SiLU -> "
+    "sigmoid; 2(k + 2)C parameters",
 ))

@@ -370,8 +370,8 @@ def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | 
     from attnsurgeon.layers.afp import AFP
     from attnsurgeon.layers.cbam import CBAM
     from attnsurgeon.layers.coord import CoordAttention
-    from attnsurgeon.layers.eca import ECA, adaptive_kernel_size
     from attnsurgeon.layers.dual_pool import DualPool
+    from attnsurgeon.layers.eca import ECA, adaptive_kernel_size
     from attnsurgeon.layers.global_context import GlobalContext as OurGlobalContext
     from attnsurgeon.layers.squeeze_excite import SqueezeExcite
 
@@ -435,6 +435,7 @@ def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | 
                 "timm": lambda c=c: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16,
                                                   init_last_zero=True),
             }, notes={"timm": "LayerNorm2d (over C/r, same on a 1x1 map)", "seed": "no seed code"}))
+        zoo_cases(cases, shape, want)
     for shape in head_shapes:
         c = shape[1]
         if want("dualpool"):
@@ -443,6 +444,54 @@ def build_cases(shapes: list[Shape], head_shapes: list[Shape], only: set[str] | 
                 "seed": lambda c=c: SeedDualPool(c),
             }, notes={"timm": "no timm equivalent"}))
     return cases
+
+
+def zoo_cases(cases: list[Case], shape: Shape, want: Callable[[str], bool]) -> None:
+    """The kinds added later (ema, simam, nl, triplet, ela) and timm's variants (se
+    effective, eca circular, cbam light), against timm where timm has the module."""
+    from timm.layers.cbam import LightCbamModule
+    from timm.layers.coord_attn import EfficientLocalAttn
+    from timm.layers.eca import CecaModule
+    from timm.layers.non_local_attn import NonLocalAttn
+    from timm.layers.squeeze_excite import EffectiveSEModule
+
+    from attnsurgeon.layers import cbam, eca, ela, ema, non_local, simam, squeeze_excite, triplet
+
+    c = shape[1]
+    no_timm = {"timm": "no timm equivalent", "seed": "no seed code"}
+    if want("ema"):
+        cases.append(Case("EMA factor=32", shape, {"ours": lambda c=c: ema.build(c)}, notes=no_timm))
+    if want("simam"):
+        cases.append(Case("SimAM", shape, {"ours": lambda c=c: simam.build(c)}, notes=no_timm))
+    if want("triplet"):
+        cases.append(Case("triplet k=7", shape, {"ours": lambda c=c: triplet.build(c)}, notes=no_timm))
+    if want("nl"):
+        cases.append(Case("NL r=2", shape, {
+            "ours": lambda c=c: non_local.build(c),
+            # timm's NonLocalAttn: the same embedded Gaussian; its width C/r set to ours
+            "timm": lambda c=c: NonLocalAttn(c, rd_channels=c // 2),
+        }, notes={"timm": "W_z with bias, scale 1/sqrt(C)", "seed": "no seed code"}))
+    if want("ela"):
+        cases.append(Case("ELA k=7", shape, {
+            "ours": lambda c=c: ela.build(c),
+            "timm": lambda c=c: EfficientLocalAttn(c),
+        }, notes={"seed": "no seed code"}))
+    if want("ese"):
+        cases.append(Case("SE effective", shape, {
+            "ours": lambda c=c: squeeze_excite.build(c, variant="effective"),
+            "timm": lambda c=c: EffectiveSEModule(c),
+        }, notes={"seed": "no seed code"}))
+    if want("ceca"):
+        k = eca.adaptive_kernel_size(c)
+        cases.append(Case(f"ECA circular k={k}", shape, {
+            "ours": lambda c=c: eca.build(c, padding="circular"),
+            "timm": lambda k=k: CecaModule(None, kernel_size=k),
+        }, notes={"seed": "no seed code"}))
+    if want("lcbam"):
+        cases.append(Case("CBAM light", shape, {
+            "ours": lambda c=c: cbam.build(c, variant="light"),
+            "timm": lambda c=c: LightCbamModule(c, rd_ratio=1 / 16, rd_divisor=1, mlp_bias=True),
+        }, notes={"seed": "no seed code"}))
 
 
 def _ours_note(module: nn.Module, x: Tensor) -> str:
@@ -569,11 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: bf16 autocast, channels_last")
     parser.add_argument("--only", default=None,
-                        help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool")
+                        help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool,"
+                             "ema,simam,triplet,nl,ela,ese,ceca,lcbam")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    valid = {"se", "cbam", "sk", "dynconv", "afp", "eca", "coord", "gc", "dualpool"}
+    valid = {"se", "cbam", "sk", "dynconv", "afp", "eca", "coord", "gc", "dualpool",
+             "ema", "simam", "triplet", "nl", "ela", "ese", "ceca", "lcbam"}
     only = None
     if args.only:
         only = {s.strip() for s in args.only.split(",") if s.strip()}

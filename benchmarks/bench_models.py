@@ -13,9 +13,17 @@ CBAM         cbam on torchvision resnet50           resnet50 + block_args attn_l
 SK           sk on torchvision resnext50_32x4d      skresnext50_32x4d / resnext50_32x4d
 ECA          eca on torchvision resnet50            ecaresnet50d / resnet50d
 DY-R18       dynconv target=all on resnet18 (K=4)   (none)
+EMA          ema on torchvision resnet50            (none)
+SimAM        simam on torchvision resnet50          (none)
+triplet      triplet on torchvision resnet50        (none)
+NL-c4        nl on resnet50's layer3 (res4)         (none: timm puts it in every block)
+ELA          ela on torchvision resnet50            resnet50 + block_args attn_layer=ela
+eSE          se variant=effective on resnet50       resnet50 + block_args attn_layer=ese
+CECA         eca padding=circular on resnet50       resnet50 + block_args attn_layer=ceca
+LCBAM        cbam variant=light on resnet50         resnet50 + block_args attn_layer=lcbam
 ===========  =====================================  =====================================
 
-The ECA row runs only if the ``eca`` kind is registered. ``--init paper`` everywhere,
+A row runs only if its kind is registered. ``--init paper`` everywhere,
 random weights.
 
 Protocol. CPU (default): float32, eager, eval mode under ``torch.inference_mode``,
@@ -61,6 +69,11 @@ class Row:
     params: dict
     timm_base: tuple[str, dict] | None
     timm_model: tuple[str, dict] | None
+    layers: str = "all"
+
+
+def _timm_attn(name: str) -> tuple[str, dict]:
+    return ("resnet50", {"block_args": {"attn_layer": name}})
 
 
 ROWS = (
@@ -69,6 +82,14 @@ ROWS = (
     Row("SK", "resnext50_32x4d", "sk", {}, ("resnext50_32x4d", {}), ("skresnext50_32x4d", {})),
     Row("ECA", "resnet50", "eca", {}, ("resnet50d", {}), ("ecaresnet50d", {})),
     Row("DY-R18", "resnet18", "dynconv", {"target": "all"}, None, None),
+    Row("EMA", "resnet50", "ema", {}, None, None),
+    Row("SimAM", "resnet50", "simam", {}, None, None),
+    Row("triplet", "resnet50", "triplet", {}, None, None),
+    Row("NL-c4", "resnet50", "nl", {}, None, None, layers="layer3"),
+    Row("ELA", "resnet50", "ela", {}, ("resnet50", {}), _timm_attn("ela")),
+    Row("eSE", "resnet50", "se", {"variant": "effective"}, ("resnet50", {}), _timm_attn("ese")),
+    Row("CECA", "resnet50", "eca", {"padding": "circular"}, ("resnet50", {}), _timm_attn("ceca")),
+    Row("LCBAM", "resnet50", "cbam", {"variant": "light"}, ("resnet50", {}), _timm_attn("lcbam")),
 )
 
 
@@ -84,7 +105,7 @@ def build_row(row: Row) -> dict[str, nn.Module]:
     models[f"ours:{row.ours_base}"] = base
     if row.attn is not None:
         model = getattr(torchvision.models, row.ours_base)()
-        attnsurgeon.apply(model, row.attn, params=row.params)
+        attnsurgeon.apply(model, row.attn, params=row.params, layers=row.layers)
         models[f"ours:{row.attn}"] = model
     if row.timm_base is not None and row.timm_model is not None:
         import timm
@@ -222,7 +243,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="CPU: also a training step")
-    parser.add_argument("--only", default="", help="comma list of rows (SE,CBAM,SK,ECA,DY-R18)")
+    parser.add_argument("--only", default="", help="comma list of rows (SE,CBAM,SK,ECA,DY-R18,EMA,SimAM,triplet,NL-c4,"
+                        "ELA,eSE,CECA,LCBAM)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")

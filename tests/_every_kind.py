@@ -1,12 +1,14 @@
 """A small model that carries every registered kind at once (for tests that are too slow
 to run per kind: torch.compile, torch.export, DDP).
 
-Insert kind i of :data:`attnsurgeon.kinds.KINDS` goes into block i of a ResNet-18, at slot
-i (mod the slots a block has), so the slots take turns; the replace kinds take turns over
-the stages; the dual-pool head replaces the pool. Kinds registered later are picked up
-automatically, up to one insert kind per block (8 on ResNet-18). One module per insert
-kind keeps torch.compile's time down (every kind at every slot took 155 s to compile on
-2 CPU cores); the per-kind, per-slot checks run on :func:`one_kind_model`.
+Insert kind i of :data:`attnsurgeon.kinds.KINDS` goes into block i (mod 8) of a ResNet-18,
+at slot i (mod its 5 slots): the slots take turns, and since 8 and 5 are coprime no two
+kinds share a (block, slot) until 40 insert kinds, so a block carries several kinds at
+different slots once there are more than 8. The replace kinds take turns over the stages
+(over the blocks past 4 replace kinds); the dual-pool head replaces the pool. Kinds
+registered later, even by a test after import, are picked up. One module per insert
+kind keeps torch.compile's time down (every kind at every slot is far slower to compile);
+the per-kind, per-slot checks run on :func:`one_kind_model`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from attnsurgeon.kinds import HEAD_BUILDERS, KINDS
 from attnsurgeon.recipe import Recipe, make_rule
 from attnsurgeon.surgery import Change, apply_recipe
 
-__all__ = ["INSERT_KINDS", "REPLACE_KINDS", "ddp_worker", "every_kind_model", "every_kind_recipe", "kind_cases", "one_kind_model", "slots"]
+__all__ = ["INSERT_KINDS", "REPLACE_KINDS", "ddp_worker", "every_kind_model", "every_kind_recipe", "insert_kinds",
+           "kind_cases", "one_kind_model", "slots"]
 
 INSERT_KINDS = tuple(name for name, spec in KINDS.items() if spec.mode == "insert")
 REPLACE_KINDS = tuple(name for name, spec in KINDS.items() if spec.mode == "replace")
@@ -43,21 +46,46 @@ def _base(seed: int) -> nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
+def insert_kinds() -> tuple[str, ...]:
+    """The insert kinds registered now (a test may register one after import)."""
+    return tuple(name for name, spec in KINDS.items() if spec.mode == "insert")
+
+
+def _places(blocks: int, slots: int, kinds: int) -> list[tuple[int, int]]:
+    """(block, slot) for kind i: (i mod blocks, i mod slots), distinct while i < lcm; beyond
+    that the next free pair, so any number up to blocks * slots fits."""
+    free = [(b, s) for b in range(blocks) for s in range(slots)]
+    if kinds > len(free):
+        raise RuntimeError(f"{kinds} insert kinds do not fit {blocks} blocks x {slots} slots")
+    out: list[tuple[int, int]] = []
+    taken: set[tuple[int, int]] = set()
+    for i in range(kinds):
+        place = (i % blocks, i % slots)
+        if place in taken:
+            place = next(p for p in free if p not in taken)
+        taken.add(place)
+        out.append(place)
+    return out
+
+
 def every_kind_recipe(*, init: str = "paper", seed: int = 0, head: bool = True) -> Recipe:
     """The recipe :func:`every_kind_model` applies to a ResNet-18 (module docstring)."""
     with torch.device("meta"):
         blocks = [info for info, _ in find_blocks(torchvision.models.resnet18())]
     stages = list(dict.fromkeys(info.stage for info in blocks))
     positions = slots()
-    if len(INSERT_KINDS) > len(blocks):
-        raise RuntimeError(f"{len(INSERT_KINDS)} insert kinds do not fit {len(blocks)} blocks, one per block")
+    inserts = insert_kinds()
+    places = _places(len(blocks), len(positions), len(inserts))
     rules = []
-    for i, kind in enumerate(INSERT_KINDS):  # kind i at slot i (mod slots), in block i
-        position = positions[i % len(positions)]
-        rules.append(make_rule(kind, layers=blocks[i].name, position=position, where="test"))
-    for s, stage in enumerate(stages):
-        if REPLACE_KINDS:
-            rules.append(make_rule(REPLACE_KINDS[s % len(REPLACE_KINDS)], layers=stage, where="test"))
+    for kind, (b, p) in zip(inserts, places, strict=True):
+        rules.append(make_rule(kind, layers=blocks[b].name, position=positions[p], where="test"))
+    replaces = tuple(name for name, spec in KINDS.items() if spec.mode == "replace")
+    targets = stages if len(replaces) <= len(stages) else [info.name for info in blocks]  # more: per block
+    if len(replaces) > len(targets):
+        raise RuntimeError(f"{len(replaces)} replace kinds do not fit {len(targets)} blocks")
+    for s, target in enumerate(targets):
+        if replaces:
+            rules.append(make_rule(replaces[s % len(replaces)], layers=target, where="test"))
     heads = list(HEAD_BUILDERS) if head else []
     return Recipe(model="resnet18", rules=tuple(rules), init=init, seed=seed, head=heads[0] if heads else None)
 

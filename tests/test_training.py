@@ -44,6 +44,11 @@ def test_param_groups_partition_the_parameters(kind, position):
     plain = {n for n, _ in model.named_parameters()}
     changes = attnsurgeon.apply(model, kind, position=position)
     reported = {c.path for c in changes}
+    if not _expected_new(model, reported):  # parameter-free at --init paper (simam): one group
+        assert [g["name"] for g in attnsurgeon.param_groups(model, lr=0.1)] == ["original"]
+        assert {n for n, _ in new_modules(model)} == reported
+        model = torchvision.models.resnet18(num_classes=10)  # its preserve form has parameters
+        reported = {c.path for c in attnsurgeon.apply(model, kind, position=position, init="preserve")}
     _check_partition(model, reported)
     # the original group is the unmodified model's parameters, minus what was replaced
     original = _names(model, attnsurgeon.param_groups(model, lr=0.1)[0]["params"])

@@ -36,6 +36,11 @@ Departures from the paper:
   conv gets weight 0 and its BN gamma 1, beta ``PRESERVE_LOGIT`` and fresh running
   statistics, so the BN maps the all-zero conv output to ``PRESERVE_LOGIT`` with batch
   statistics (train) and with running statistics (eval).
+
+``variant="light"`` is timm's light CBAM (``LightCbamModule``, ``--attn lcbam`` in timm; no
+paper of its own): each gate pools once, as ``0.5 (mean + max)``, so the channel MLP runs
+once and the spatial conv has one input channel (k^2 + 2 parameters instead of 2k^2 + 2).
+timm's MLP has no biases; this one keeps CBAM's (and its init): C / r + C parameters more.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from torch import Tensor, nn
 from . import PRESERVE_LOGIT, initialised
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "build"]
+__all__ = ["CBAM", "VARIANTS", "ChannelAttention", "SpatialAttention", "build"]
+
+VARIANTS = ("standard", "light")
 
 
 class ChannelAttention(SqueezeExcite):
@@ -56,10 +63,12 @@ class ChannelAttention(SqueezeExcite):
     Args:
         channels: C, the channels of the feature map it gates.
         reduction: r, the ratio of the shared MLP (hidden width C / r).
+        light: pool once, ``0.5 (avg + max)``, and run the MLP once (timm's light form).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16) -> None:
+    def __init__(self, channels: int, *, reduction: int = 16, light: bool = False) -> None:
         super().__init__(channels, reduction=reduction)
+        self.light = light
         self.reset_parameters()
 
     def _mlp(self, z: Tensor) -> Tensor:
@@ -69,6 +78,8 @@ class ChannelAttention(SqueezeExcite):
         """M_c of Eq. 2, shape ``(N, C, 1, 1)``."""
         avg = x.mean((2, 3), keepdim=True)
         peak = x.amax((2, 3), keepdim=True)
+        if self.light:
+            return self.gate(self._mlp(0.5 * avg + 0.5 * peak))
         return self.gate(self._mlp(avg) + self._mlp(peak))
 
     def reset_parameters(self) -> None:
@@ -79,7 +90,7 @@ class ChannelAttention(SqueezeExcite):
     def preserve_(self) -> None:
         """M_c = sigmoid(PRESERVE_LOGIT) for every input (the bias counts once per path)."""
         nn.init.zeros_(self.fc2.weight)
-        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT / 2)
+        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT if self.light else PRESERVE_LOGIT / 2)
 
 
 class SpatialAttention(nn.Module):
@@ -87,20 +98,23 @@ class SpatialAttention(nn.Module):
 
     Args:
         kernel_size: k, the odd kernel of the conv over ``[mean; max]`` (7 or 3 in the paper).
+        light: one input channel, ``0.5 (mean + max)`` (timm's light form).
     """
 
-    def __init__(self, *, kernel_size: int = 7) -> None:
+    def __init__(self, *, kernel_size: int = 7, light: bool = False) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)  # f^{kxk}
+        self.light = light
+        self.conv = nn.Conv2d(1 if light else 2, 1, kernel_size, padding=kernel_size // 2, bias=False)  # f^{kxk}
         self.bn = nn.BatchNorm2d(1, momentum=0.01)
         self.gate = nn.Sigmoid()
         self.reset_parameters()
 
     def _scale(self, x: Tensor) -> Tensor:
         """M_s of Eq. 3, shape ``(N, 1, H, W)``."""
-        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        mean, peak = x.mean(1, keepdim=True), x.amax(1, keepdim=True)
+        pooled = 0.5 * mean + 0.5 * peak if self.light else torch.cat([mean, peak], dim=1)
         return self.gate(self.bn(self.conv(pooled)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,12 +141,16 @@ class CBAM(nn.Module):
         channels: C, the channels of the feature map it gates.
         reduction: r, the ratio of the channel MLP.
         kernel_size: k, the kernel of the spatial conv.
+        variant: ``"standard"`` (the paper) or ``"light"`` (timm's light CBAM).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, kernel_size: int = 7) -> None:
+    def __init__(self, channels: int, *, reduction: int = 16, kernel_size: int = 7, variant: str = "standard") -> None:
         super().__init__()
-        self.channel = ChannelAttention(channels, reduction=reduction)
-        self.spatial = SpatialAttention(kernel_size=kernel_size)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        light = variant == "light"
+        self.channel = ChannelAttention(channels, reduction=reduction, light=light)
+        self.spatial = SpatialAttention(kernel_size=kernel_size, light=light)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.spatial(self.channel(x))
@@ -152,5 +170,6 @@ class CBAM(nn.Module):
         self.spatial.preserve_()
 
 
-def build(channels: int, *, init: str = "paper", reduction: int = 16, kernel_size: int = 7) -> CBAM:
-    return initialised(CBAM(channels, reduction=reduction, kernel_size=kernel_size), init)
+def build(channels: int, *, init: str = "paper", reduction: int = 16, kernel_size: int = 7,
+          variant: str = "standard") -> CBAM:
+    return initialised(CBAM(channels, reduction=reduction, kernel_size=kernel_size, variant=variant), init)

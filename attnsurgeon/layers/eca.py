@@ -21,6 +21,9 @@ Departures from the paper:
 * the pooled vector is reshaped with ``unsqueeze``/``transpose`` only, so ONNX export keeps
   a dynamic batch;
 * ``--init paper`` is PyTorch's default for ``nn.Conv1d``, as in the reference code.
+
+``padding="circular"`` is timm's circular ECA (``CecaModule``): the channel axis wraps
+around instead of being zero-padded; same parameters, same state_dict keys.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch import Tensor, nn
 
 from . import PRESERVE_LOGIT, initialised
 
-__all__ = ["ECA", "adaptive_kernel_size", "build", "reference_kernel_size"]
+__all__ = ["ECA", "PADDINGS", "adaptive_kernel_size", "build", "reference_kernel_size"]
+
+PADDINGS = ("zeros", "circular")
 
 
 def adaptive_kernel_size(channels: int, *, gamma: float = 2.0, b: float = 1.0) -> int:
@@ -56,11 +61,13 @@ class ECA(nn.Module):
         kernel_size: k, odd; 0 picks it from C by the paper's adaptive rule.
         gamma: gamma of the adaptive rule.
         b: b of the adaptive rule.
+        padding: ``"zeros"`` (the paper) or ``"circular"`` (timm's CECA) along the channels.
     """
 
     offset: Tensor
 
-    def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0) -> None:
+    def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0,
+                 padding: str = "zeros") -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -68,8 +75,10 @@ class ECA(nn.Module):
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if kernel_size < 0 or (kernel_size and kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be 0 (adaptive) or odd, got {kernel_size}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         k = kernel_size or adaptive_kernel_size(channels, gamma=gamma, b=b)
-        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)  # the paper's C1D_k
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False, padding_mode=padding)  # the paper's C1D_k
         self.register_buffer("offset", torch.zeros(()))
         self.gate = nn.Sigmoid()
 
@@ -101,5 +110,5 @@ class ECA(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper", kernel_size: int = 0, gamma: float = 2.0,
-          b: float = 1.0) -> ECA:
-    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b), init)
+          b: float = 1.0, padding: str = "zeros") -> ECA:
+    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b, padding=padding), init)

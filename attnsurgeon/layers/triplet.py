@@ -1,0 +1,95 @@
+"""Triplet attention.
+
+Paper: Rotate to Attend: Convolutional Triplet Attention Module (Misra, Nalamada,
+Arasanipalai, Hou; WACV 2021), https://arxiv.org/abs/2010.03045
+
+Three branches, each a CBAM-style spatial gate on a rotated view of the feature map: Z-pool
+(``[max; mean]`` over the first axis of the view) -> k x k conv (2 -> 1, no bias) -> BN
+-> sigmoid -> multiply. The views are (C, W) for the gate pooled over H, (H, C) for the gate
+pooled over W, and (H, W) for the plain spatial gate pooled over C; the output is the mean
+of the three gated maps. k = 7; a module has 3 x (2 k^2 + 2) = 300 parameters, so
+ResNet-50 with one in every bottleneck (before the residual add, the authors' placement
+in ``MODELS/resnet.py``, i.e. ``standard``) has 25,561,832: the paper's 25.56M.
+
+Departures from the authors' code (github.com/landskape-ai/triplet-attention):
+
+* the rotations are ``transpose`` and the pools ``amax``/``mean`` over one axis (ONNX
+  keeps a dynamic batch, H and W); the function is the same;
+* ``--init paper`` is the authors' ResNet initialisation: convs Kaiming-normal (fan-out),
+  BN gamma 1 in the two rotated branches and 0 in the spatial one (their init zeroes BN
+  weights under a ``SpatialGate`` name), betas 0; BN momentum 0.01 as in their code;
+* ``--init preserve`` (not in the paper): every conv weight 0, every BN gamma 1 and beta
+  ``PRESERVE_LOGIT`` with fresh running statistics, so each gate is
+  ``sigmoid(PRESERVE_LOGIT)`` for every input, in train and eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import PRESERVE_LOGIT, initialised
+
+__all__ = ["TripletAttention", "ZPoolGate", "build"]
+
+
+class ZPoolGate(nn.Module):
+    """One branch: gate a map by ``sigmoid(BN(conv([max; mean] over dim 1)))``."""
+
+    def __init__(self, *, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+    def reset_parameters(self, *, gamma: float) -> None:
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")
+        self.bn.reset_running_stats()
+        nn.init.constant_(self.bn.weight, gamma)
+        nn.init.zeros_(self.bn.bias)
+
+    def preserve_(self) -> None:
+        nn.init.zeros_(self.conv.weight)
+        self.bn.reset_running_stats()
+        nn.init.ones_(self.bn.weight)
+        nn.init.constant_(self.bn.bias, PRESERVE_LOGIT)
+
+
+class TripletAttention(nn.Module):
+    """Triplet attention (any number of channels).
+
+    Args:
+        kernel_size: k, the kernel of each branch's conv (7 in the paper; 3 also reported).
+    """
+
+    def __init__(self, *, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.gate_h = ZPoolGate(kernel_size=kernel_size)  # pooled over H: attends (C, W)
+        self.gate_w = ZPoolGate(kernel_size=kernel_size)  # pooled over W: attends (H, C)
+        self.gate_c = ZPoolGate(kernel_size=kernel_size)  # pooled over C: attends (H, W)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        by_h = self.gate_h(x.transpose(1, 2)).transpose(1, 2)
+        by_w = self.gate_w(x.transpose(1, 3)).transpose(1, 3)
+        return (by_h + by_w + self.gate_c(x)) / 3
+
+    def reset_parameters(self) -> None:
+        self.gate_h.reset_parameters(gamma=1.0)
+        self.gate_w.reset_parameters(gamma=1.0)
+        self.gate_c.reset_parameters(gamma=0.0)
+
+    def preserve_(self) -> None:
+        """Start as (almost) the identity: every gate sigmoid(PRESERVE_LOGIT)."""
+        for gate in (self.gate_h, self.gate_w, self.gate_c):
+            gate.preserve_()
+
+
+def build(channels: int, *, init: str = "paper", kernel_size: int = 7) -> TripletAttention:
+    """``channels`` is unused (triplet attention works on any number of channels)."""
+    return initialised(TripletAttention(kernel_size=kernel_size), init)
