@@ -62,17 +62,25 @@ def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias,
     a_c, a_f, a_s, a_w = od.attention(x, od.temperature)
     forms = [od(x)]
     if a_s is not None or a_w is not None:
-        w = od.kernels_per_sample(a_s, a_w, x.dtype)
+        b = od.bias[:, None, None] if bias else 0
+        w = od.kernels_per_sample(a_s, a_w, x.dtype)  # gates on the maps
         xc = x * a_c[:, :, None, None]
-        forms += [od.forward_per_sample(xc, w), od.forward_positions(xc, w)]
-        forms[1:] = [y * (a_f[:, :, None, None] if a_f is not None else 1)
-                     + (od.bias[:, None, None] if bias else 0) for y in forms[1:]]
+        f = a_f[:, :, None, None] if a_f is not None else 1
+        forms += [od.forward_per_sample(xc, w) * f + b, od.forward_positions(xc, w) * f + b]
+        w = od.kernels_per_sample(a_s, a_w, x.dtype, gates=(a_c, a_f))  # gates in the kernels
+        forms += [od.forward_per_sample(x, w) + b, od.forward_positions(x, w) + b]
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, od.weight), retain_graph=True)
     for y in forms:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         grads = torch.autograd.grad(y.square().sum(), (x, od.weight), retain_graph=True)
         for got, want in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gates_fold_into_the_kernels_where_they_are_smaller():
+    od = ODConv2d(64, 64, 3, padding=1)
+    assert od.folds(torch.empty(2, 64, 56, 56))  # 36,864 kernel elements < 401,408 map elements
+    assert not od.folds(torch.empty(2, 64, 7, 7))
 
 
 def test_attentions_the_authors_leave_out():

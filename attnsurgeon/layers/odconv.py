@@ -15,9 +15,12 @@ parts, computed in parallel from one squeeze::
     a_w = softmax(FC_w(z) / tau)               # (K,)      kernels
     y   = (sum_k a_w,k  a_f * a_c * a_s * W_k) (*) x
 
-As in the authors' code, ``a_c`` multiplies the input and ``a_f`` the output (the same
-function: each scales one axis of every kernel) and ``a_s``, ``a_c``, ``a_f`` are shared by
-the K kernels. A part that would be constant is left out, as there: ``a_f`` for a depthwise
+The authors' code multiplies the input by ``a_c`` and the output by ``a_f`` (the same
+function: each scales one axis of every kernel); here that happens where the feature maps
+are smaller than a per-sample kernel (late, wide layers), and elsewhere the two gates go
+into the per-sample kernels with ``a_s``, which saves two passes over the maps. As there,
+``a_s``, ``a_c`` and ``a_f`` are shared by the K kernels, and a part that would be constant
+is left out: ``a_f`` for a depthwise
 conv (``C_in == groups == C_out``: each output sees one input, so ``a_c`` already covers
 it), ``a_s`` for a 1x1 kernel and ``a_w`` for K = 1; a 1x1 conv with K = 1 is then a plain
 conv between two channel gates. The paper anneals tau from 30 to 1 over the first 10
@@ -245,31 +248,57 @@ class ODConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a_c, a_f, a_s, a_w = self.attention(x, self.temperature)
         dtype = _compute_dtype(x, self.weight)
-        x = x * a_c.to(dtype)[:, :, None, None]
-        if a_s is None and a_w is None:  # 1x1, K = 1: one static kernel
-            y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        elif _tracing(x):
-            y = self.forward_positions(x, self.kernels_per_sample(a_s, a_w, dtype))
-        else:
-            y = self.forward_per_sample(x, self.kernels_per_sample(a_s, a_w, dtype))
+        if a_s is None and a_w is None:  # 1x1, K = 1: one static kernel between two gates
+            y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
+                         self.dilation, self.groups)
+            return self._finish(y, a_f)
+        fold = self.folds(x)
+        w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
+        if not fold:
+            x = x * a_c.to(dtype)[:, :, None, None]
+        y = self.forward_positions(x, w) if _tracing(x) else self.forward_per_sample(x, w)
+        return self._finish(y, None if fold else a_f)
+
+    def _finish(self, y: Tensor, a_f: Tensor | None) -> Tensor:
         if a_f is not None:
             y = y * a_f.to(y.dtype)[:, :, None, None]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)[:, None, None]
         return y
 
-    def kernels_per_sample(self, a_s: Tensor | None, a_w: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """``a_s * sum_k a_w,k W_k`` for every sample: ``(N, C_out, C_in / groups, kh * kw)``."""
+    def folds(self, x: Tensor) -> bool:
+        """Whether the channel gates go into the per-sample kernels rather than onto the
+        feature maps: where a kernel has fewer elements than the input and output maps."""
+        if isinstance(x, torch.fx.Proxy):
+            return False
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        kernel = self.out_channels * self.in_channels // self.groups * kh * kw
+        return kernel < self.in_channels * x.shape[2] * x.shape[3] + self.out_channels * h_out * w_out
+
+    def kernels_per_sample(self, a_s: Tensor | None, a_w: Tensor | None, dtype: torch.dtype, *,
+                           gates: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """``a_s * sum_k a_w,k W_k`` for every sample: ``(N, C_out, C_in / groups, kh * kw)``;
+        with ``gates = (a_c, a_f)`` also times the input and output channel gates."""
         bank = self.weight.to(dtype).reshape(self.kernels, -1)
         if a_w is None:  # K = 1
             n = a_s.shape[0] if a_s is not None else 1
             w = bank.expand(n, -1)
         else:
             w = a_w.to(dtype) @ bank
-        w = w.reshape(w.shape[0], self.out_channels, self.in_channels // self.groups, -1)
-        if a_s is not None:
-            w = w * a_s.to(dtype)[:, None, None, :]
-        return w
+        g, c_in, c_out = self.groups, self.in_channels // self.groups, self.out_channels
+        w = w.reshape(w.shape[0], c_out, c_in, -1)
+        scale = None if a_s is None else a_s.to(dtype)[:, None, None, :]
+        if gates is not None:
+            a_c, a_f = gates
+            # input channel c of group j is a_c[j * c_in + c]; out-channel o is in group o // (c_out / g)
+            channel = a_c.to(dtype).unflatten(1, (g, 1, c_in)).expand(-1, -1, c_out // g, -1).reshape(-1, c_out, c_in)
+            if a_f is not None:
+                channel = channel * a_f.to(dtype)[:, :, None]
+            channel = channel[..., None]
+            scale = channel if scale is None else channel * scale
+        return w if scale is None else w * scale
 
     def forward_per_sample(self, x: Tensor, w: Tensor) -> Tensor:
         """The batch as one grouped conv with ``N * groups`` groups."""
