@@ -43,7 +43,8 @@ Departures from the authors' code, and why:
 
 * ``reduction`` is the integer r of hidden = C_in / r (r = 16 for their 0.0625): the same
   width for every C_in, since ``int(C * 0.0625) == C // 16``; ``min_dim`` is their
-  ``min_channel`` (16).
+  ``min_channel`` (16). ``kernels`` defaults to 4, their 4x models and dynamic
+  convolution's K; their training script defaults to 1 (the 1x models).
 * A replaced conv with a bias (ConvNeXt's depthwise conv) keeps one static bias, added
   after ``a_f``; the authors' convs have none. Non-square kernels get a ``kh x kw``
   spatial attention (theirs is k x k).
