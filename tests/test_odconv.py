@@ -66,7 +66,8 @@ def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias,
         w = od.kernels_per_sample(a_s, a_w, x.dtype)  # gates on the maps
         xc = x * a_c[:, :, None, None]
         f = a_f[:, :, None, None] if a_f is not None else 1
-        forms += [od.forward_per_sample(xc, w) * f + b, od.forward_positions(xc, w) * f + b]
+        forms += [od.forward_per_sample(xc, w) * f + b, od.forward_positions(xc, w) * f + b,
+                  od.forward_stacked(xc, a_s, a_w) * f + b]
         w = od.kernels_per_sample(a_s, a_w, x.dtype, gates=(a_c, a_f))  # gates in the kernels
         forms += [od.forward_per_sample(x, w) + b, od.forward_positions(x, w) + b]
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, od.weight), retain_graph=True)
@@ -77,10 +78,13 @@ def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias,
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_gates_fold_into_the_kernels_where_they_are_smaller():
+def test_eager_choices():
     od = ODConv2d(64, 64, 3, padding=1)
     assert od.folds(torch.empty(2, 64, 56, 56))  # 36,864 kernel elements < 401,408 map elements
     assert not od.folds(torch.empty(2, 64, 7, 7))
+    late = ODConv2d(512, 512, 3, padding=1)  # ResNet-18's layer4: stacked, as dynconv there
+    assert late.prefers_stacked(torch.empty(32, 512, 7, 7)) and not late.prefers_stacked(torch.empty(1, 512, 7, 7))
+    assert not od.prefers_stacked(torch.empty(32, 64, 56, 56))
 
 
 def test_attentions_the_authors_leave_out():
@@ -281,10 +285,12 @@ def test_cli_export_onnx_verifies(cli, tmp_path):
 
 # --- bf16, channels_last, training helpers --------------------------------------------
 
-def test_bf16_autocast_and_channels_last():
+@pytest.mark.parametrize("size, stacked", [(12, False), (4, True)])
+def test_bf16_autocast_and_channels_last(size, stacked):
     torch.manual_seed(0)
     od = ODConv2d(16, 32, 3, stride=2, padding=1, groups=2, kernels=4).eval()
-    x = torch.randn(2, 16, 12, 12)
+    x = torch.randn(2, 16, size, size)
+    assert od.prefers_stacked(x) == stacked
     with torch.no_grad():
         ref = od(x)
         last = od.to(memory_format=torch.channels_last)

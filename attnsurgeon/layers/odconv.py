@@ -79,6 +79,7 @@ from . import check_init
 __all__ = ["ODConv2d", "OmniAttention", "from_conv", "set_temperature"]
 
 _Size = int | tuple[int, int]
+_ELEMENT_COST = 256.0  # dynamic convolution's fitted CPU cost of one per-sample kernel element
 
 
 def _pair(value: _Size) -> tuple[int, int]:
@@ -253,6 +254,8 @@ class ODConv2d(nn.Module):
             y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             return self._finish(y, a_f)
+        if not _tracing(x) and self.prefers_stacked(x):
+            return self._finish(self.forward_stacked(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
@@ -267,15 +270,28 @@ class ODConv2d(nn.Module):
             y = y + self.bias.to(y.dtype)[:, None, None]
         return y
 
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def prefers_stacked(self, x: Tensor) -> bool:
+        """Dynamic convolution's CPU cost rule (its ``_ELEMENT_COST`` = 256 multiply-adds per
+        per-sample kernel element): the stacked form where ``K H'W' (1 + a / fan_in) < H'W' + a``,
+        that is on small feature maps; never at batch 1."""
+        if x.shape[0] == 1:
+            return False
+        h, w = self._out_size(x)
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        return self.kernels * h * w * (1 + _ELEMENT_COST / fan_in) < h * w + _ELEMENT_COST
+
     def folds(self, x: Tensor) -> bool:
         """Whether the channel gates go into the per-sample kernels rather than onto the
         feature maps: where a kernel has fewer elements than the input and output maps."""
         if isinstance(x, torch.fx.Proxy):
             return False
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        kernel = self.out_channels * self.in_channels // self.groups * kh * kw
+        h_out, w_out = self._out_size(x)
+        kernel = self.out_channels * self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         return kernel < self.in_channels * x.shape[2] * x.shape[3] + self.out_channels * h_out * w_out
 
     def kernels_per_sample(self, a_s: Tensor | None, a_w: Tensor | None, dtype: torch.dtype, *,
@@ -311,12 +327,28 @@ class ODConv2d(nn.Module):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
+    def forward_stacked(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
+        """All K kernels on the unfolded input, ``a_s`` scaling its kernel positions, then the
+        ``a_w``-weighted sum of the K outputs: K times the multiply-adds, no per-sample kernel."""
+        n, g, k = x.shape[0], self.groups, self.kernels
+        h, w = self._out_size(x)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C_in * P, H'W')
+        if a_s is not None:
+            cols = (cols.unflatten(1, (self.in_channels, -1)) * a_s.to(cols.dtype)[:, None, :, None]).flatten(1, 2)
+        bank = self.weight.to(cols.dtype).reshape(k, g, self.out_channels // g, -1).transpose(0, 1).flatten(1, 2)
+        y = bank @ cols.unflatten(1, (g, -1))  # (N, g, K * C_out / g, H'W'), ordered (kernel, out-channel)
+        if a_w is not None:
+            y = (y.unflatten(2, (k, -1)) * a_w.to(y.dtype)[:, None, :, None, None]).sum(2)
+        y = y.reshape(n, self.out_channels, h, w)
+        if _channels_last(x):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
     def forward_positions(self, x: Tensor, w: Tensor) -> Tensor:
         """The same conv as ``kh * kw`` per-sample matrix products (no op depends on N)."""
         g, (kh, kw), (sh, sw) = self.groups, self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self.padding, self.dilation
-        h_out = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        h_out, w_out = self._out_size(x)
         xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         w = w.to(x.dtype).unflatten(1, (g, -1))  # (N, g, C_out / g, C_in / g, kh * kw)
         y = None
