@@ -20,24 +20,27 @@ function: each scales one axis of every kernel); here that happens where the fea
 are smaller than a per-sample kernel (late, wide layers), and elsewhere the two gates go
 into the per-sample kernels with ``a_s``, which saves two passes over the maps. As there,
 ``a_s``, ``a_c`` and ``a_f`` are shared by the K kernels, and a part that would be constant
-is left out: ``a_f`` for a depthwise
-conv (``C_in == groups == C_out``: each output sees one input, so ``a_c`` already covers
-it), ``a_s`` for a 1x1 kernel and ``a_w`` for K = 1; a 1x1 conv with K = 1 is then a plain
-conv between two channel gates. The paper anneals tau from 30 to 1 over the first 10
-epochs (the authors' ``get_temperature``, which is
+is left out: ``a_f`` for a depthwise conv (``C_in == groups == C_out``: each output sees
+one input, so ``a_c`` already covers it), ``a_s`` for a 1x1 kernel and ``a_w`` for K = 1;
+a 1x1 conv with K = 1 is then a plain conv between two channel gates. The paper anneals
+tau from 30 to 1 over the first 10 epochs (the authors' ``get_temperature``, which is
 :func:`attnsurgeon.layers.dynamic_conv.temperature_schedule` with its defaults); set it
 with :func:`set_temperature`.
 
-Two forms of the same function (equal to float rounding):
+Three forms of the same function (equal to float rounding):
 
-* *per-sample* (eager): aggregate one kernel per sample, ``a_s * sum_k a_w,k W_k``, and run
-  the batch as one grouped conv with ``groups = N * groups`` (the authors' form, which
-  makes the N x K mix first and sums it; here it is one ``(N, K) @ (K, ...)`` product);
+* *per-sample* (eager, by default): aggregate one kernel per sample,
+  ``a_s * sum_k a_w,k W_k``, and run the batch as one grouped conv with
+  ``groups = N * groups`` (the authors' form, which makes the N x K mix first and sums it;
+  here it is one ``(N, K) @ (K, ...)`` product);
+* *stacked* (eager, small feature maps, by dynamic convolution's CPU cost rule): all K
+  kernels as one matrix product with the unfolded input, whose kernel positions ``a_s``
+  scales, then the ``a_w``-weighted sum of the K outputs. K times the multiply-adds but no
+  per-sample kernel, which on late, wide layers is the larger cost;
 * *positions* (tracers: ``torch.export``, ONNX, ``torch.compile``, ``jit.trace``, fx): the
-  same kernels applied as ``kh * kw`` per-sample matrix products of strided slices of the
-  padded input, so no op depends on the batch size and the graph exports with a dynamic
-  batch. (Dynamic convolution's stacked form does not carry over: the spatial attention
-  differs per sample inside each kernel.)
+  per-sample kernels applied as ``kh * kw`` per-sample matrix products of strided slices of
+  the padded input, so no op depends on the batch size and the graph exports with a
+  dynamic batch (slow in eager mode on a CPU).
 
 Departures from the authors' code, and why:
 
