@@ -339,7 +339,9 @@ class ODConv2d(nn.Module):
         if a_s is not None:
             cols = (cols.unflatten(1, (self.in_channels, -1)) * a_s.to(cols.dtype)[:, None, :, None]).flatten(1, 2)
         bank = self.weight.to(cols.dtype).reshape(k, g, self.out_channels // g, -1).transpose(0, 1).flatten(1, 2)
-        y = bank @ cols.unflatten(1, (g, -1))  # (N, g, K * C_out / g, H'W'), ordered (kernel, out-channel)
+        # (g, K * C_out / g, F) @ (g, F, N * H'W'): a broadcast (N, g, ...) product would expand the bank N times
+        cols = cols.unflatten(1, (g, -1)).permute(1, 2, 0, 3).flatten(2)
+        y = (bank @ cols).unflatten(2, (n, -1)).permute(2, 0, 1, 3)  # (N, g, K * C_out / g, H'W')
         if a_w is not None:
             y = (y.unflatten(2, (k, -1)) * a_w.to(y.dtype)[:, None, :, None, None]).sum(2)
         y = y.reshape(n, self.out_channels, h, w)
