@@ -439,3 +439,25 @@ register(KindSpec(
     note="timm's EfficientLocalAttn: H and W strips -> depthwise 1-D conv -> GroupNorm -> SiLU -> "
     "sigmoid; 2(k + 2)C parameters",
 ))
+
+register(KindSpec(
+    name="odconv",
+    title="Omni-dimensional dynamic convolution",
+    paper="Omni-Dimensional Dynamic Convolution (Li, Zhou, Yao; ICLR 2022): https://arxiv.org/abs/2209.07947",
+    mode="replace",
+    builder="attnsurgeon.layers.odconv:from_conv",
+    params=(
+        Param("kernels", int, 4, "number of kernels aggregated per sample (the paper's 'ODConv (Kx)')", "n",
+              minimum=1, maximum=64),
+        Param("temperature", float, 30.0, "temperature of the four attentions (anneal to 1 while training)",
+              "tau", minimum=1e-6),
+        Param("reduction", int, 16, "reduction ratio of the shared squeeze FC (the paper's r = 1/16)", "r",
+              minimum=1),
+        Param("min_dim", int, 16, "lower bound of the squeeze width max(C_in / r, min_dim)", "",
+              minimum=1, maximum=4096),
+        Param("target", str, "spatial", "which convs of the block: 'spatial' (kxk: ResNet-18's ODConv) or "
+              "'all' (also 1x1 and downsample convs: MobileNetV2's ODConv)", choices=("spatial", "all")),
+    ),
+    note="attention over kernel positions, input and output channels and the K kernels; the norms stay",
+    convs_param="target",
+))

@@ -13,6 +13,13 @@ Variants, side by side at batch 32, float32, CPU:
 * ``timm-condconv``: ``timm.layers.CondConv2d`` with a GAP -> Linear -> sigmoid router
   as in timm's EfficientNet. Its routing differs (sigmoid, no temperature): a reference.
 
+ODConv rows (``--odconv-only`` runs just them): ``odconv``, the
+:class:`attnsurgeon.layers.odconv.ODConv2d` that replaces the same conv (K = 4, r = 16; eager
+runs its per-sample form; ``odconv:positions``, its traced form, is built but not in the
+default rows), against ``ours``; and
+ODConv-ResNet-18 (4x: both 3x3 convs of every block, the authors' model) against
+DY-ResNet-18 and the static ResNet-18. The ratio column is then "x ours" (DY).
+
 Cases: one 3x3 conv at ResNet-18's layer shapes (64ch@56, 128@28, 256@14, 512@7), and
 the whole DY-ResNet-18 (dynamic conv on every conv but the stem, K=4, as in the paper)
 with cross-entropy, plus the static ResNet-18 for scale.
@@ -40,6 +47,7 @@ runs the stacked form (the CUDA choice of ``DynamicConv2d.uses_stacked``).
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
     python benchmarks/bench_dynconv.py --skip-model   # layers only
     python benchmarks/bench_dynconv.py --cuda-only    # only the CUDA section
+    python benchmarks/bench_dynconv.py --odconv-only --size 112  # only the ODConv rows
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ BATCH = 32
 LAYERS = {"64@56": (64, 56), "128@28": (128, 28), "256@14": (256, 14), "512@7": (512, 7)}
 LAYER_VARIANTS = ("ours", "ours:per-sample", "ours:stacked", "seed", "timm-condconv")
 MODEL_VARIANTS = ("resnet18-static", "ours", "seed", "timm-condconv")
+ODCONV_LAYER_VARIANTS = ("ours", "odconv")  # add "odconv:positions" to time the traced form (slow on CPU)
+ODCONV_MODEL_VARIANTS = ("resnet18-static", "ours", "odconv")
 
 
 class SeedDynamicConv2d(nn.Module):
@@ -102,6 +112,20 @@ class RoutedCondConv(nn.Module):
         return self.conv(x, torch.sigmoid(self.router(x.mean((2, 3)))))
 
 
+class ODPositions(nn.Module):
+    """Our ODConv2d, run in the form tracers get (kh * kw per-sample matrix products)."""
+
+    def __init__(self, od: nn.Module) -> None:
+        super().__init__()
+        self.od = od
+
+    def forward(self, x: Tensor) -> Tensor:
+        od = self.od
+        a_c, a_f, a_s, a_w = od.attention(x, od.temperature)
+        y = od.forward_positions(x * a_c[:, :, None, None], od.kernels_per_sample(a_s, a_w, x.dtype))
+        return y * a_f[:, :, None, None]
+
+
 class Forced(nn.Module):
     """Our DynamicConv2d, forced to one of its two forms."""
 
@@ -121,6 +145,11 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
         return SeedDynamicConv2d(conv)
     if variant == "timm-condconv":
         return RoutedCondConv(conv)
+    if variant.startswith("odconv"):
+        from attnsurgeon.layers.odconv import from_conv as od_from_conv
+
+        od, _ = od_from_conv(conv, None)
+        return ODPositions(od) if variant == "odconv:positions" else od
     dyn, _ = from_conv(conv, None)
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 
@@ -140,6 +169,8 @@ def build(case: str, variant: str, size: int, batch: int = BATCH) -> tuple[nn.Mo
     if variant != "resnet18-static":
         for info, block in find_blocks(model):
             for site in info.convs:  # every conv of every block: the paper's DY-ResNet (target=all)
+                if variant == "odconv" and not site.spatial:  # ODConv-ResNet-18: the 3x3 convs
+                    continue
                 replace_module(block, site.conv, _wrap(block.get_submodule(site.conv), variant), expect=nn.Conv2d)
     return model, torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
 
@@ -188,9 +219,12 @@ def times(case: str, variants: tuple[str, ...], size: int, reps: int) -> dict[st
     return {v: statistics.median(t) for v, t in samples.items()}
 
 
-def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, reps: int) -> None:
-    """Print one row per (case, variant); ``cases`` maps labels to build keys."""
-    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median s':>9} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
+def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, reps: int,
+          base: str = "seed") -> None:
+    """Print one row per (case, variant); ``cases`` maps labels to build keys; ratios are
+    to the ``base`` variant."""
+    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median s':>9} {'x ' + base:>7} {'peak MB':>8} "
+          f"{'x ' + base:>7}")
     for label, key in cases.items():
         median = times(key, variants, size, reps)
         peak = {v: memory(key, v, size) for v in variants}
@@ -199,8 +233,17 @@ def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: in
             if v == "ours" and key in LAYERS:
                 model, x, _ = build(key, v, size)
                 name += " (stacked)" if model.uses_stacked(x) else " (per-sample)"
-            print(f"{label:<11} {name:<22} {median[v]:>9.3f} {median[v] / median['seed']:>7.2f} "
-                  f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
+            print(f"{label:<11} {name:<22} {median[v]:>9.3f} {median[v] / median[base]:>7.2f} "
+                  f"{peak[v]:>8.0f} {peak[v] / max(peak[base], 1e-9):>7.2f}", flush=True)
+
+
+def odconv_section(args: argparse.Namespace) -> None:
+    """ODConv against dynamic convolution: per layer, and the two ResNet-18s (CPU)."""
+    table("ODConv: one 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
+          {case: case for case in LAYERS}, ODCONV_LAYER_VARIANTS, args.size, args.reps, base="ours")
+    if not args.skip_model:
+        table(f"ODConv-ResNet-18 (4x) vs DY-ResNet-18 training step, input {args.size}",
+              {f"R18@{args.size}": "model"}, ODCONV_MODEL_VARIANTS, args.size, args.model_reps, base="ours")
 
 
 # --- CUDA section ------------------------------------------------------------------------
@@ -293,6 +336,7 @@ def main() -> None:
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
+    parser.add_argument("--odconv-only", action="store_true", help="only the ODConv rows (CPU)")
     parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
     parser.add_argument("--cuda-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke-test the section
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
@@ -307,11 +351,16 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.odconv_only:
+        odconv_section(args)
+        print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+        return
     table("One 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
           {case: case for case in LAYERS}, LAYER_VARIANTS, args.size, args.reps)
     if not args.skip_model:
         table(f"DY-ResNet-18 training step (forward + cross-entropy + backward), input {args.size}",
               {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps)
+    odconv_section(args)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
         cuda_section(args)
