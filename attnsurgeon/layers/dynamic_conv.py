@@ -93,6 +93,9 @@ Departures from the paper, and why:
 from __future__ import annotations
 
 import math
+import os
+import time
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +113,7 @@ __all__ = [
     "temperature_schedule",
 ]
 
-FORMS = ("auto", "stacked", "per_sample")
+FORMS = ("auto", "stacked", "per_sample", "triton")
 
 _ELEMENT_COST = 256.0  # multiply-adds per per-sample kernel element (see the docstring)
 
@@ -121,9 +124,23 @@ def _pair(value: _Size) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _tracing(x: Tensor) -> bool:
-    """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+_MEASURED: dict[tuple, str] = {}  # CUDA: the fastest form per (shapes, dtypes, layouts, training)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton() -> ModuleType | None:
+    """The Triton kernel's module, imported on first use (None without triton)."""
+    from . import _dynconv_triton
+
+    return _dynconv_triton if _dynconv_triton.AVAILABLE else None
+
+
+def _sync(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 class KernelAttention(nn.Module):
@@ -192,6 +209,7 @@ class DynamicConv2d(nn.Module):
         self.groups = groups
         self.kernels = kernels
         self.form = "auto"
+        self.triton_blocks = None  # the Triton kernel's tile sizes (None: its defaults; tests: small ones)
         self.weight = nn.Parameter(torch.empty(kernels * out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(kernels * out_channels)) if bias else None
         self.attention = KernelAttention(in_channels, kernels, reduction=reduction)
@@ -247,17 +265,77 @@ class DynamicConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.kernel_attention(x)
-        if self.uses_stacked(x):
+        form = self.form_for(x)
+        if form == "stacked":
             return self.forward_stacked(x, pi)
+        if form == "triton":
+            return self.forward_triton(x, pi)
         return self.forward_per_sample(x, pi)
 
     def uses_stacked(self, x: Tensor) -> bool:
-        """Whether ``forward`` runs the stacked form on ``x`` (``form``, tracing, device, cost)."""
-        if _tracing(x) or self.form == "stacked":
-            return True
-        if self.form == "per_sample" or x.shape[0] == 1:
+        """Whether ``forward`` runs the stacked form on ``x``."""
+        return self.form_for(x) == "stacked"
+
+    def form_for(self, x: Tensor) -> str:
+        """Which form ``forward`` runs on ``x``: ``form``, tracing, device, cost (module docstring)."""
+        exporting = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or torch.compiler.is_exporting()
+        if exporting or self.form == "stacked":
+            return "stacked"
+        if torch.compiler.is_compiling():  # torch.compile: its one op where it applies, else stacked
+            if self.form in ("auto", "triton") and self.triton_applies(x):
+                return _MEASURED.get(self._key(x), "triton")
+            return "stacked"
+        if self.form == "per_sample":
+            return "per_sample"
+        if self.form == "triton" and self.triton_applies(x):
+            return "triton"
+        if x.shape[0] == 1:
+            return "per_sample"
+        if x.device.type == "cuda":
+            key = self._key(x)
+            if key not in _MEASURED:
+                _MEASURED[key] = min(self.measure_forms(x).items(), key=lambda item: item[1])[0]
+            return _MEASURED[key]
+        return "stacked" if self.prefers_stacked(x) else "per_sample"
+
+    def triton_applies(self, x: Tensor) -> bool:
+        """Whether the Triton kernel takes ``x`` (CUDA, or the interpreter; a dtype it handles)."""
+        if not (x.device.type == "cuda" or _interpreting()):
             return False
-        return x.device.type == "cuda" or self.prefers_stacked(x)
+        kernel = _triton()
+        return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
+                                                      self.weight.numel())
+
+    def _key(self, x: Tensor) -> tuple:
+        """What the measured choice depends on: shapes, dtypes, layouts, device, training."""
+        return (x.device, tuple(x.shape), x.dtype, _compute_dtype(x, self.weight), _channels_last(x),
+                _channels_last(self.weight), torch.is_grad_enabled() and self.weight.requires_grad,
+                self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
+
+    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, float]:
+        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up):
+        forward, plus backward for every input when gradients are on. Parameters' ``.grad``
+        are not touched."""
+        forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
+        train = torch.is_grad_enabled() and self.weight.requires_grad
+        run = {"stacked": self.forward_stacked, "per_sample": self.forward_per_sample, "triton": self.forward_triton}
+        x = x.detach().requires_grad_(train)
+        timings = {}
+        for form in forms:
+            best = math.inf
+            for rep in range(reps + 1):
+                _sync(x)
+                start = time.perf_counter()
+                pi = self.kernel_attention(x)
+                y = run[form](x, pi)
+                if train:
+                    inputs = [x, *(p for p in self.parameters() if p.requires_grad)]
+                    torch.autograd.grad(y, inputs, torch.ones_like(y))
+                _sync(x)
+                if rep:
+                    best = min(best, time.perf_counter() - start)
+            timings[form] = best
+        return timings
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
@@ -292,6 +370,18 @@ class DynamicConv2d(nn.Module):
         y = y.reshape(n, self.out_channels, *y.shape[2:])
         if _channels_last(x):
             y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    def forward_triton(self, x: Tensor, pi: Tensor) -> Tensor:
+        """The per-sample conv as one Triton kernel that mixes the K kernels on the fly
+        (``_dynconv_triton``); same function as the other two forms."""
+        dtype = _compute_dtype(x, self.weight)
+        y = _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
+                                     stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                     groups=self.groups, blocks=self.triton_blocks)
+        if self.bias is not None:
+            bias = pi.to(dtype) @ self._grouped(self.bias).transpose(0, 1).reshape(self.kernels, -1).to(dtype)
+            y = y + bias[:, :, None, None]
         return y
 
     def forward_stacked(self, x: Tensor, pi: Tensor) -> Tensor:
