@@ -26,30 +26,32 @@ either order's copy was lost in the noise of a training step). The biases are on
 ``(K, C_out, ...)`` view. Checkpoints written before this layout (a 5-D ``weight`` of shape
 ``(K, C_out, C_in / groups, kh, kw)`` and a ``(K, C_out)`` ``bias``) still load.
 
-Two exact forms of the same function (equal to float rounding, by linearity):
+Three exact forms of the same function (equal to float rounding, by linearity):
 
 * *per-sample kernels*: aggregate ``N`` kernels and run one grouped conv with
   ``groups = N * groups`` (the reference code's trick). Fewest multiply-adds, but it stores
   N kernels and the batch size becomes an attribute of the conv;
 * *stacked*: one conv with all K kernels stacked (K * C_out output channels), then the
   pi-weighted sum over K. K times the multiply-adds and it stores K outputs, but no op
-  depends on the batch size, so it exports with a dynamic batch.
+  depends on the batch size, so it exports with a dynamic batch;
+* *triton* (CUDA): one Triton implicit-GEMM conv that sums each sample's kernel tile from
+  the K kernels as it goes (``_dynconv_triton``): per-sample multiply-adds, neither N
+  kernels nor K outputs stored. A ``torch.library`` op, so ``torch.compile`` keeps it whole.
 
 Which form runs (``DynamicConv2d.form``, set for a whole model with
-:func:`set_dynconv_form`): ``"stacked"`` or ``"per_sample"`` force one; ``"auto"`` (the
-default) decides per call:
+:func:`set_dynconv_form`): ``"stacked"``, ``"per_sample"`` or ``"triton"`` force one
+(``"triton"`` where the kernel applies: CUDA, float32/bfloat16/float16; else as ``"auto"``);
+``"auto"`` (the default) decides per call:
 
-* tracers (``torch.export``, ``torch.onnx.export`` in both modes, ``torch.compile``,
-  ``torch.jit.trace``, ``torch.fx.symbolic_trace``) always get the stacked form, whatever
-  ``form`` says;
+* ``torch.export``, ONNX export (both modes), ``torch.jit.trace`` and
+  ``torch.fx.symbolic_trace`` always get the stacked form, whatever ``form`` says;
 * at batch 1 the per-sample form is a plain conv and is always used;
-* on CUDA: the stacked form, on the H100 figures issue 10 reports (not measured by this
-  project: no GPU was lent to it) for DY-ResNet-18 inference (batch 256,
-  bf16, channels_last): stacked everywhere ran at 4.3x ResNet-18's time, per-sample
-  everywhere at 7.3x, and the CPU rule below at 4.6x; for one layer the per-sample form
-  took 1.4x the time and 3.2x the memory of the stacked one. cuDNN's grouped conv with
-  ``N * groups`` groups is far slower per MAC than one dense conv;
-* elsewhere (CPU, and devices not measured), the CPU cost rule below.
+* on CUDA, measured: the first call with a new (shapes, dtypes, layouts, device, training
+  or not) times each form (:meth:`DynamicConv2d.measure_forms`, best of 3 after a warm-up,
+  forward plus backward when training) and keeps the fastest for the process;
+* under ``torch.compile`` (not exporting): the Triton op where it applies, or what eager
+  measured for the same key;
+* elsewhere (CPU, and other devices), the CPU cost rule below.
 
 The CPU rule compares the estimated cost per sample and per kernel element
 (``C_out * C_in/groups * kh * kw`` of them), in multiply-add equivalents:
@@ -172,8 +174,8 @@ class DynamicConv2d(nn.Module):
         weight: the K kernels, ``(K * C_out, C_in / groups, kh, kw)`` ordered (group,
             kernel, out-channel of the group); :meth:`bank` is the ``(K, C_out, ...)`` view.
         bias: ``(K * C_out,)`` in the same order, or None.
-        form: ``"auto"`` (default), ``"stacked"`` or ``"per_sample"``: which exact form
-            eager mode runs (module docstring); not saved in the state_dict.
+        form: ``"auto"`` (default), ``"stacked"``, ``"per_sample"`` or ``"triton"``: which
+            exact form runs (module docstring); not saved in the state_dict.
     """
 
     temperature: Tensor
@@ -341,7 +343,7 @@ class DynamicConv2d(nn.Module):
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
         n, _, h, w = x.shape
         positions = 1
-        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True):
             positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         fan_in = self.weight[0].numel()
         per_sample = positions + _ELEMENT_COST
@@ -466,9 +468,10 @@ def _check_temperature(value: float) -> None:
 def set_dynconv_form(model: nn.Module, form: str) -> int:
     """Choose which exact form every :class:`DynamicConv2d` in ``model`` runs in eager mode.
 
-    ``"auto"`` (default): the device rule of the module docstring (stacked on CUDA, the
-    fitted cost rule on CPU); ``"stacked"`` or ``"per_sample"``: always that form. Tracers
-    (export, compile) always get the stacked form. Both forms compute the same function.
+    ``"auto"`` (default): the device rule of the module docstring (measured on CUDA, the
+    fitted cost rule on CPU); ``"stacked"``, ``"per_sample"`` or ``"triton"`` (where the
+    kernel applies): that form. Exporters always get the stacked form. All forms compute
+    the same function.
 
     Returns:
         How many dynamic convs were set (0 if the model has none).
