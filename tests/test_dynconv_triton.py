@@ -103,7 +103,7 @@ def test_interpreter_suite():
                             env=env, capture_output=True, text=True, timeout=600, cwd=test_file.parents[1])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
-    expected = len(CASES) + 4  # the interp tests below
+    expected = len(CASES) + 5  # the interp tests below and the one plain test
     assert passed and int(passed.group(1)) == expected, result.stdout[-2000:]
 
 
@@ -167,8 +167,16 @@ def test_measure_forms_times_every_form():
     dyn.triton_blocks = _blocks()
     with torch.no_grad():
         timings = dyn.measure_forms(x, reps=1)
-    assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t in timings.values())
+    assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t, _ in timings.values())
     assert dyn.weight.grad is None
+
+
+def test_the_choice_never_takes_more_memory_than_per_sample_kernels():
+    from attnsurgeon.layers.dynamic_conv import _fastest_within_memory
+
+    assert _fastest_within_memory({"stacked": (1.0, 300), "per_sample": (2.0, 200), "triton": (1.5, 100)}) == "triton"
+    assert _fastest_within_memory({"stacked": (1.0, 300), "per_sample": (2.0, 200)}) == "per_sample"
+    assert _fastest_within_memory({"stacked": (1.0, 200), "per_sample": (2.0, 200), "triton": (3.0, 10)}) == "stacked"
 
 
 # --- CUDA ---------------------------------------------------------------------------------

@@ -242,6 +242,114 @@ if AVAILABLE:
         tl.store(dw_ptr + out + d_off, dw, mask=mask_w)
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _depthwise_forward_kernel(
+        x_ptr, w_ptr, pi_ptr, y_ptr, C, H, W, OH, OW, K,
+        sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        # depthwise (one in and one out channel per group): a multiply-add per tap, no GEMM
+        n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < OH * OW
+        oh, ow = offs_m // OW, offs_m % OW
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo  # (KP, BC)
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                         mask=valid[:, None] & mask_c[None, :], other=0.0)
+            acc += xt.to(tl.float32) * wt.to(xt.dtype).to(tl.float32)[None, :]
+        y = y_ptr + n * syn + offs_c[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _depthwise_grad_input_kernel(
+        dy_ptr, w_ptr, pi_ptr, dx_ptr, C, H, W, OH, OW, K,
+        sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < H * W
+        ih, iw = offs_m // W, offs_m % W
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            th, tw = ih + PH - r * DH, iw + PW - s * DW
+            th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
+            oh, ow = th0 // SH, tw0 // SW
+            valid = (mask_m & (th >= 0) & (tw >= 0) & (th0 % SH == 0) & (tw0 % SW == 0)
+                     & (oh < OH) & (ow < OW))
+            dyt = tl.load(dy_ptr + n * sdn + offs_c[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                          mask=valid[:, None] & mask_c[None, :], other=0.0)
+            acc += dyt.to(tl.float32) * wt.to(dyt.dtype).to(tl.float32)[None, :]
+        dx = dx_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _depthwise_grad_weight_kernel(
+        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr, N, C, H, W, OH, OW, K, PER_SPLIT,
+        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swh, sww,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        # program: (channel tile) x (tap) x a slice of the batch
+        pid_c, rs, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r, s = rs // KW, rs % KW
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        rows = offs_c[None, :] * K + offs_k[:, None]  # (KP, BC)
+        mask_w = mask_k[:, None] & mask_c[None, :]
+        wk = tl.load(w_ptr + rows * swo + r * swh + s * sww, mask=mask_w, other=0.0).to(tl.float32)
+        dw = tl.zeros((KP, BC), dtype=tl.float32)
+        tile = pid_c * tl.num_programs(1) + rs
+        for n in range(pid_s * PER_SPLIT, tl.minimum(pid_s * PER_SPLIT + PER_SPLIT, N)):
+            gn = tl.zeros((BC,), dtype=tl.float32)
+            for p0 in range(0, OH * OW, BM):
+                offs_p = p0 + tl.arange(0, BM)
+                mask_p = offs_p < OH * OW
+                oh, ow = offs_p // OW, offs_p % OW
+                ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+                valid = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                dyt = tl.load(dy_ptr + n * sdn + offs_c[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                              mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+                xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                             mask=valid[:, None] & mask_c[None, :], other=0.0)
+                gn += tl.sum(dyt.to(tl.float32) * xt.to(tl.float32), axis=0)
+            p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+            dw += p[:, None] * gn[None, :]
+            tl.store(dpi_ptr + (tile * N + n) * K + offs_k, tl.sum(wk * gn[None, :], axis=1), mask=mask_k)
+        out = pid_s.to(tl.int64) * (C * K * KH * KW)
+        tl.store(dw_ptr + out + (rows * KH + r) * KW + s, dw, mask=mask_w)
+
+
 def _kernel_tiles(kernels: int, blocks: Blocks) -> tuple[int, int]:
     """K rounded up to a power of two, and the reduction tile that keeps the K kernel
     tiles (KP x BK x BN) at most 8192 elements in registers."""
@@ -260,6 +368,15 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[i
     c_in_g, c_out_g = c_in // groups, c_out // groups
     y = _like(x, (n, c_out, oh, ow), x.dtype)
     kh, kw = weight.shape[2:]
+    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+    if c_in_g == c_out_g == 1:
+        _CALLS["forward"] += 1
+        grid = (n, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_in, blocks.n))
+        _depthwise_forward_kernel[grid](
+            x, weight, pi, y, c_in, h, w, oh, ow, kernels, *x.stride(), weight.stride(0), *weight.stride()[2:],
+            *y.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return y
     grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
     _CALLS["forward"] += 1
@@ -280,6 +397,15 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int,
     c_in_g, c_out_g = c_in // groups, c_out // groups
     dx = _like(x, tuple(x.shape), x.dtype)
     kh, kw = weight.shape[2:]
+    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+    if c_in_g == c_out_g == 1:
+        _CALLS["grad_input"] += 1
+        grid = (n, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in, blocks.n))
+        _depthwise_grad_input_kernel[grid](
+            dy, weight, pi, dx, c_in, h, w, oh, ow, kernels, *dy.stride(), weight.stride(0), *weight.stride()[2:],
+            *dx.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return dx
     grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
     _CALLS["grad_input"] += 1
@@ -300,14 +426,23 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
     c_in_g, c_out_g = c_in // groups, c_out // groups
     kh, kw = weight.shape[2:]
     kp = triton.next_power_of_2(kernels)
+    if c_in_g == c_out_g == 1:
+        grid = (triton.cdiv(c_in, blocks.n), kh * kw)
+        splits, per_split = _splits(n, grid[0] * grid[1])
+        dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
+        dpi = torch.empty((grid[0] * grid[1], n, kernels), dtype=torch.float32, device=x.device)
+        _CALLS["grad_weight"] += 1
+        _depthwise_grad_weight_kernel[(*grid, splits)](
+            dy, x, weight, pi, dw, dpi, n, c_in, h, w, oh, ow, kernels, per_split, *dy.stride(), *x.stride(),
+            weight.stride(0), *weight.stride()[2:],
+            SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+            KP=kp, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return _reduce_grad_weight(dw, dpi, weight)
     bo = bi = 16 if kp * blocks.n * blocks.k > 16384 else None
     bo, bi = bo or min(blocks.n, 64), bi or min(blocks.k, 32)
     grid0 = groups * triton.cdiv(c_out_g, bo)
     grid1 = kh * kw * triton.cdiv(c_in_g, bi)
-    # split the batch so that the grid fills the device; each split writes its own partial dW
-    splits = max(1, min(n, (1024 + grid0 * grid1 - 1) // (grid0 * grid1), 32))
-    per_split = triton.cdiv(n, splits)
-    splits = triton.cdiv(n, per_split)
+    splits, per_split = _splits(n, grid0 * grid1)
     dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
     dpi = torch.empty((grid0 * grid1, n, kernels), dtype=torch.float32, device=x.device)
     _CALLS["grad_weight"] += 1
@@ -318,6 +453,19 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
         KP=kp, BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype),
         num_warps=blocks.warps,
     )
+    return _reduce_grad_weight(dw, dpi, weight)
+
+
+def _splits(n: int, programs: int) -> tuple[int, int]:
+    """Split the batch so that the dW grid has about 1024 programs (at most 32 splits, each
+    writing its own float32 partial dW): how many splits, and samples per split."""
+    splits = max(1, min(n, (1024 + programs - 1) // programs, 32))
+    per_split = triton.cdiv(n, splits)
+    return triton.cdiv(n, per_split), per_split
+
+
+def _reduce_grad_weight(dw: Tensor, dpi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the per-split partial dW and per-tile partial dpi; dW in the weight's dtype and layout."""
     last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     dw = dw.sum(0).to(weight.dtype)
     if last:

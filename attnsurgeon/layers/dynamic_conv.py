@@ -48,7 +48,8 @@ Which form runs (``DynamicConv2d.form``, set for a whole model with
 * at batch 1 the per-sample form is a plain conv and is always used;
 * on CUDA, measured: the first call with a new (shapes, dtypes, layouts, device, training
   or not) times each form (:meth:`DynamicConv2d.measure_forms`, best of 3 after a warm-up,
-  forward plus backward when training) and keeps the fastest for the process;
+  forward plus backward when training) and keeps, for the process, the fastest of those
+  whose peak memory is at most the per-sample form's (the reference code's algorithm);
 * under ``torch.compile`` (not exporting): the Triton op where it applies, or what eager
   measured for the same key;
 * elsewhere (CPU, and other devices), the CPU cost rule below.
@@ -296,7 +297,7 @@ class DynamicConv2d(nn.Module):
         if x.device.type == "cuda":
             key = self._key(x)
             if key not in _MEASURED:
-                _MEASURED[key] = min(self.measure_forms(x).items(), key=lambda item: item[1])[0]
+                _MEASURED[key] = _fastest_within_memory(self.measure_forms(x))
             return _MEASURED[key]
         return "stacked" if self.prefers_stacked(x) else "per_sample"
 
@@ -314,30 +315,38 @@ class DynamicConv2d(nn.Module):
                 _channels_last(self.weight), torch.is_grad_enabled() and self.weight.requires_grad,
                 self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
 
-    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, float]:
-        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up):
-        forward, plus backward for every input when gradients are on. Parameters' ``.grad``
-        are not touched."""
+    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, tuple[float, int]]:
+        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up) and,
+        on CUDA, the bytes it allocates at its peak (0 elsewhere): forward, plus backward for
+        every input when gradients are on. Parameters' ``.grad`` are not touched; on CUDA the
+        peak-memory statistics are reset."""
         forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
         train = torch.is_grad_enabled() and self.weight.requires_grad
         run = {"stacked": self.forward_stacked, "per_sample": self.forward_per_sample, "triton": self.forward_triton}
         x = x.detach().requires_grad_(train)
-        timings = {}
+        cuda = x.device.type == "cuda"
+        results = {}
         for form in forms:
-            best = math.inf
+            best, peak = math.inf, 0
             for rep in range(reps + 1):
                 _sync(x)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(x.device)
+                    before = torch.cuda.memory_allocated(x.device)
                 start = time.perf_counter()
                 pi = self.kernel_attention(x)
                 y = run[form](x, pi)
                 if train:
                     inputs = [x, *(p for p in self.parameters() if p.requires_grad)]
                     torch.autograd.grad(y, inputs, torch.ones_like(y))
+                del y, pi
                 _sync(x)
                 if rep:
                     best = min(best, time.perf_counter() - start)
-            timings[form] = best
-        return timings
+                if cuda:
+                    peak = max(peak, torch.cuda.max_memory_allocated(x.device) - before)
+            results[form] = (best, peak)
+        return results
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
@@ -403,6 +412,13 @@ class DynamicConv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}"
                 + ("" if self.form == "auto" else f", form={self.form}"))
+
+
+def _fastest_within_memory(results: dict[str, tuple[float, int]]) -> str:
+    """The fastest form among those whose peak memory is at most the per-sample form's
+    (the reference code's algorithm): never hungrier than it, faster where possible."""
+    limit = results["per_sample"][1]
+    return min((form for form, (_, peak) in results.items() if peak <= limit), key=lambda form: results[form][0])
 
 
 def _channels_last(t: Tensor) -> bool:
