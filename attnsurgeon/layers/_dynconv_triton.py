@@ -358,7 +358,9 @@ def _kernel_tiles(kernels: int, blocks: Blocks) -> tuple[int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    """float32 products in TF32 where cuDNN's convs may use it, else in full precision;
+    half types: Triton's default."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
 
 
 def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
@@ -438,8 +440,11 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
             SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
             KP=kp, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
         return _reduce_grad_weight(dw, dpi, weight)
-    bo = bi = 16 if kp * blocks.n * blocks.k > 16384 else None
-    bo, bi = bo or min(blocks.n, 64), bi or min(blocks.k, 32)
+    # the K kernel tiles and their gradients, (KP, BO, BI) each, stay in registers: at most
+    # 4096 elements each where K allows
+    bo, bi = min(blocks.n, 32), min(blocks.k, 32)
+    while kp * bo * bi > 4096 and max(bo, bi) > 16:
+        bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
     grid0 = groups * triton.cdiv(c_out_g, bo)
     grid1 = kh * kw * triton.cdiv(c_in_g, bi)
     splits, per_split = _splits(n, grid0 * grid1)

@@ -286,7 +286,8 @@ class DynamicConv2d(nn.Module):
             return "stacked"
         if torch.compiler.is_compiling():  # torch.compile: its one op where it applies, else stacked
             if self.form in ("auto", "triton") and self.triton_applies(x):
-                return _MEASURED.get(self._key(x), "triton")
+                static = self.form == "auto" and all(isinstance(size, int) for size in x.shape)
+                return _MEASURED.get(self._key(x), "triton") if static else "triton"
             return "stacked"
         if self.form == "per_sample":
             return "per_sample"
