@@ -28,21 +28,16 @@ glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every tensor over 64 KiB is its own
 returned to the OS when freed, and the resident set follows the live tensors (to within
 malloc's small-block heap, a few MB).
 
-CUDA section (runs when a CUDA device is present, or alone with ``--cuda-only``): the same
-cases and variants at batch 256 (``--cuda-batch``), bf16 autocast, channels_last model and
-input, inference (eval, ``torch.inference_mode``) and training step (forward + backward);
-the device is synchronised around each timed call; peak memory is
-``torch.cuda.max_memory_allocated`` during one call of the variant alone, minus what was
-allocated before it (the model, its input and, for training, its gradients). ``ours`` there
-runs the stacked form (the CUDA choice of ``DynamicConv2d.uses_stacked``).
+With a CUDA device the GPU protocol below runs after the CPU tables.
 
     python benchmarks/bench_dynconv.py                # layers + DY-ResNet-18 at 224 (~8 min on 2 cores)
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
     python benchmarks/bench_dynconv.py --skip-model   # layers only
-    python benchmarks/bench_dynconv.py --cuda-only    # only the CUDA section
 
 GPU protocol (``--gpu-protocol``, about 5 minutes on one H100/H200 is the target): bf16
-autocast, channels_last model and input; one 3x3 conv at batch 32 and 256, inference and
+autocast, channels_last model and input, the device synchronised around each timed call,
+peak memory ``torch.cuda.max_memory_allocated`` during one call of a variant alone minus
+what was allocated before it; one 3x3 conv at batch 32 and 256, inference and
 training step, with ``ours`` (the measured choice, labelled with what it chose),
 ``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced), the seed and timm's
 CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
@@ -242,82 +237,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_stepper(case: str, variant: str, size: int, batch: int, train: bool,
-                    device: torch.device) -> Callable[[], None]:
-    model, x, target = build(case, variant, size, batch)
-    model = _to_channels_last(model.to(device))
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    target = None if target is None else target.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    if not train:
-        model.eval()
-
-        def infer() -> None:
-            with torch.inference_mode(), autocast:
-                model(x)
-
-        return infer
-    model.train()
-
-    def step() -> None:
-        model.zero_grad(set_to_none=False)
-        with autocast:
-            out = model(x)
-            loss = out.float().square().mean() if target is None else F.cross_entropy(out, target)
-        loss.backward()
-
-    return step
-
-
-def device_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
-                 reps: int, train: bool, device: torch.device) -> None:
-    """Median time and peak memory (CUDA) per (case, variant), variants interleaved."""
-    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
-    for label, key in cases.items():
-        steps = {v: _device_stepper(key, v, size, batch, train, device) for v in variants}
-        for step in steps.values():
-            step()
-            step()  # warm-up (cuDNN autotuning, allocator)
-        _sync(device)
-        samples: dict[str, list[float]] = {v: [] for v in variants}
-        for r in range(reps):
-            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                _sync(device)
-                start = time.perf_counter()
-                steps[v]()
-                _sync(device)
-                samples[v].append(time.perf_counter() - start)
-        peak = dict.fromkeys(variants, float("nan"))
-        if device.type == "cuda":
-            for v, step in steps.items():  # one call alone: what it allocates on top of what it holds
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        median = {v: statistics.median(t) for v, t in samples.items()}
-        for v in variants:
-            print(f"{label:<11} {v:<22} {1e3 * median[v]:>10.2f} {median[v] / median['seed']:>7.2f} "
-                  f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
-        del steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def cuda_section(args: argparse.Namespace) -> None:
-    device = torch.device(args.cuda_device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke test)"
-    print(f"\n{name}: batch {args.cuda_batch}, bf16 autocast, channels_last")
-    for train in (False, True):
-        mode = "training step (forward + backward)" if train else "inference"
-        device_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
-                     LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train, device)
-        if not args.skip_model:
-            device_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
-                         MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train, device)
-
-
 # --- GPU protocol: the Triton form against the others --------------------------------------
 
 SMOKE_LAYERS = {"8@8": (8, 8), "16@4": (16, 4)}  # --gpu-protocol off CUDA: a smoke test
@@ -436,9 +355,6 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per variant, layer cases")
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
-    parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
-    parser.add_argument("--cuda-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke-test the section
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--gpu-protocol", action="store_true",
                         help="only the GPU protocol (Triton form included); off CUDA a smoke test at tiny sizes")
@@ -454,11 +370,6 @@ def main() -> None:
             sys.exit("--gpu-protocol: no CUDA device here (--device cpu runs the smoke test)")
         gpu_protocol(args)
         return
-    if args.cuda_only:
-        if args.cuda_device == "cuda" and not torch.cuda.is_available():
-            sys.exit("--cuda-only: no CUDA device here")
-        cuda_section(args)
-        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
           f"load average {os.getloadavg()[0]:.1f}")
     table("One 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
@@ -468,9 +379,9 @@ def main() -> None:
               {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
-        cuda_section(args)
+        gpu_protocol(args)
     else:
-        print("no CUDA device: CUDA section skipped")
+        print("no CUDA device: GPU protocol skipped")
 
 
 if __name__ == "__main__":
