@@ -9,7 +9,10 @@ into its output tile, so the per-sample kernels are never written to memory (the
 per-sample form stores N of them) and no K-times-larger output is made (the stacked form
 does). Backward: ``dx`` is the transposed conv with the same on-the-fly kernel, and one
 kernel computes each sample's kernel gradient tile ``G_n = dy[n] (x) x[n]`` in registers
-and reduces it at once into ``dW_k = sum_n pi[n, k] G_n`` and ``dpi[n, k] = <G_n, W_k>``.
+and reduces it at once into ``dW_k = sum_n pi[n, k] G_n`` and ``dpi[n, k] = <G_n, W_k>``
+(the batch is split so that the grid fills the device: up to 32 float32 partial dW, for
+small banks). Depthwise convs (one channel per group) have their own kernels, a
+multiply-add per tap, where a GEMM tile would be almost all padding.
 
 :func:`dynamic_conv2d` is the ``torch.library`` op ``attnsurgeon::dynconv`` (with a fake
 kernel and autograd), so ``torch.compile`` sees one op. It takes any strides (contiguous
@@ -26,7 +29,6 @@ that no kernel tap reaches instead of splitting the conv into stride-phase sub-c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +49,9 @@ _CALLS = {"forward": 0, "grad_input": 0, "grad_weight": 0}
 
 
 def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` was set
+    when triton was imported)."""
+    return _INTERPRETED
 
 
 def calls() -> dict[str, int]:
@@ -69,12 +72,14 @@ class Blocks:
 _BLOCKS = Blocks()
 
 
-def supports(device: torch.device, dtype: torch.dtype, *numels: int) -> bool:
+def supports(device: torch.device, dtype: torch.dtype, *numels: int, positions: int = 0) -> bool:
     """Whether the kernel takes tensors of ``dtype`` on ``device`` with these element
-    counts: CUDA (or any device in the interpreter), a float dtype it handles, 32-bit
-    indexable."""
+    counts and ``positions`` (H * W of the input): CUDA (or any device in the
+    interpreter), a float dtype it handles, 32-bit indexable, a grid within CUDA's 65535
+    blocks along y (position tiles of the smallest tile size, 16, with room for padding)."""
     on_device = device.type == "cuda" or interpreting()
-    return AVAILABLE and on_device and dtype in _DTYPES and all(n < 2**31 for n in numels)
+    fits = all(n < 2**31 for n in numels) and positions <= 65535 * 16 // 2
+    return AVAILABLE and on_device and dtype in _DTYPES and fits
 
 
 def _geometry(x: Tensor, weight: Tensor, kernels: int, stride: list[int], padding: list[int],
@@ -348,6 +353,9 @@ if AVAILABLE:
             tl.store(dpi_ptr + (tile * N + n) * K + offs_k, tl.sum(wk * gn[None, :], axis=1), mask=mask_k)
         out = pid_s.to(tl.int64) * (C * K * KH * KW)
         tl.store(dw_ptr + out + (rows * KH + r) * KW + s, dw, mask=mask_w)
+
+
+_INTERPRETED = AVAILABLE and type(_forward_kernel).__name__ == "InterpretedFunction"
 
 
 def _kernel_tiles(kernels: int, blocks: Blocks) -> tuple[int, int]:

@@ -308,7 +308,7 @@ class DynamicConv2d(nn.Module):
             return False
         kernel = _triton()
         return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
-                                                      self.weight.numel())
+                                                      self.weight.numel(), positions=x.shape[2] * x.shape[3])
 
     def _key(self, x: Tensor) -> tuple:
         """What the measured choice depends on: shapes, dtypes, layouts, device, training."""
