@@ -297,6 +297,8 @@ class DynamicConv2d(nn.Module):
             return "per_sample"
         if x.device.type == "cuda":
             key = self._key(x)
+            if key not in _MEASURED and torch.cuda.is_current_stream_capturing():  # no timing in a graph
+                return "triton" if self.triton_applies(x) else "stacked"
             if key not in _MEASURED:
                 _MEASURED[key] = _fastest_within_memory(self.measure_forms(x))
             return _MEASURED[key]
