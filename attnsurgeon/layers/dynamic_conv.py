@@ -99,12 +99,16 @@ import math
 import os
 import time
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import check_init
+
+if TYPE_CHECKING:
+    from ._dynconv_triton import Blocks
 
 __all__ = [
     "FORMS",
@@ -212,7 +216,7 @@ class DynamicConv2d(nn.Module):
         self.groups = groups
         self.kernels = kernels
         self.form = "auto"
-        self.triton_blocks = None  # the Triton kernel's tile sizes (None: its defaults; tests: small ones)
+        self.triton_blocks: Blocks | None = None  # the Triton kernel's tiles (None: its defaults)
         self.weight = nn.Parameter(torch.empty(kernels * out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(kernels * out_channels)) if bias else None
         self.attention = KernelAttention(in_channels, kernels, reduction=reduction)
