@@ -42,7 +42,9 @@ CASES = {
 def _blocks():  # noqa: ANN202
     from attnsurgeon.layers._dynconv_triton import Blocks
 
-    return Blocks(m=64, n=16, k=16, warps=4)  # small tiles: few interpreted programs
+    # small tiles: few interpreted programs; a dW grid of 2 programs, so that the batch of 3
+    # of a one-tile case splits in 2 (2 samples, then 1), and one program covers the batch else
+    return Blocks(m=64, n=16, k=16, warps=4, programs=2)
 
 
 def _pair(case: tuple, device: str = "cpu") -> tuple[DynamicConv2d, DynamicConv2d, torch.Tensor]:

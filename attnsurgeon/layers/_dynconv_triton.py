@@ -61,12 +61,14 @@ def calls() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: output positions (m), output channels (n), reduced channels (k)."""
+    """Tile sizes: output positions (m), output channels (n), reduced channels (k); warps
+    per program; the number of programs the dW kernel aims at (it splits the batch for it)."""
 
     m: int = 64
     n: int = 64
     k: int = 32
     warps: int = 4
+    programs: int = 1024
 
 
 _BLOCKS = Blocks()
@@ -438,7 +440,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
     kp = triton.next_power_of_2(kernels)
     if c_in_g == c_out_g == 1:
         grid = (triton.cdiv(c_in, blocks.n), kh * kw)
-        splits, per_split = _splits(n, grid[0] * grid[1])
+        splits, per_split = _splits(n, grid[0] * grid[1], blocks.programs)
         dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
         dpi = torch.empty((grid[0] * grid[1], n, kernels), dtype=torch.float32, device=x.device)
         _CALLS["grad_weight"] += 1
@@ -455,7 +457,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
         bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
     grid0 = groups * triton.cdiv(c_out_g, bo)
     grid1 = kh * kw * triton.cdiv(c_in_g, bi)
-    splits, per_split = _splits(n, grid0 * grid1)
+    splits, per_split = _splits(n, grid0 * grid1, blocks.programs)
     dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
     dpi = torch.empty((grid0 * grid1, n, kernels), dtype=torch.float32, device=x.device)
     _CALLS["grad_weight"] += 1
@@ -469,10 +471,10 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
     return _reduce_grad_weight(dw, dpi, weight)
 
 
-def _splits(n: int, programs: int) -> tuple[int, int]:
-    """Split the batch so that the dW grid has about 1024 programs (at most 32 splits, each
-    writing its own float32 partial dW): how many splits, and samples per split."""
-    splits = max(1, min(n, (1024 + programs - 1) // programs, 32))
+def _splits(n: int, programs: int, target: int) -> tuple[int, int]:
+    """Split the batch so that the dW grid has about ``target`` programs (at most 32 splits,
+    each writing its own float32 partial dW): how many splits, and samples per split."""
+    splits = max(1, min(n, (target + programs - 1) // programs, 32))
     per_split = triton.cdiv(n, splits)
     return triton.cdiv(n, per_split), per_split
 
@@ -556,4 +558,4 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, strid
     """
     blocks = blocks or _BLOCKS
     return _dynconv(x, weight, pi.float().contiguous(), kernels, list(stride), list(padding), list(dilation),
-                    groups, [blocks.m, blocks.n, blocks.k, blocks.warps])
+                    groups, [blocks.m, blocks.n, blocks.k, blocks.warps, blocks.programs])
