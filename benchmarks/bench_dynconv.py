@@ -344,7 +344,7 @@ def gpu_protocol(args: argparse.Namespace) -> None:
                        train, device)
         if args.compile_backend != "none":
             protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
-                           f"({args.compile_backend})", "model", ("resnet18-static", "ours", "ours:stacked"),
+                           f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
                            ("resnet18-static",), size, batch, args.model_reps, train, device, args.compile_backend)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
