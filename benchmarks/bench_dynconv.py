@@ -35,19 +35,26 @@ glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every tensor over 64 KiB is its own
 returned to the OS when freed, and the resident set follows the live tensors (to within
 malloc's small-block heap, a few MB).
 
-CUDA section (runs when a CUDA device is present, or alone with ``--cuda-only``): the same
-cases and variants at batch 256 (``--cuda-batch``), bf16 autocast, channels_last model and
-input, inference (eval, ``torch.inference_mode``) and training step (forward + backward);
-the device is synchronised around each timed call; peak memory is
-``torch.cuda.max_memory_allocated`` during one call of the variant alone, minus what was
-allocated before it (the model, its input and, for training, its gradients). ``ours`` there
-runs the stacked form (the CUDA choice of ``DynamicConv2d.uses_stacked``).
+With a CUDA device the GPU protocol below runs after the CPU tables.
 
     python benchmarks/bench_dynconv.py                # layers + DY-ResNet-18 at 224 (~8 min on 2 cores)
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
     python benchmarks/bench_dynconv.py --skip-model   # layers only
-    python benchmarks/bench_dynconv.py --cuda-only    # only the CUDA section
     python benchmarks/bench_dynconv.py --odconv-only --size 112  # only the ODConv rows
+
+GPU protocol (``--gpu-protocol``, about 5 minutes on one H100/H200 is the target): bf16
+autocast, channels_last model and input, the device synchronised around each timed call,
+peak memory ``torch.cuda.max_memory_allocated`` during one call of a variant alone minus
+what was allocated before it; one 3x3 conv at batch 32 and 256, inference and
+training step, with ``ours`` (the measured choice, labelled with what it chose),
+``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced), the seed and timm's
+CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
+seed's), inference at batch 256 and training step at batch 128, eager, and under
+``torch.compile`` (where ``ours`` runs the Triton op).
+
+    python benchmarks/bench_dynconv.py --gpu-protocol                     # needs CUDA
+    python benchmarks/bench_dynconv.py --gpu-protocol --device cpu --reps 1 --model-reps 1 \
+        --compile-backend aot_eager                                       # smoke test on CPU
 """
 
 from __future__ import annotations
@@ -127,15 +134,19 @@ class ODPositions(nn.Module):
 
 
 class Forced(nn.Module):
-    """Our DynamicConv2d, forced to one of its two forms."""
+    """Our DynamicConv2d, forced to one of its forms (``set_dynconv_form``; "triton" falls
+    back to the automatic choice where the kernel does not apply, e.g. on CPU)."""
 
     def __init__(self, dyn: nn.Module, form: str) -> None:
         super().__init__()
-        self.dyn, self.form = dyn, form
+        self.dyn, self.form = dyn, form.replace("-", "_")
+        self.dyn.form = self.form
 
     def forward(self, x: Tensor) -> Tensor:
-        pi = self.dyn.kernel_attention(x)
-        return (self.dyn.forward_stacked if self.form == "stacked" else self.dyn.forward_per_sample)(x, pi)
+        return self.dyn(x)
+
+    def uses_stacked(self, x: Tensor) -> bool:
+        return self.dyn.uses_stacked(x)
 
 
 def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
@@ -156,8 +167,8 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
 
 def build(case: str, variant: str, size: int, batch: int = BATCH) -> tuple[nn.Module, Tensor, Tensor | None]:
     torch.manual_seed(0)
-    if case in LAYERS:
-        channels, hw = LAYERS[case]
+    if case in LAYERS or case in SMOKE_LAYERS:
+        channels, hw = {**LAYERS, **SMOKE_LAYERS}[case]
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         return _wrap(conv, variant), torch.randn(batch, channels, hw, hw), None
     import torchvision
@@ -263,70 +274,108 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _device_stepper(case: str, variant: str, size: int, batch: int, train: bool,
-                    device: torch.device) -> Callable[[], None]:
+# --- GPU protocol: the Triton form against the others --------------------------------------
+
+SMOKE_LAYERS = {"8@8": (8, 8), "16@4": (16, 4)}  # --gpu-protocol off CUDA: a smoke test
+
+
+def _gpu_variants(variants: tuple[str, ...]) -> tuple[str, ...]:
+    """``variants`` with the forced Triton (and stacked) forms after ``ours``."""
+    at = variants.index("ours") + 1
+    extra = tuple(v for v in ("ours:triton", "ours:stacked") if v not in variants)
+    return variants[:at] + extra + variants[at:]
+
+
+def _protocol_step(case: str, variant: str, size: int, batch: int, train: bool, device: torch.device,
+                   backend: str | None) -> Callable[[], None]:
+    """One call of ``variant`` under the GPU settings: bf16 autocast, channels_last, eval +
+    inference_mode or a training step (forward, loss, backward); compiled with ``backend``."""
     model, x, target = build(case, variant, size, batch)
-    model = _to_channels_last(model.to(device))
+    model = _to_channels_last(model.to(device)).train(train)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
     target = None if target is None else target.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    if not train:
-        model.eval()
+    run = torch.compile(model, backend=backend) if backend else model
 
-        def infer() -> None:
-            with torch.inference_mode(), autocast:
-                model(x)
-
-        return infer
-    model.train()
-
-    def step() -> None:
+    def call() -> None:
+        if not train:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+                run(x)
+            return
         model.zero_grad(set_to_none=False)
-        with autocast:
-            out = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = run(x)
             loss = out.float().square().mean() if target is None else F.cross_entropy(out, target)
         loss.backward()
 
-    return step
+    return call
 
 
-def device_table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, batch: int,
-                 reps: int, train: bool, device: torch.device) -> None:
-    """Median time and peak memory (CUDA) per (case, variant), variants interleaved."""
-    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
-    for label, key in cases.items():
-        steps = {v: _device_stepper(key, v, size, batch, train, device) for v in variants}
-        # two warm-up rounds: cuDNN autotuning, the allocator
-        samples = time_interleaved(steps, rounds=reps, warmup=2, sync=lambda: _sync(device))
-        peak = dict.fromkeys(variants, float("nan"))
-        if device.type == "cuda":
-            for v, step in steps.items():  # one call alone: what it allocates on top of what it holds
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        median = {v: statistics.median(t) for v, t in samples.items()}
-        for v in variants:
-            print(f"{label:<11} {v:<22} {1e3 * median[v]:>10.2f} {median[v] / median['seed']:>7.2f} "
-                  f"{peak[v]:>8.0f} {peak[v] / max(peak['seed'], 1e-9):>7.2f}", flush=True)
-        del steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+def protocol_table(title: str, case: str, variants: tuple[str, ...], references: tuple[str, ...], size: int,
+                   batch: int, reps: int, train: bool, device: torch.device, backend: str | None = None) -> None:
+    """Median time and peak memory per variant (interleaved, order rotated each round), with
+    ratios to each reference variant; "ours" is labelled with the forms it measured and chose."""
+    from attnsurgeon.layers.dynamic_conv import _MEASURED
+
+    cols = "".join(f" {'x ' + r.split('-')[0]:>11}" for r in references)
+    print(f"\n{title}\n{'variant':<32} {'median ms':>10}{cols} {'peak MB':>9}{cols}")
+    steps, labels = {}, {}
+    for v in variants:
+        steps[v] = _protocol_step(case, v, size, batch, train, device, backend)
+        seen = dict(_MEASURED)
+        steps[v]()
+        steps[v]()  # warm-up: compilation, cuDNN autotuning, the form measurement, the allocator
+        chosen = [form for key, form in _MEASURED.items() if key not in seen]
+        labels[v] = v + (f" ({', '.join(f'{f} {chosen.count(f)}' for f in sorted(set(chosen)))})" if chosen else "")
+    samples = time_interleaved(steps, rounds=reps, sync=lambda: _sync(device))
+    peak = dict.fromkeys(variants, float("nan"))
+    if device.type == "cuda":
+        for v, step in steps.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak[v] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    median = {v: statistics.median(t) for v, t in samples.items()}
+    for v in variants:
+        t_ratio = "".join(f" {median[v] / median[r]:>11.2f}" for r in references)
+        m_ratio = "".join(f" {peak[v] / max(peak[r], 1e-9):>11.2f}" for r in references)
+        print(f"{labels[v]:<32} {1e3 * median[v]:>10.2f}{t_ratio} {peak[v]:>9.0f}{m_ratio}", flush=True)
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def cuda_section(args: argparse.Namespace) -> None:
-    device = torch.device(args.cuda_device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke test)"
-    print(f"\n{name}: batch {args.cuda_batch}, bf16 autocast, channels_last")
+def gpu_protocol(args: argparse.Namespace) -> None:
+    """Layers at batch 32 and 256, inference and training step; DY-ResNet-18 over resnet18,
+    inference at batch 256 and training step at batch 128, eager and compiled. Off CUDA a
+    smoke test at tiny sizes (the Triton rows fall back to the automatic form there)."""
+    device = torch.device(args.device)
+    smoke = device.type != "cuda"
+    start = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if not smoke else f"{device} (smoke test, tiny sizes)"
+    print(f"\n{name}, torch {torch.__version__}: bf16 autocast, channels_last, K = 4")
+    layers = SMOKE_LAYERS if smoke else LAYERS
+    layer_batches = (2, 3) if smoke else (32, 256)
+    size = 32 if smoke else args.size
     for train in (False, True):
         mode = "training step (forward + backward)" if train else "inference"
-        device_table(f"One 3x3 conv, {mode} (C_in = C_out, stride 1, K = 4)", {c: c for c in LAYERS},
-                     LAYER_VARIANTS, args.size, args.cuda_batch, args.reps, train, device)
-        if not args.skip_model:
-            device_table(f"DY-ResNet-18 {mode}, input {args.size}", {f"DY-R18@{args.size}": "model"},
-                         MODEL_VARIANTS, args.size, args.cuda_batch, args.model_reps, train, device)
+        for batch in layer_batches:
+            for case in layers:
+                protocol_table(f"3x3 conv {case}, batch {batch}, {mode}", case, _gpu_variants(LAYER_VARIANTS),
+                               ("seed",), size, batch, args.reps, train, device)
+    if args.skip_model:
+        return
+    for train, batch in ((False, 2 if smoke else 256), (True, 2 if smoke else 128)):
+        mode = "training step" if train else "inference"
+        protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
+                       _gpu_variants(MODEL_VARIANTS), ("resnet18-static", "seed"), size, batch, args.model_reps,
+                       train, device)
+        if args.compile_backend != "none":
+            protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
+                           f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
+                           ("resnet18-static",), size, batch, args.model_reps, train, device, args.compile_backend)
+    print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 
 def main() -> None:
@@ -335,19 +384,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per variant, layer cases")
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
     parser.add_argument("--skip-model", action="store_true")
-    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
     parser.add_argument("--odconv-only", action="store_true", help="only the ODConv rows (CPU)")
-    parser.add_argument("--cuda-batch", type=int, default=256, help="batch of the CUDA section")
-    parser.add_argument("--cuda-device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke-test the section
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-protocol", action="store_true",
+                        help="only the GPU protocol (Triton form included); off CUDA a smoke test at tiny sizes")
+    parser.add_argument("--device", default="cuda", help="device of --gpu-protocol (cpu: the smoke test)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of --gpu-protocol ('none' skips the compiled rows)")
     args = parser.parse_args()
     if args.child:
         print(child_memory(*args.child, args.size))
         return
-    if args.cuda_only:
-        if args.cuda_device == "cuda" and not torch.cuda.is_available():
-            sys.exit("--cuda-only: no CUDA device here")
-        cuda_section(args)
+    if args.gpu_protocol:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            sys.exit("--gpu-protocol: no CUDA device here (--device cpu runs the smoke test)")
+        gpu_protocol(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -363,9 +414,9 @@ def main() -> None:
     odconv_section(args)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
-        cuda_section(args)
+        gpu_protocol(args)
     else:
-        print("no CUDA device: CUDA section skipped")
+        print("no CUDA device: GPU protocol skipped")
 
 
 if __name__ == "__main__":

@@ -14,20 +14,25 @@ ordered (group, kernel, out-channel of the group), the biases one ``(K * C_out,)
 so ``channels_last`` works as for any conv; :meth:`DynamicConv2d.bank` gives the
 ``(K, C_out, ...)`` view, and checkpoints with the older 5-D weight still load.
 
-Two exact forms of the same function (``DynamicConv2d.form``, or :func:`set_dynconv_form`):
+Three exact forms of the same function (``DynamicConv2d.form``, or :func:`set_dynconv_form`):
 
 * *per-sample*: aggregate N kernels and run one conv with ``N * groups`` groups (fewest
-  multiply-adds, but the batch size becomes part of the graph);
+  multiply-adds, but it stores N kernels and the batch size becomes part of the graph);
 * *stacked*: one conv with all K kernels stacked, then the pi-weighted sum of the K outputs
-  (K times the multiply-adds, no op depends on the batch, so it exports with a dynamic batch).
+  (K times the multiply-adds, no op depends on the batch, so it exports with a dynamic batch);
+* *triton* (CUDA): one implicit-GEMM conv that sums each sample's kernel tile from the K
+  kernels as it goes (:mod:`._dynconv_triton`): per-sample multiply-adds, neither N kernels
+  nor K outputs stored; a ``torch.library`` op, so ``torch.compile`` keeps it whole.
 
 ``"auto"`` (default) picks per call: the stacked form under every tracer (export, ONNX,
-compile, jit/fx); the per-sample form at batch 1 (a plain conv); the stacked form on CUDA,
-where a grouped conv of ``N * groups`` groups is far slower per multiply-add than one dense
-conv; on CPU the cheaper by a cost rule per kernel element: per-sample ``H'W' + a``
-against stacked ``K H'W' (1 + a / fan_in)``, with ``a = _ELEMENT_COST`` fitted to CPU
-timings (the README's benchmark section has them). Under autocast pi is cast to the conv's
-compute dtype, so a bf16 model stays bf16.
+jit/fx); the per-sample form at batch 1 (a plain conv); on CUDA, measured: the first call
+with a new (shapes, dtypes, layouts, training) key times each form
+(:meth:`DynamicConv2d.measure_forms`) and keeps the fastest whose peak memory is at most the
+per-sample form's; under ``torch.compile`` the Triton op where it applies; on CPU the
+cheaper by a cost rule per kernel element: per-sample ``H'W' + a`` against stacked
+``K H'W' (1 + a / fan_in)``, with ``a = _ELEMENT_COST`` fitted to CPU timings (the README's
+benchmark section has them). Under autocast pi is cast to the conv's compute dtype, so a
+bf16 model stays bf16.
 
 Departures from the paper:
 
@@ -44,14 +49,20 @@ Departures from the paper:
 from __future__ import annotations
 
 import math
+import os
+import time
 from functools import partial
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conv import replace_conv
+
+if TYPE_CHECKING:
+    from ._dynconv_triton import Blocks
 
 __all__ = [
     "FORMS",
@@ -63,7 +74,7 @@ __all__ = [
     "temperature_schedule",
 ]
 
-FORMS = ("auto", "stacked", "per_sample")
+FORMS = ("auto", "stacked", "per_sample", "triton")
 
 _ELEMENT_COST = 256.0  # multiply-adds per per-sample kernel element (see the docstring)
 
@@ -74,9 +85,23 @@ def _pair(value: _Size) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _tracing(x: Tensor) -> bool:
-    """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+_MEASURED: dict[tuple, str] = {}  # CUDA: the fastest form per (shapes, dtypes, layouts, training)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton() -> ModuleType | None:
+    """The Triton kernel's module, imported on first use (None without triton)."""
+    from . import _dynconv_triton
+
+    return _dynconv_triton if _dynconv_triton.AVAILABLE else None
+
+
+def _sync(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 class KernelAttention(nn.Module):
@@ -108,8 +133,8 @@ class DynamicConv2d(nn.Module):
         weight: the K kernels, ``(K * C_out, C_in / groups, kh, kw)`` ordered (group,
             kernel, out-channel of the group); :meth:`bank` is the ``(K, C_out, ...)`` view.
         bias: ``(K * C_out,)`` in the same order, or None.
-        form: ``"auto"`` (default), ``"stacked"`` or ``"per_sample"``: which exact form
-            eager mode runs (module docstring); not saved in the state_dict.
+        form: ``"auto"`` (default), ``"stacked"``, ``"per_sample"`` or ``"triton"``: which
+            exact form runs (module docstring); not saved in the state_dict.
     """
 
     temperature: Tensor
@@ -145,6 +170,7 @@ class DynamicConv2d(nn.Module):
         self.groups = groups
         self.kernels = kernels
         self.form = "auto"
+        self.triton_blocks: Blocks | None = None  # the Triton kernel's tiles (None: its defaults)
         self.weight = nn.Parameter(torch.empty(kernels * out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(kernels * out_channels)) if bias else None
         self.attention = KernelAttention(in_channels, kernels, reduction=reduction)
@@ -201,17 +227,88 @@ class DynamicConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.kernel_attention(x)
-        if self.uses_stacked(x):
+        form = self.form_for(x)
+        if form == "stacked":
             return self.forward_stacked(x, pi)
+        if form == "triton":
+            return self.forward_triton(x, pi)
         return self.forward_per_sample(x, pi)
 
     def uses_stacked(self, x: Tensor) -> bool:
-        """Whether ``forward`` runs the stacked form on ``x`` (``form``, tracing, device, cost)."""
-        if _tracing(x) or self.form == "stacked":
-            return True
-        if self.form == "per_sample" or x.shape[0] == 1:
+        """Whether ``forward`` runs the stacked form on ``x``."""
+        return self.form_for(x) == "stacked"
+
+    def form_for(self, x: Tensor) -> str:
+        """Which form ``forward`` runs on ``x``: ``form``, tracing, device, cost (module docstring)."""
+        exporting = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or torch.compiler.is_exporting()
+        if exporting or self.form == "stacked":
+            return "stacked"
+        if torch.compiler.is_compiling():  # torch.compile: its one op where it applies, else stacked
+            if self.form in ("auto", "triton") and self.triton_applies(x):
+                static = self.form == "auto" and all(isinstance(size, int) for size in x.shape)
+                return _MEASURED.get(self._key(x), "triton") if static else "triton"
+            return "stacked"
+        if self.form == "per_sample":
+            return "per_sample"
+        if self.form == "triton" and self.triton_applies(x):
+            return "triton"
+        if x.shape[0] == 1:
+            return "per_sample"
+        if x.device.type == "cuda":
+            key = self._key(x)
+            if key not in _MEASURED and torch.cuda.is_current_stream_capturing():  # no timing in a graph
+                return "triton" if self.triton_applies(x) else "stacked"
+            if key not in _MEASURED:
+                _MEASURED[key] = _fastest_within_memory(self.measure_forms(x))
+            return _MEASURED[key]
+        return "stacked" if self.prefers_stacked(x) else "per_sample"
+
+    def triton_applies(self, x: Tensor) -> bool:
+        """Whether the Triton kernel takes ``x`` (CUDA, or the interpreter; a dtype it handles)."""
+        if not (x.device.type == "cuda" or _interpreting()):
             return False
-        return x.device.type == "cuda" or self.prefers_stacked(x)
+        kernel = _triton()
+        return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
+                                                      self.weight.numel(), positions=x.shape[2] * x.shape[3])
+
+    def _key(self, x: Tensor) -> tuple:
+        """What the measured choice depends on: shapes, dtypes, layouts, device, training."""
+        return (x.device, tuple(x.shape), x.dtype, _compute_dtype(x, self.weight), _channels_last(x),
+                _channels_last(self.weight), torch.is_grad_enabled() and self.weight.requires_grad,
+                self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
+
+    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, tuple[float, int]]:
+        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up) and,
+        on CUDA, the bytes it allocates at its peak (0 elsewhere): forward, plus backward for
+        every input when gradients are on. Parameters' ``.grad`` are not touched; on CUDA the
+        peak-memory statistics are reset."""
+        forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
+        train = torch.is_grad_enabled() and self.weight.requires_grad
+        run = {"stacked": self.forward_stacked, "per_sample": self.forward_per_sample, "triton": self.forward_triton}
+        x = x.detach().requires_grad_(train)
+        cuda = x.device.type == "cuda"
+        results = {}
+        for form in forms:
+            best, peak = math.inf, 0
+            for rep in range(reps + 1):
+                _sync(x)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(x.device)
+                    before = torch.cuda.memory_allocated(x.device)
+                start = time.perf_counter()
+                pi = self.kernel_attention(x)
+                y = run[form](x, pi)
+                if train:
+                    inputs = [x, *(p for p in self.parameters() if p.requires_grad)]
+                    torch.autograd.grad(y, inputs, torch.ones_like(y))
+                del y, pi
+                _sync(x)
+                if rep:
+                    best = min(best, time.perf_counter() - start)
+                if cuda:
+                    peak = max(peak, torch.cuda.max_memory_allocated(x.device) - before)
+            results[form] = (best, peak)
+        return results
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
@@ -249,6 +346,18 @@ class DynamicConv2d(nn.Module):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
+    def forward_triton(self, x: Tensor, pi: Tensor) -> Tensor:
+        """The per-sample conv as one Triton kernel that mixes the K kernels on the fly
+        (``_dynconv_triton``); same function as the other two forms."""
+        dtype = _compute_dtype(x, self.weight)
+        y = _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
+                                     stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                     groups=self.groups, blocks=self.triton_blocks)
+        if self.bias is not None:
+            bias = pi.to(dtype) @ self._grouped(self.bias).transpose(0, 1).reshape(self.kernels, -1).to(dtype)
+            y = y + bias[:, :, None, None]
+        return y
+
     def forward_stacked(self, x: Tensor, pi: Tensor) -> Tensor:
         """Run all K kernels as one conv on the bank as stored, then sum the K outputs
         weighted by pi."""
@@ -266,6 +375,13 @@ class DynamicConv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}"
                 + ("" if self.form == "auto" else f", form={self.form}"))
+
+
+def _fastest_within_memory(results: dict[str, tuple[float, int]]) -> str:
+    """The fastest form among those whose peak memory is at most the per-sample form's
+    (the reference code's algorithm): never hungrier than it, faster where possible."""
+    limit = results["per_sample"][1]
+    return min((form for form, (_, peak) in results.items() if peak <= limit), key=lambda form: results[form][0])
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -320,9 +436,10 @@ def _check_temperature(value: float) -> None:
 def set_dynconv_form(model: nn.Module, form: str) -> int:
     """Choose which exact form every :class:`DynamicConv2d` in ``model`` runs in eager mode.
 
-    ``"auto"`` (default): the device rule of the module docstring (stacked on CUDA, the
-    fitted cost rule on CPU); ``"stacked"`` or ``"per_sample"``: always that form. Tracers
-    (export, compile) always get the stacked form. Both forms compute the same function.
+    ``"auto"`` (default): the device rule of the module docstring (measured on CUDA, the
+    fitted cost rule on CPU); ``"stacked"``, ``"per_sample"`` or ``"triton"`` (where the
+    kernel applies): that form. Exporters always get the stacked form. All forms compute
+    the same function.
 
     Returns:
         How many dynamic convs were set (0 if the model has none).

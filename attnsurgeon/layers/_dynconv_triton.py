@@ -1,0 +1,561 @@
+"""Dynamic convolution as one Triton implicit-GEMM conv that mixes the K kernels on the fly.
+
+Paper: Dynamic Convolution: Attention over Convolution Kernels (Chen, Dai, Liu, Chen,
+Yuan, Liu; CVPR 2020), https://arxiv.org/abs/1912.03458
+
+``y[n] = conv(x[n], sum_k pi[n, k] W_k)``: each program reads sample n's K attention
+weights and the kernel bank, sums the K tiles of the kernel it needs, and multiplies them
+into its output tile, so the per-sample kernels are never written to memory (the
+per-sample form stores N of them) and no K-times-larger output is made (the stacked form
+does). Backward: ``dx`` is the transposed conv with the same on-the-fly kernel, and one
+kernel computes each sample's kernel gradient tile ``G_n = dy[n] (x) x[n]`` in registers
+and reduces it at once into ``dW_k = sum_n pi[n, k] G_n`` and ``dpi[n, k] = <G_n, W_k>``
+(the batch is split so that the grid fills the device: up to 32 float32 partial dW, for
+small banks). Depthwise convs (one channel per group) have their own kernels, a
+multiply-add per tap, where a GEMM tile would be almost all padding.
+
+:func:`dynamic_conv2d` is the ``torch.library`` op ``attnsurgeon::dynconv`` (with a fake
+kernel and autograd), so ``torch.compile`` sees one op. It takes any strides (contiguous
+and channels_last alike), groups (depthwise included), stride, padding, dilation; float32
+(TF32 products where ``torch.backends.cudnn.allow_tf32`` allows them, as cuDNN's conv),
+bfloat16, float16, accumulating in float32. The bias is left to the caller. It runs on CUDA,
+or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported), which is how the tests check it against the plain forms.
+
+Departure from a textbook implicit GEMM: stride > 1 in ``dx`` masks the output positions
+that no kernel tap reaches instead of splitting the conv into stride-phase sub-convs
+(simpler, up to stride^2 more work in that one kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the plain forms run
+    triton = None
+    tl = None
+
+__all__ = ["AVAILABLE", "Blocks", "calls", "dynamic_conv2d", "interpreting", "supports"]
+
+AVAILABLE = triton is not None
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CALLS = {"forward": 0, "grad_input": 0, "grad_weight": 0}
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` was set
+    when triton was imported)."""
+    return _INTERPRETED
+
+
+def calls() -> dict[str, int]:
+    """How many times each kernel was launched in this process (tests check the path ran)."""
+    return dict(_CALLS)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes: output positions (m), output channels (n), reduced channels (k); warps
+    per program; the number of programs the dW kernel aims at (it splits the batch for it)."""
+
+    m: int = 64
+    n: int = 64
+    k: int = 32
+    warps: int = 4
+    programs: int = 1024
+
+
+_BLOCKS = Blocks()
+
+
+def supports(device: torch.device, dtype: torch.dtype, *numels: int, positions: int = 0) -> bool:
+    """Whether the kernel takes tensors of ``dtype`` on ``device`` with these element
+    counts and ``positions`` (H * W of the input): CUDA (or any device in the
+    interpreter), a float dtype it handles, 32-bit indexable, a grid within CUDA's 65535
+    blocks along y (position tiles of the smallest tile size, 16, with room for padding)."""
+    on_device = device.type == "cuda" or interpreting()
+    fits = all(n < 2**31 for n in numels) and positions <= 65535 * 16 // 2
+    return AVAILABLE and on_device and dtype in _DTYPES and fits
+
+
+def _geometry(x: Tensor, weight: Tensor, kernels: int, stride: list[int], padding: list[int],
+              dilation: list[int], groups: int) -> tuple[int, int, int, int]:
+    """C_out and the output size; raises on a shape that does not fit."""
+    n, c_in, h, w = x.shape
+    rows, c_in_g, kh, kw = weight.shape
+    if rows % kernels or c_in != c_in_g * groups or (rows // kernels) % groups:
+        raise ValueError(f"dynconv: bank {tuple(weight.shape)} does not fit input {tuple(x.shape)}, "
+                         f"K={kernels}, groups={groups}")
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return rows // kernels, oh, ow, c_in
+
+
+def _like(x: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An empty 4-D tensor in ``x``'s memory format."""
+    last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _dot(a, b, acc, F32: tl.constexpr, PRECISION: tl.constexpr):
+        # the interpreter's bf16/fp16 dot is wrong (numpy has no bfloat16): there the tiles
+        # are widened first, which gives the same products (exact in float32)
+        if F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _forward_kernel(
+        x_ptr, w_ptr, pi_ptr, y_ptr,
+        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K,
+        sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n, g = pid_ng // GROUPS, pid_ng % GROUPS
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < OH * OW
+        oh, ow = offs_m // OW, offs_m % OW
+        offs_c = pid_n * BN + tl.arange(0, BN)
+        mask_c = offs_c < C_OUT_G
+        x_base = x_ptr + n * sxn + (g * C_IN_G) * sxc
+        offs_kk = tl.arange(0, KP)
+        mask_kk = offs_kk < K
+        p = tl.load(pi_ptr + n * K + offs_kk, mask=mask_kk, other=0.0)
+        w_rows = w_ptr + ((g * K + offs_kk)[:, None, None] * C_OUT_G + offs_c[None, None, :]) * swo
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            for c0 in range(0, C_IN_G, BK):
+                offs_k = c0 + tl.arange(0, BK)
+                mask_k = offs_k < C_IN_G
+                xt = tl.load(x_base + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                             mask=valid[:, None] & mask_k[None, :], other=0.0)
+                # this sample's kernel tile, sum_k pi[n, k] W_k, from the K tiles (KP, BK, BN)
+                wk = tl.load(w_rows + offs_k[None, :, None] * swi + r * swh + s * sww,
+                             mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
+                wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
+                acc = _dot(xt, wt.to(xt.dtype), acc, F32, PRECISION)
+        y = (y_ptr + n.to(tl.int64) * syn + (g * C_OUT_G + offs_c)[None, :] * syc
+             + oh[:, None] * syh + ow[:, None] * syw)
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _grad_input_kernel(
+        dy_ptr, w_ptr, pi_ptr, dx_ptr,
+        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K,
+        sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n, g = pid_ng // GROUPS, pid_ng % GROUPS
+        offs_m = pid_m * BM + tl.arange(0, BM)  # input positions
+        mask_m = offs_m < H * W
+        ih, iw = offs_m // W, offs_m % W
+        offs_c = pid_n * BN + tl.arange(0, BN)  # input channels of the group
+        mask_c = offs_c < C_IN_G
+        dy_base = dy_ptr + n * sdn + (g * C_OUT_G) * sdc
+        offs_kk = tl.arange(0, KP)
+        mask_kk = offs_kk < K
+        p = tl.load(pi_ptr + n * K + offs_kk, mask=mask_kk, other=0.0)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            th, tw = ih + PH - r * DH, iw + PW - s * DW
+            th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
+            oh, ow = th0 // SH, tw0 // SW
+            valid = (mask_m & (th >= 0) & (tw >= 0) & (th0 % SH == 0) & (tw0 % SW == 0)
+                     & (oh < OH) & (ow < OW))
+            for c0 in range(0, C_OUT_G, BK):
+                offs_k = c0 + tl.arange(0, BK)  # output channels of the group
+                mask_k = offs_k < C_OUT_G
+                dyt = tl.load(dy_base + offs_k[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                              mask=valid[:, None] & mask_k[None, :], other=0.0)
+                rows = (g * K + offs_kk)[:, None, None] * C_OUT_G + offs_k[None, :, None]
+                wk = tl.load(w_ptr + rows * swo + offs_c[None, None, :] * swi + r * swh + s * sww,
+                             mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
+                wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
+                acc = _dot(dyt, wt.to(dyt.dtype), acc, F32, PRECISION)
+        dx = (dx_ptr + n.to(tl.int64) * sxn + (g * C_IN_G + offs_c)[None, :] * sxc
+              + ih[:, None] * sxh + iw[:, None] * sxw)
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _grad_weight_kernel(
+        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr,
+        N, C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, PER_SPLIT,
+        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # program: (group, out-channel tile) x (tap, in-channel tile) x a slice of the batch
+        pid_o, pid_i, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        o_tiles = tl.cdiv(C_OUT_G, BO)
+        g, offs_o = pid_o // o_tiles, (pid_o % o_tiles) * BO + tl.arange(0, BO)
+        i_tiles = tl.cdiv(C_IN_G, BI)
+        rs, offs_i = pid_i // i_tiles, (pid_i % i_tiles) * BI + tl.arange(0, BI)
+        r, s = rs // KW, rs % KW
+        mask_o, mask_i = offs_o < C_OUT_G, offs_i < C_IN_G
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        # the K kernel tiles, (KP, BO, BI), read once
+        rows = (g * K + offs_k)[:, None, None] * C_OUT_G + offs_o[None, :, None]
+        w_off = rows * swo + offs_i[None, None, :] * swi + r * swh + s * sww
+        mask_w = mask_k[:, None, None] & mask_o[None, :, None] & mask_i[None, None, :]
+        wk = tl.load(w_ptr + w_off, mask=mask_w, other=0.0).to(tl.float32)
+        dw = tl.zeros((KP, BO, BI), dtype=tl.float32)
+        tile = pid_o * tl.num_programs(1) + pid_i
+        for n in range(pid_s * PER_SPLIT, tl.minimum(pid_s * PER_SPLIT + PER_SPLIT, N)):
+            gn = tl.zeros((BO, BI), dtype=tl.float32)  # sample n's kernel gradient tile
+            dy_base = dy_ptr + n * sdn + (g * C_OUT_G) * sdc
+            x_base = x_ptr + n * sxn + (g * C_IN_G) * sxc
+            for p0 in range(0, OH * OW, BP):
+                offs_p = p0 + tl.arange(0, BP)
+                mask_p = offs_p < OH * OW
+                oh, ow = offs_p // OW, offs_p % OW
+                ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+                valid = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                dyt = tl.load(dy_base + offs_o[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
+                              mask=mask_o[:, None] & mask_p[None, :], other=0.0)
+                xt = tl.load(x_base + offs_i[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                             mask=valid[:, None] & mask_i[None, :], other=0.0)
+                gn = _dot(dyt, xt, gn, F32, PRECISION)
+            p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+            dw += p[:, None, None] * gn[None, :, :]
+            part = tl.sum(tl.sum(wk * gn[None, :, :], axis=2), axis=1)  # <G_n, W_k> on this tile
+            tl.store(dpi_ptr + (tile * N + n) * K + offs_k, part, mask=mask_k)
+        out = pid_s.to(tl.int64) * (GROUPS * K * C_OUT_G * C_IN_G * KH * KW)
+        d_off = ((rows * C_IN_G + offs_i[None, None, :]) * KH + r) * KW + s
+        tl.store(dw_ptr + out + d_off, dw, mask=mask_w)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _depthwise_forward_kernel(
+        x_ptr, w_ptr, pi_ptr, y_ptr, C, H, W, OH, OW, K,
+        sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        # depthwise (one in and one out channel per group): a multiply-add per tap, no GEMM
+        n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < OH * OW
+        oh, ow = offs_m // OW, offs_m % OW
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo  # (KP, BC)
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                         mask=valid[:, None] & mask_c[None, :], other=0.0)
+            acc += xt.to(tl.float32) * wt.to(xt.dtype).to(tl.float32)[None, :]
+        y = y_ptr + n * syn + offs_c[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _depthwise_grad_input_kernel(
+        dy_ptr, w_ptr, pi_ptr, dx_ptr, C, H, W, OH, OW, K,
+        sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < H * W
+        ih, iw = offs_m // W, offs_m % W
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for rs in range(KH * KW):
+            r, s = rs // KW, rs % KW
+            wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            th, tw = ih + PH - r * DH, iw + PW - s * DW
+            th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
+            oh, ow = th0 // SH, tw0 // SW
+            valid = (mask_m & (th >= 0) & (tw >= 0) & (th0 % SH == 0) & (tw0 % SW == 0)
+                     & (oh < OH) & (ow < OW))
+            dyt = tl.load(dy_ptr + n * sdn + offs_c[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                          mask=valid[:, None] & mask_c[None, :], other=0.0)
+            acc += dyt.to(tl.float32) * wt.to(dyt.dtype).to(tl.float32)[None, :]
+        dx = dx_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+        tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _depthwise_grad_weight_kernel(
+        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr, N, C, H, W, OH, OW, K, PER_SPLIT,
+        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swh, sww,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    ):
+        # program: (channel tile) x (tap) x a slice of the batch
+        pid_c, rs, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r, s = rs // KW, rs % KW
+        offs_c = pid_c * BC + tl.arange(0, BC)
+        mask_c = offs_c < C
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        rows = offs_c[None, :] * K + offs_k[:, None]  # (KP, BC)
+        mask_w = mask_k[:, None] & mask_c[None, :]
+        wk = tl.load(w_ptr + rows * swo + r * swh + s * sww, mask=mask_w, other=0.0).to(tl.float32)
+        dw = tl.zeros((KP, BC), dtype=tl.float32)
+        tile = pid_c * tl.num_programs(1) + rs
+        for n in range(pid_s * PER_SPLIT, tl.minimum(pid_s * PER_SPLIT + PER_SPLIT, N)):
+            gn = tl.zeros((BC,), dtype=tl.float32)
+            for p0 in range(0, OH * OW, BM):
+                offs_p = p0 + tl.arange(0, BM)
+                mask_p = offs_p < OH * OW
+                oh, ow = offs_p // OW, offs_p % OW
+                ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
+                valid = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                dyt = tl.load(dy_ptr + n * sdn + offs_c[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                              mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+                xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                             mask=valid[:, None] & mask_c[None, :], other=0.0)
+                gn += tl.sum(dyt.to(tl.float32) * xt.to(tl.float32), axis=0)
+            p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+            dw += p[:, None] * gn[None, :]
+            tl.store(dpi_ptr + (tile * N + n) * K + offs_k, tl.sum(wk * gn[None, :], axis=1), mask=mask_k)
+        out = pid_s.to(tl.int64) * (C * K * KH * KW)
+        tl.store(dw_ptr + out + (rows * KH + r) * KW + s, dw, mask=mask_w)
+
+
+_INTERPRETED = AVAILABLE and type(_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def _kernel_tiles(kernels: int, blocks: Blocks) -> tuple[int, int]:
+    """K rounded up to a power of two, and the reduction tile that keeps the K kernel
+    tiles (KP x BK x BN) at most 8192 elements in registers."""
+    kp = triton.next_power_of_2(kernels)
+    return kp, max(16, min(blocks.k, triton.next_power_of_2(8192 // (kp * blocks.n) or 1)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 products in TF32 where cuDNN's convs may use it, else in full precision;
+    half types: Triton's default."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+
+
+def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
+             dilation: list[int], groups: int, blocks: Blocks) -> Tensor:
+    c_out, oh, ow, c_in = _geometry(x, weight, kernels, stride, padding, dilation, groups)
+    n, _, h, w = x.shape
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    y = _like(x, (n, c_out, oh, ow), x.dtype)
+    kh, kw = weight.shape[2:]
+    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+    if c_in_g == c_out_g == 1:
+        _CALLS["forward"] += 1
+        grid = (n, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_in, blocks.n))
+        _depthwise_forward_kernel[grid](
+            x, weight, pi, y, c_in, h, w, oh, ow, kernels, *x.stride(), weight.stride(0), *weight.stride()[2:],
+            *y.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return y
+    grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
+    kp, bk = _kernel_tiles(kernels, blocks)
+    _CALLS["forward"] += 1
+    _forward_kernel[grid](
+        x, weight, pi, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
+        *x.stride(), *weight.stride(), *y.stride(),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
+        num_warps=blocks.warps,
+    )
+    return y
+
+
+def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int, blocks: Blocks) -> Tensor:
+    n, c_in, h, w = x.shape
+    c_out, oh, ow = dy.shape[1:]
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    dx = _like(x, tuple(x.shape), x.dtype)
+    kh, kw = weight.shape[2:]
+    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+    if c_in_g == c_out_g == 1:
+        _CALLS["grad_input"] += 1
+        grid = (n, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in, blocks.n))
+        _depthwise_grad_input_kernel[grid](
+            dy, weight, pi, dx, c_in, h, w, oh, ow, kernels, *dy.stride(), weight.stride(0), *weight.stride()[2:],
+            *dx.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return dx
+    grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
+    kp, bk = _kernel_tiles(kernels, blocks)
+    _CALLS["grad_input"] += 1
+    _grad_input_kernel[grid](
+        dy, weight, pi, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
+        *dy.stride(), *weight.stride(), *dx.stride(),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
+        num_warps=blocks.warps,
+    )
+    return dx
+
+
+def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, blocks: Blocks) -> tuple[Tensor, Tensor]:
+    n, c_in, h, w = x.shape
+    c_out, oh, ow = dy.shape[1:]
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    kh, kw = weight.shape[2:]
+    kp = triton.next_power_of_2(kernels)
+    if c_in_g == c_out_g == 1:
+        grid = (triton.cdiv(c_in, blocks.n), kh * kw)
+        splits, per_split = _splits(n, grid[0] * grid[1], blocks.programs)
+        dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
+        dpi = torch.empty((grid[0] * grid[1], n, kernels), dtype=torch.float32, device=x.device)
+        _CALLS["grad_weight"] += 1
+        _depthwise_grad_weight_kernel[grid + (splits,)](
+            dy, x, weight, pi, dw, dpi, n, c_in, h, w, oh, ow, kernels, per_split, *dy.stride(), *x.stride(),
+            weight.stride(0), *weight.stride()[2:],
+            SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+            KP=kp, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return _reduce_grad_weight(dw, dpi, weight)
+    # the K kernel tiles and their gradients, (KP, BO, BI) each, stay in registers: at most
+    # 4096 elements each where K allows
+    bo, bi = min(blocks.n, 32), min(blocks.k, 32)
+    while kp * bo * bi > 4096 and max(bo, bi) > 16:
+        bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
+    grid0 = groups * triton.cdiv(c_out_g, bo)
+    grid1 = kh * kw * triton.cdiv(c_in_g, bi)
+    splits, per_split = _splits(n, grid0 * grid1, blocks.programs)
+    dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
+    dpi = torch.empty((grid0 * grid1, n, kernels), dtype=torch.float32, device=x.device)
+    _CALLS["grad_weight"] += 1
+    _grad_weight_kernel[(grid0, grid1, splits)](
+        dy, x, weight, pi, dw, dpi, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, per_split,
+        *dy.stride(), *x.stride(), *weight.stride(),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+        KP=kp, BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype),
+        num_warps=blocks.warps,
+    )
+    return _reduce_grad_weight(dw, dpi, weight)
+
+
+def _splits(n: int, programs: int, target: int) -> tuple[int, int]:
+    """Split the batch so that the dW grid has about ``target`` programs (at most 32 splits,
+    each writing its own float32 partial dW): how many splits, and samples per split."""
+    splits = max(1, min(n, (target + programs - 1) // programs, 32))
+    per_split = triton.cdiv(n, splits)
+    return triton.cdiv(n, per_split), per_split
+
+
+def _reduce_grad_weight(dw: Tensor, dpi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the per-split partial dW and per-tile partial dpi; dW in the weight's dtype and layout."""
+    last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    dw = dw.sum(0).to(weight.dtype)
+    if last:
+        dw = dw.contiguous(memory_format=torch.channels_last)
+    return dw, dpi.sum(0)
+
+
+# --- the torch.library op ----------------------------------------------------------------
+
+if AVAILABLE:
+
+    @torch.library.custom_op("attnsurgeon::dynconv", mutates_args=())
+    def _dynconv(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, blocks: list[int]) -> Tensor:
+        return _forward(x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+
+    @_dynconv.register_fake
+    def _(x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+        c_out, oh, ow, _ = _geometry(x, weight, kernels, stride, padding, dilation, groups)
+        return _like(x, (x.shape[0], c_out, oh, ow), x.dtype)
+
+    @torch.library.custom_op("attnsurgeon::dynconv_grad_input", mutates_args=())
+    def _dynconv_grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
+                            padding: list[int], dilation: list[int], groups: int, blocks: list[int]) -> Tensor:
+        return _grad_input(dy, x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+
+    @_dynconv_grad_input.register_fake
+    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+        return _like(x, tuple(x.shape), x.dtype)
+
+    @torch.library.custom_op("attnsurgeon::dynconv_grad_weight", mutates_args=())
+    def _dynconv_grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
+                             padding: list[int], dilation: list[int], groups: int,
+                             blocks: list[int]) -> tuple[Tensor, Tensor]:
+        return _grad_weight(dy, x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+
+    @_dynconv_grad_weight.register_fake
+    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+        dw = _like(weight, tuple(weight.shape), weight.dtype)
+        return dw, pi.new_empty((x.shape[0], kernels), dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, weight, pi, *ctx.args = inputs
+        ctx.save_for_backward(x, weight, pi)
+
+    def _backward(ctx, dy: Tensor):  # noqa: ANN001, ANN202
+        x, weight, pi = ctx.saved_tensors
+        dx = dw = dpi = None
+        if ctx.needs_input_grad[0]:
+            dx = _dynconv_grad_input(dy, x, weight, pi, *ctx.args)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw, dpi = _dynconv_grad_weight(dy, x, weight, pi, *ctx.args)
+            dpi = dpi.to(pi.dtype)
+        return dx, dw, dpi, None, None, None, None, None, None
+
+    _dynconv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if last else torch.contiguous_format
+
+
+def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                   blocks: Blocks | None = None) -> Tensor:
+    """``conv2d(x[n], sum_k pi[n, k] W_k)`` for every sample n, without bias.
+
+    Args:
+        x: ``(N, C_in, H, W)``, contiguous or channels_last; ``weight`` has its dtype.
+        weight: the bank ``(K * C_out, C_in / groups, kh, kw)`` ordered (group, kernel,
+            out-channel of the group), any memory format.
+        pi: ``(N, K)`` attention weights (computed in float32).
+        blocks: tile sizes (the tests use small ones in the interpreter).
+    """
+    blocks = blocks or _BLOCKS
+    return _dynconv(x, weight, pi.float().contiguous(), kernels, list(stride), list(padding), list(dilation),
+                    groups, [blocks.m, blocks.n, blocks.k, blocks.warps, blocks.programs])
