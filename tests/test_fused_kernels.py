@@ -118,6 +118,29 @@ def test_tracers_get_the_plain_form(monkeypatch):
     assert not kernels.active(torch.fx.Proxy(torch.fx.Graph().placeholder("x")))
 
 
+def test_what_the_kernels_do_not_take_runs_plain(monkeypatch):
+    """A gate broadcast over the batch, float64, a shortcut of another shape: the plain form
+    (the kernel path, allowed on this CPU here, would raise)."""
+
+    class NoKernels:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"the kernel path ran: {name}")
+
+    monkeypatch.setattr(kernels, "_interpret", True)
+    monkeypatch.setattr(kernels, "_load", lambda: True)
+    monkeypatch.setattr(kernels, "_impl", NoKernels())
+    x = _cpu_map()
+    assert kernels.active(x)  # the hook on: only the operands decide below
+    shared = torch.rand(1, 8, 1, 1)
+    assert torch.equal(kernels.scale(x, shared), x * shared)
+    x64 = x.double()
+    assert torch.equal(kernels.scale(x64, x64.mean((2, 3), keepdim=True)), x64 * x64.mean((2, 3), keepdim=True))
+    wide = torch.randn(2, 8, 5, 6)
+    assert not kernels.active(x, wide)
+    g_h, g_w = torch.rand(2, 8, 5, 1), torch.rand(1, 8, 1, 5)
+    assert torch.equal(kernels.scale_hw(x, g_h, g_w), x * g_h * g_w)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may load the kernels")
 def test_cpu_models_never_load_the_kernels():
     code = ("import sys, torch, torchvision, attnsurgeon\n"

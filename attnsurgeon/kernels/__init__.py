@@ -139,7 +139,9 @@ def active(x: object, *others: object) -> bool:
     return _load() is not None
 
 
-def _gate_ok(g: Tensor, x: Tensor, shape: tuple[int, ...]) -> bool:
+def _gate_ok(g: object, x: Tensor, *ones: int) -> bool:
+    """``g`` has the shape of ``x`` with the axes ``ones`` (of 1, 2, 3) set to 1, and a kernel dtype."""
+    shape = tuple(1 if i in ones else size for i, size in enumerate(x.shape))
     return isinstance(g, Tensor) and tuple(g.shape) == shape and _tensor_ok(g, x)
 
 
@@ -157,8 +159,8 @@ def _finish(out: Tensor, identity: Tensor | None, relu: bool) -> Tensor:
 def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
     """``x * s``, plus ``identity``, then ReLU: a channel gate ``s`` (N, C, 1, 1) applied
     (SE, ECA, GC with fusion scale, CBAM's channel gate)."""
-    n, c = x.shape[:2]
-    if active(x, identity) and _gate_ok(s, x, (n, c, 1, 1)):
+    if active(x, identity) and _gate_ok(s, x, 2, 3):
+        n, c = x.shape[:2]
         return _impl.gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
     if identity is None:
         return _finish(x * s, None, relu)
@@ -167,8 +169,8 @@ def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = 
 
 def shift(x: Tensor, t: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
     """``x + t``, plus ``identity``, then ReLU: GC's fusion by addition (t: (N, C, 1, 1))."""
-    n, c = x.shape[:2]
-    if active(x, identity) and _gate_ok(t, x, (n, c, 1, 1)):
+    if active(x, identity) and _gate_ok(t, x, 2, 3):
+        n, c = x.shape[:2]
         return _impl.gate_apply(x, None, t.reshape(n, c), None, None, None, identity, relu)
     return _finish(x + t, identity, relu)
 
@@ -177,8 +179,8 @@ def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = Non
                   relu: bool = False) -> Tensor:
     """``x * s * g``, plus ``identity``, then ReLU: CBAM's channel gate ``s`` (N, C, 1, 1)
     and spatial gate ``g`` (N, 1, H, W) in one pass."""
-    n, c, h, w = x.shape
-    if active(x, identity) and _gate_ok(s, x, (n, c, 1, 1)) and _gate_ok(g, x, (n, 1, h, w)):
+    if active(x, identity) and _gate_ok(s, x, 2, 3) and _gate_ok(g, x, 1):
+        n, c, h, w = x.shape
         return _impl.gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
     xs = x * s
     if identity is None:
@@ -190,8 +192,8 @@ def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None
              relu: bool = False) -> Tensor:
     """``x * g_h * g_w``, plus ``identity``, then ReLU: coordinate attention's gates
     ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass."""
-    n, c, h, w = x.shape
-    if active(x, identity) and _gate_ok(g_h, x, (n, c, h, 1)) and _gate_ok(g_w, x, (n, c, 1, w)):
+    if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
+        n, c, h, w = x.shape
         return _impl.gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
     return _finish(x * g_h * g_w, identity, relu)
 
@@ -208,8 +210,8 @@ def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
 def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and max over the channels of ``x * s``, each (N, 1, H, W), without writing
     ``x * s`` (CBAM's spatial pooling of the channel-gated map)."""
-    n, c, h, w = x.shape
-    if active(x) and _gate_ok(s, x, (n, c, 1, 1)):
+    if active(x) and _gate_ok(s, x, 2, 3):
+        n, c, h, w = x.shape
         mean, top, _ = _impl.spatial_pool(x, s.reshape(n, c))
         return mean.view(n, 1, h, w), top.view(n, 1, h, w)
     xs = x * s
