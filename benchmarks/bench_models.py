@@ -36,7 +36,7 @@ is the median over rounds of model / base within the round.
                                                               # smoke-test the GPU code path on CPU
 
 ``--quick`` prints another table, the one the fused GPU kernels (``attnsurgeon.kernels``)
-are judged by, in about 5 minutes on one H100/H200: per model, ours with the fused kernels,
+are judged by, sized for a 5-minute run on one H100/H200 (not yet timed on one): per model, ours with the fused kernels,
 the same model with them switched off (``kernels.use_fused(False)``), and timm's model
 where timm has one, each over its own base, inference at batch 256 and an SGD training
 step at batch 128, bf16 autocast, channels_last, eager; then one ``torch.compile`` row
