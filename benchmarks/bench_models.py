@@ -42,21 +42,38 @@ is the median over rounds of model / base within the round.
     python benchmarks/bench_models.py --device cuda           # GPU protocol (needs CUDA)
     python benchmarks/bench_models.py --device cpu --gpu-protocol --batch 2 --size 64 --reps 1
                                                               # smoke-test the GPU code path on CPU
+
+``--quick`` prints another table, the one the fused GPU kernels (``attnsurgeon.kernels``)
+are judged by, sized for a 5-minute run on one H100/H200 (not yet timed on one): per model, ours with the fused kernels,
+the same model with them switched off (``kernels.use_fused(False)``), and timm's model
+where timm has one, each over its own base, inference at batch 256 and an SGD training
+step at batch 128, bf16 autocast, channels_last, eager; then one ``torch.compile`` row
+(SE-ResNet-50 inference: the plain form under compile, which is the default, and the
+custom ops under compile). ``--interpret`` runs the fused kernels on the CPU in Triton's
+interpreter, so a tiny CPU run goes through every code path the GPU run takes:
+
+    python benchmarks/bench_models.py --device cuda --quick
+    python benchmarks/bench_models.py --device cpu --quick --gpu-protocol --interpret \
+        --batch 2 --size 32 --reps 1 --warmup 1 --no-compile        # smoke test, CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+if "--interpret" in sys.argv:  # before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from attnsurgeon.latency import time_interleaved
 
@@ -133,8 +150,9 @@ class Setting:
     channels_last: bool
 
 
-def _stepper(model: nn.Module, s: Setting, size: int) -> Callable[[], None]:
-    """One call of ``model`` under setting ``s`` (a fixed batch, made once)."""
+def _stepper(model: nn.Module, s: Setting, size: int, fused: bool | str | None = None) -> Callable[[], None]:
+    """One call of ``model`` under setting ``s`` (a fixed batch, made once); ``fused``: the
+    mode of the fused kernels during the call (``attnsurgeon.kernels.use_fused``), or as set."""
     model = model.to(s.device)
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -142,11 +160,17 @@ def _stepper(model: nn.Module, s: Setting, size: int) -> Callable[[], None]:
     y = torch.randint(0, 1000, (s.batch,), device=s.device)
     run = torch.compile(model) if s.compiled else model
     autocast = torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+
+    def mode() -> contextlib.AbstractContextManager[None]:
+        from attnsurgeon import kernels
+
+        return contextlib.nullcontext() if fused is None else kernels.use_fused(fused)
+
     if not s.train:
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast, mode():
                 run(x)
 
         return infer
@@ -155,9 +179,10 @@ def _stepper(model: nn.Module, s: Setting, size: int) -> Callable[[], None]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.cross_entropy(run(x), y)
-        loss.backward()
+        with mode():
+            with autocast:
+                loss = F.cross_entropy(run(x), y)
+            loss.backward()
         optimizer.step()
 
     return step
@@ -168,9 +193,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_row(models: dict[str, nn.Module], s: Setting, size: int, reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each model, ``reps`` rounds, order rotated each round."""
-    steps = {name: _stepper(m, s, size) for name, m in models.items()}
+def time_row(models: dict[str, nn.Module], s: Setting, size: int, reps: int, warmup: int,
+             modes: dict[str, bool | str] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each model, ``reps`` rounds, order rotated each round; ``modes``:
+    the fused kernels' mode per model name (see :func:`_stepper`)."""
+    steps = {name: _stepper(m, s, size, (modes or {}).get(name)) for name, m in models.items()}
     samples = time_interleaved(steps, rounds=reps, warmup=warmup, sync=lambda: _sync(s.device))
     if s.device.type == "cuda":
         for name, step in steps.items():  # peak memory of one call alone, after the rounds
@@ -185,7 +212,7 @@ def time_row(models: dict[str, nn.Module], s: Setting, size: int, reps: int, war
 
 
 def _ratio(samples: dict[str, list[float]], model: str, base: str) -> float:
-    return statistics.median(a / b for a, b in zip(samples[model], samples[base]))
+    return statistics.median(a / b for a, b in zip(samples[model], samples[base], strict=True))
 
 
 def report(row: Row, samples: dict[str, list[float]], s: Setting) -> list[str]:
@@ -202,7 +229,8 @@ def report(row: Row, samples: dict[str, list[float]], s: Setting) -> list[str]:
                 mb, bmb = samples[f"{model}#peak_mb"][0], samples[f"{base}#peak_mb"][0]
                 mem = f" | {mb:.0f} | {mb / bmb:.2f}"
             lines.append(f"| {row.name} | {s.label} | {side} | {model.split(':', 1)[1]} / {base.split(':', 1)[1]} | "
-                         f"{1e3 * statistics.median(samples[base]):.1f} | {1e3 * statistics.median(samples[model]):.1f} | "
+                         f"{1e3 * statistics.median(samples[base]):.1f} | "
+                         f"{1e3 * statistics.median(samples[model]):.1f} | "
                          f"{_ratio(samples, model, base):.2f}{mem} |")
     return lines
 
@@ -224,6 +252,97 @@ def settings(args: argparse.Namespace) -> list[Setting]:
     return out
 
 
+@dataclass(frozen=True)
+class QuickRow:
+    """A row of ``--quick``: ``attn`` at ``position`` on torchvision's ``base``, and timm's pair."""
+
+    name: str
+    base: str
+    attn: str
+    position: str | None = None
+    params: dict = field(default_factory=dict)
+    timm_base: tuple[str, dict] | None = None
+    timm_model: tuple[str, dict] | None = None
+
+
+QUICK_ROWS = (
+    QuickRow("SE-ResNet-50", "resnet50", "se", timm_base=("resnet50", {}), timm_model=("seresnet50", {})),
+    QuickRow("ECA-ResNet-50", "resnet50", "eca", timm_base=("resnet50d", {}), timm_model=("ecaresnet50d", {})),
+    QuickRow("CBAM-ResNet-50", "resnet50", "cbam", timm_base=("resnet50", {}),
+             timm_model=("resnet50", {"block_args": {"attn_layer": "cbam"}})),
+    QuickRow("GC-ResNet-50", "resnet50", "gc", timm_base=("resnet50", {}),
+             timm_model=("resnet50", {"block_args": {"attn_layer": "gc"}})),
+    QuickRow("coordinate attention, ResNet-50", "resnet50", "coord"),
+    QuickRow("MobileNetV2, coordinate attention at mid", "mobilenet_v2", "coord", position="mid"),
+    QuickRow("MobileNetV2, SE at mid", "mobilenet_v2", "se", position="mid"),
+    QuickRow("ConvNeXt-T, SE", "convnext_tiny", "se"),
+    QuickRow("EfficientNet-B0, built-in SE replaced by our SE", "efficientnet_b0", "se", position="builtin"),
+)
+
+
+def _quick_models(row: QuickRow) -> tuple[dict[str, nn.Module], dict[str, bool | str]]:
+    """``ours:base``, ``ours:fused`` and ``ours:unfused`` (one model, run in both modes),
+    ``timm:base`` and ``timm:model``; and the kernels' mode of each."""
+    import torchvision
+
+    import attnsurgeon
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, row.base)()
+    attnsurgeon.apply(model, row.attn, position=row.position, params=row.params)
+    models = {"ours:base": getattr(torchvision.models, row.base)(), "ours:fused": model, "ours:unfused": model}
+    if row.timm_base is not None and row.timm_model is not None:
+        import timm
+
+        models["timm:base"] = timm.create_model(row.timm_base[0], **row.timm_base[1])
+        models["timm:model"] = timm.create_model(row.timm_model[0], **row.timm_model[1])
+    return models, {"ours:fused": True, "ours:unfused": False}
+
+
+def quick(args: argparse.Namespace, device: torch.device) -> None:
+    """The ``--quick`` tables (see the module docstring)."""
+    infer_b, train_b = (args.batch, args.batch) if args.batch else (256, 128)
+    infer = Setting(f"infer b{infer_b}", device, infer_b, False, False, True, True)
+    train = Setting(f"train b{train_b}", device, train_b, True, False, True, True)
+    only = [o.strip().lower() for o in args.only.split(",") if o.strip()]
+    rows = [r for r in QUICK_ROWS if not only or any(o in r.name.lower() for o in only)]
+    print(f"\nEach ratio: model / its own base, median over {args.reps} rounds; inference at batch {infer_b}, "
+          f"SGD training step at batch {train_b}; bf16 autocast, channels_last, eager.\n")
+    print("| model | base ms (infer / train) | ours fused, infer | ours unfused, infer | timm, infer "
+          "| ours fused, train | ours unfused, train | timm, train |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for row in rows:
+        cells: dict[str, str] = {}
+        base_ms = []
+        for s in (infer, train):
+            models, modes = _quick_models(row)
+            samples = time_row(models, s, args.size, args.reps, args.warmup, modes)
+            base_ms.append(f"{1e3 * statistics.median(samples['ours:base']):.1f}")
+            for side, base in (("ours:fused", "ours:base"), ("ours:unfused", "ours:base"), ("timm:model", "timm:base")):
+                cells[f"{side}/{s.train}"] = f"{_ratio(samples, side, base):.2f}" if side in samples else "-"
+            del models, samples
+        timm_note = ""
+        if row.timm_model is not None and row.timm_base is not None:
+            extra = "".join(f" {k}={v}" for k, v in row.timm_model[1].get("block_args", {}).items())
+            timm_note = f" (timm: {row.timm_model[0]}{extra} / {row.timm_base[0]})"
+        print(f"| {row.name}{timm_note} | {' / '.join(base_ms)} | "
+              + " | ".join(cells[f"{side}/{t}"] for t in (False, True)
+                           for side in ("ours:fused", "ours:unfused", "timm:model")) + " |", flush=True)
+    if args.no_compile or (only and "compile" not in only):
+        return
+    s = Setting(f"infer b{infer_b} compile", device, infer_b, False, True, True, True)
+    models, _ = _quick_models(QUICK_ROWS[0])
+    models = {k: m for k, m in models.items() if k.startswith("ours")}
+    modes: dict[str, bool | str] = {"ours:fused": "compile", "ours:unfused": True}
+    samples = time_row(models, s, args.size, args.reps, args.warmup, modes)
+    print("\n| SE-ResNet-50, torch.compile, inference | base ms | plain form under compile (the default) "
+          "| custom ops under compile |")
+    print("|---|---|---|---|")
+    print(f"| ratio to compiled resnet50 | {1e3 * statistics.median(samples['ours:base']):.1f} | "
+          f"{_ratio(samples, 'ours:unfused', 'ours:base'):.2f} | {_ratio(samples, 'ours:fused', 'ours:base'):.2f} |",
+          flush=True)
+
+
 def _cpu_name() -> str:
     try:  # Linux; platform.processor() is often empty
         with open("/proc/cpuinfo") as f:
@@ -238,13 +357,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--gpu-protocol", action="store_true", help="the CUDA settings on any device (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU; 256 inference / 128 training on CUDA")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="default: 8 on CPU; 256 inference / 128 training on CUDA")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="CPU: also a training step")
     parser.add_argument("--only", default="", help="comma list of rows (SE,CBAM,SK,ECA,DY-R18,EMA,SimAM,triplet,NL-c4,"
-                        "ELA,eSE,CECA,LCBAM)")
+                        "ELA,eSE,CECA,LCBAM); with --quick, words of row names (resnet-50, mobilenet, compile)")
+    parser.add_argument("--quick", action="store_true", help="the fused-kernel table (see the docstring)")
+    parser.add_argument("--no-compile", action="store_true", help="--quick without its torch.compile row")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the fused kernels on CPU tensors in Triton's interpreter (smoke test)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
@@ -253,6 +377,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(f"torch {torch.__version__}, {name}, {args.threads} threads, input {args.size}, {args.reps} rounds; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.interpret:
+        from attnsurgeon import kernels
+
+        kernels._interpret_on_cpu(True)
+    if args.quick:
+        quick(args, device)
+        print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+        return
     mem = device.type == "cuda"
     print("\n| row | setting | side | model / base | base ms | model ms | model / base |"
           + (" peak MB | peak / base |" if mem else ""))

@@ -28,6 +28,8 @@ takes the alias of its deepest block. Strides are measured by one forward pass o
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
+from .. import kernels
 from ..kinds import POSITIONS
 from ..torch_state import evaluating
 
@@ -175,20 +178,26 @@ class Slotted(nn.Module):
         for attr in SLOT_ATTR.values():
             setattr(self, attr, nn.Identity())
 
-    def _standard_add(self, out: Tensor, identity: Tensor) -> Tensor:
-        """``attn_standard(out) + identity``, fused where the slot's module offers it.
+    def _standard_add(self, out: Tensor, identity: Tensor, act: nn.Module | None = None) -> Tensor:
+        """``act(attn_standard(out) + identity)``, fused where the slot's module offers it.
 
         A module with ``gate_add(x, identity)`` (SE, ECA, CBAM: see :mod:`attnsurgeon.layers`)
         folds its last gate multiply into the add, one pass that never writes the gated
         tensor: memory traffic, not arithmetic, is what a gate costs, most of all on a GPU.
-        The same function, to float rounding; a module with hooks runs as itself, so the
-        hooks still fire.
+        Where the fused GPU kernels run (:mod:`attnsurgeon.kernels`), the block's ReLU joins
+        that pass too (``gate_add(x, identity, relu=True)``). The same function, to float
+        rounding; a module with hooks runs as itself, so the hooks still fire.
         """
         gate = self.attn_standard
         fused = getattr(gate, "gate_add", None)
-        if fused is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in gate.modules()):
-            return fused(out, identity)
-        return gate(out) + identity
+        if fused is not None and not kernels.has_hooks(gate):
+            if act is not None and type(act) is nn.ReLU and kernels.active(out, identity) \
+                    and not kernels.has_hooks(act) and _takes_relu(type(gate)):
+                return fused(out, identity, relu=True)
+            out = fused(out, identity)
+        else:
+            out = gate(out) + identity
+        return out if act is None else act(out)
 
     def _body_out(self, x: Tensor) -> Tensor:
         """``pre``, then the body with ``mid`` after child ``_mid``: the branch up to ``standard``."""
@@ -220,6 +229,12 @@ class SlottedInverted(Slotted):
 
     def _drop_path(self, out: Tensor) -> Tensor:
         return out
+
+
+@functools.cache
+def _takes_relu(cls: type[nn.Module]) -> bool:
+    """Whether ``cls.gate_add`` takes ``relu`` (fuses the block's ReLU)."""
+    return "relu" in inspect.signature(cls.gate_add).parameters
 
 
 def scan_branch(body: nn.Sequential, prefix: str) -> tuple[list[ConvSite], int, str | None]:

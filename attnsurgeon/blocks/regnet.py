@@ -30,7 +30,7 @@ class SlottedResBottleneckBlock(Slotted, ResBottleneckBlock):
         identity = self.attn_identity(x)
         if self.proj is not None:
             identity = self.proj(identity)
-        return self.attn_post(self.activation(self._standard_add(self._body_out(x), identity)))
+        return self.attn_post(self._standard_add(self._body_out(x), identity, self.activation))
 
 
 def describe(block: ResBottleneckBlock) -> BlockInfo:

@@ -36,7 +36,7 @@ class SlottedBasicBlock(Slotted, BasicBlock):
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(identity)
-        return self.attn_post(self.relu(self._standard_add(out, identity)))
+        return self.attn_post(self._standard_add(out, identity, self.relu))
 
 
 class SlottedBottleneck(Slotted, Bottleneck):
@@ -49,7 +49,7 @@ class SlottedBottleneck(Slotted, Bottleneck):
         out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample(identity)
-        return self.attn_post(self.relu(self._standard_add(out, identity)))
+        return self.attn_post(self._standard_add(out, identity, self.relu))
 
 
 def _stride(conv: nn.Module) -> int:

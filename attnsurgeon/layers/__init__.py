@@ -14,10 +14,11 @@ gradient to 0): the closest start to the identity that can still learn. That is 
 float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
 and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
 
-A module whose forward ends in a gate multiply may offer ``gate_add(x, identity)``, equal to
-``forward(x) + identity`` but with the last multiply folded into the add as one
-``torch.addcmul`` (SE, ECA, CBAM); a residual block then uses it at ``standard``
-(``blocks.Slotted._standard_add``), saving a full pass over the feature map.
+A module whose forward ends in a gate multiply may offer ``gate_add(x, identity, *, relu=False)``,
+equal to ``forward(x) + identity`` (then ReLU) but with the last multiply folded into the add
+as one ``torch.addcmul`` (SE, ECA, CBAM); a residual block then uses it at ``standard``
+(``blocks.Slotted._standard_add``), saving a full pass over the feature map. On a GPU the
+gates run fused kernels instead, the block's ReLU included (:mod:`attnsurgeon.kernels`).
 """
 
 from __future__ import annotations

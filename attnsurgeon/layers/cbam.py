@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from . import PRESERVE_LOGIT, initialised
 from .squeeze_excite import SqueezeExcite
 
@@ -76,8 +77,7 @@ class ChannelAttention(SqueezeExcite):
 
     def _scale(self, x: Tensor) -> Tensor:
         """M_c of Eq. 2, shape ``(N, C, 1, 1)``."""
-        avg = x.mean((2, 3), keepdim=True)
-        peak = x.amax((2, 3), keepdim=True)
+        avg, peak = kernels.mean_max_hw(x)  # x.mean((2, 3)), x.amax((2, 3)), in one read on a GPU
         if self.light:
             return self.gate(self._mlp(0.5 * avg + 0.5 * peak))
         return self.gate(self._mlp(avg) + self._mlp(peak))
@@ -113,7 +113,10 @@ class SpatialAttention(nn.Module):
 
     def _scale(self, x: Tensor) -> Tensor:
         """M_s of Eq. 3, shape ``(N, 1, H, W)``."""
-        mean, peak = x.mean(1, keepdim=True), x.amax(1, keepdim=True)
+        return self._pooled_scale(x.mean(1, keepdim=True), x.amax(1, keepdim=True))
+
+    def _pooled_scale(self, mean: Tensor, peak: Tensor) -> Tensor:
+        """M_s from the mean and the max over the channels of its input, each ``(N, 1, H, W)``."""
         pooled = 0.5 * mean + 0.5 * peak if self.light else torch.cat([mean, peak], dim=1)
         return self.gate(self.bn(self.conv(pooled)))
 
@@ -153,12 +156,24 @@ class CBAM(nn.Module):
         self.spatial = SpatialAttention(kernel_size=kernel_size, light=light)
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.active(x) and not kernels.has_hooks(self):
+            return self._fused(x, None, relu=False)
         return self.spatial(self.channel(x))
 
-    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``forward(x) + identity``, the spatial gate's multiply folded into the add."""
+    def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
+        """``forward(x) + identity``, the spatial gate's multiply folded into the add; then
+        ReLU if ``relu``."""
+        if kernels.active(x, identity):
+            return self._fused(x, identity, relu=relu)
         x = self.channel(x)
-        return torch.addcmul(identity, x, self.spatial._scale(x))
+        out = torch.addcmul(identity, x, self.spatial._scale(x))
+        return torch.relu(out) if relu else out
+
+    def _fused(self, x: Tensor, identity: Tensor | None, *, relu: bool) -> Tensor:
+        """GPU kernels: ``x * M_c`` is never written; both pools and the last pass read ``x``."""
+        s = self.channel._scale(x)
+        g = self.spatial._pooled_scale(*kernels.spatial_pool(x, s))
+        return kernels.scale_spatial(x, s, g, identity, relu=relu)
 
     def reset_parameters(self) -> None:
         self.channel.reset_parameters()

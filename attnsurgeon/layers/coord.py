@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from . import PRESERVE_LOGIT, initialised
 
 __all__ = ["CoordAttention", "build"]
@@ -77,8 +78,8 @@ class CoordAttention(nn.Module):
     def _scales(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The gates (g_h, g_w), shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""
         h = x.shape[2]
-        z_h = x.mean(3, keepdim=True)  # pool along W
-        z_w = x.mean(2, keepdim=True).transpose(2, 3)  # pool along H, as (N, C, W, 1)
+        z_h, z_w = kernels.coord_pool(x)  # pool along W: x.mean(3); along H: x.mean(2); one read on a GPU
+        z_w = z_w.transpose(2, 3)  # as (N, C, W, 1)
         f = self.act(self.bn1(self.conv1(torch.cat([z_h, z_w], dim=2))))
         g_h = self.gate(self.conv_h(f[:, :, :h]))
         g_w = self.gate(self.conv_w(f[:, :, h:])).transpose(2, 3)
@@ -86,7 +87,15 @@ class CoordAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g_h, g_w = self._scales(x)
-        return x * g_h * g_w
+        return kernels.scale_hw(x, g_h, g_w)  # x * g_h * g_w
+
+    def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
+        """``forward(x) + identity``, then ReLU if ``relu``: one pass on a GPU (:mod:`attnsurgeon.kernels`)."""
+        if not kernels.active(x, identity):
+            out = self(x) + identity
+            return torch.relu(out) if relu else out
+        g_h, g_w = self._scales(x)
+        return kernels.scale_hw(x, g_h, g_w, identity, relu=relu)
 
     def reset_parameters(self) -> None:
         for conv in (self.conv1, self.conv_h, self.conv_w):

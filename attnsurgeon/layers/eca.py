@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from . import PRESERVE_LOGIT, initialised
 
 __all__ = ["ECA", "PADDINGS", "adaptive_kernel_size", "build", "reference_kernel_size"]
@@ -93,11 +94,11 @@ class ECA(nn.Module):
         return s.transpose(1, 2).unsqueeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self._scale(x)
+        return kernels.scale(x, self._scale(x))  # x * s
 
-    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``forward(x) + identity`` in one pass (see :mod:`attnsurgeon.layers`)."""
-        return torch.addcmul(identity, x, self._scale(x))
+    def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
+        """``forward(x) + identity`` in one pass, then ReLU if ``relu`` (see :mod:`attnsurgeon.layers`)."""
+        return kernels.scale(x, self._scale(x), identity, relu=relu)
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()

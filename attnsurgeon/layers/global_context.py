@@ -39,8 +39,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from . import PRESERVE_LOGIT, initialised
 
 __all__ = ["FUSIONS", "GlobalContext", "build"]
@@ -83,8 +85,18 @@ class GlobalContext(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         t = self.transform(self._context(x))
         if self.gate is not None:
-            return x * self.gate(t)
-        return x + t
+            return kernels.scale(x, self.gate(t))  # x * sigmoid(t)
+        return kernels.shift(x, t)  # x + t
+
+    def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
+        """``forward(x) + identity``, then ReLU if ``relu``: one pass on a GPU (:mod:`attnsurgeon.kernels`)."""
+        if not kernels.active(x, identity):
+            out = self(x) + identity
+            return torch.relu(out) if relu else out
+        t = self.transform(self._context(x))
+        if self.gate is not None:
+            return kernels.scale(x, self.gate(t), identity, relu=relu)
+        return kernels.shift(x, t, identity, relu=relu)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from . import PRESERVE_LOGIT, initialised
 
 __all__ = ["VARIANTS", "EffectiveSqueezeExcite", "SqueezeExcite", "build"]
@@ -60,11 +61,11 @@ class SqueezeExcite(nn.Module):
         return self.gate(self.fc2(self.act(self.fc1(z))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self._scale(x)  # Eq. 4
+        return kernels.scale(x, self._scale(x))  # Eq. 4: x * s
 
-    def gate_add(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``forward(x) + identity`` in one pass (see :mod:`attnsurgeon.layers`)."""
-        return torch.addcmul(identity, x, self._scale(x))
+    def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
+        """``forward(x) + identity`` in one pass, then ReLU if ``relu`` (see :mod:`attnsurgeon.layers`)."""
+        return kernels.scale(x, self._scale(x), identity, relu=relu)
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()

@@ -1,0 +1,227 @@
+"""Fused GPU kernels for the gates (SE, ECA, CBAM, coordinate attention, GC), and the
+plain PyTorch form each one replaces.
+
+A gate costs little arithmetic and several passes over a feature map: pool it, multiply
+it by the gate, add the shortcut, apply the block's activation. On a GPU those passes,
+not the MACs, are the cost. The functions here compute one step of a gate each, e.g.
+:func:`scale` is ``act(x * s + identity)``; on CUDA tensors they run Triton kernels (one
+read of each input and one write, backward included: see :mod:`attnsurgeon.kernels._ops`)
+and everywhere else the plain form below, which is the reference the kernels are tested
+against (on the CPU, in Triton's interpreter).
+
+When the kernels run (:func:`active`): CUDA tensors of float32, bfloat16 or float16, 4-D,
+in contiguous or channels_last layout (others are copied), at most 2**31 elements; never
+under ``torch.jit`` tracing, ONNX export, ``torch.export`` or ``torch.fx`` tracing, so
+exported graphs are the plain form. Under ``torch.compile`` the plain form runs by
+default: Inductor fuses its multiply, add and ReLU and its reductions into kernels of its
+own and can merge them with the neighbouring ops, which an opaque custom op prevents.
+That rule is a reasoned default; the GPU measurement that should confirm it is still to
+be taken. ``ATTNSURGEON_FUSED=compile`` (or ``set_enabled("compile")``) hands the custom
+ops, with their fake and autograd registrations, to the compiler instead;
+``ATTNSURGEON_FUSED=0`` (or ``set_enabled(False)``, or ``with use_fused(False):``) turns
+the kernels off everywhere, for A/B measurements.
+
+Departures from the plain form: the kernels compute in float32 and round once at the
+end, where the plain form rounds each intermediate in bfloat16/float16; gradients of
+gates are summed in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "active", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "scale", "scale_hw", "scale_spatial",
+    "set_enabled", "shift", "spatial_pool", "use_fused",
+]
+
+MODES = ("off", "eager", "compile")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_C = 65535  # grid limits of the launches (channels and positions per sample)
+_MAX_P = 1 << 20
+
+
+def _parse(mode: bool | str) -> str:
+    if isinstance(mode, bool):
+        return "eager" if mode else "off"
+    value = mode.strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("", "1", "on", "true", "yes", "eager"):
+        return "eager"
+    if value == "compile":
+        return "compile"
+    raise ValueError(f"fused-kernel mode must be one of {MODES} (or 0/1), got {mode!r}")
+
+
+_mode = _parse(os.environ.get("ATTNSURGEON_FUSED", "1"))
+_interpret = False  # tests: run the kernels on CPU tensors in Triton's interpreter
+_impl: ModuleType | None = None
+_loaded = False
+
+
+def _load() -> ModuleType | None:
+    """:mod:`._ops` (imports Triton), or None where Triton is missing."""
+    global _impl, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            from . import _ops as ops
+        except ImportError:
+            ops = None
+        _impl = ops
+    return _impl
+
+
+def set_enabled(mode: bool | str) -> None:
+    """``False``/``"off"``: plain form everywhere; ``True``/``"eager"`` (the default): kernels
+    on CUDA outside compilation; ``"compile"``: also under ``torch.compile``."""
+    global _mode
+    _mode = _parse(mode)
+    if _mode == "compile":
+        _load()  # not while dynamo traces
+
+
+def enabled() -> str:
+    """The current mode: ``"off"``, ``"eager"`` or ``"compile"``."""
+    return _mode
+
+
+@contextmanager
+def use_fused(mode: bool | str) -> Iterator[None]:
+    """Set the mode inside a ``with`` block, and put the previous one back."""
+    before = _mode
+    set_enabled(mode)
+    try:
+        yield
+    finally:
+        set_enabled(before)
+
+
+def _interpret_on_cpu(flag: bool) -> None:
+    """Test hook: let :func:`active` take CPU tensors, which the kernels then process in
+    Triton's interpreter; only with ``TRITON_INTERPRET=1`` set before Triton was imported."""
+    global _interpret
+    if flag and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the CPU kernel path needs TRITON_INTERPRET=1 before triton is imported")
+    _interpret = flag
+
+
+def _tensor_ok(t: Tensor, like: Tensor) -> bool:
+    return t.dtype in _DTYPES and t.device == like.device
+
+
+def active(x: object, *others: object) -> bool:
+    """Whether the fused kernels take the feature map ``x`` (and ``others`` of its shape, or None)."""
+    if _mode == "off":
+        return False
+    if torch.compiler.is_compiling():
+        if _mode != "compile" or torch.compiler.is_exporting():
+            return False
+    elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return False  # fx's Proxy is no Tensor
+    if x.device.type != "cuda" and not (_interpret and x.device.type == "cpu"):
+        return False
+    n, c, h, w = x.shape
+    if x.dtype not in _DTYPES or not 0 < x.numel() < 2**31 or c > _MAX_C or h * w > _MAX_P:
+        return False
+    for t in others:
+        if t is not None and not (isinstance(t, Tensor) and t.shape == x.shape and _tensor_ok(t, x)):
+            return False
+    return _load() is not None
+
+
+def _gate_ok(g: object, x: Tensor, *ones: int) -> bool:
+    """``g`` has the shape of ``x`` with the axes ``ones`` (of 1, 2, 3) set to 1, and a kernel dtype."""
+    shape = tuple(1 if i in ones else size for i, size in enumerate(x.shape))
+    return isinstance(g, Tensor) and tuple(g.shape) == shape and _tensor_ok(g, x)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has forward hooks (a fused path would skip them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _finish(out: Tensor, identity: Tensor | None, relu: bool) -> Tensor:
+    if identity is not None:
+        out = out + identity
+    return torch.relu(out) if relu else out
+
+
+def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
+    """``x * s``, plus ``identity``, then ReLU: a channel gate ``s`` (N, C, 1, 1) applied
+    (SE, ECA, GC with fusion scale, CBAM's channel gate)."""
+    if active(x, identity) and _gate_ok(s, x, 2, 3):
+        n, c = x.shape[:2]
+        return _impl.gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
+    if identity is None:
+        return _finish(x * s, None, relu)
+    return _finish(torch.addcmul(identity, x, s), None, relu)
+
+
+def shift(x: Tensor, t: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
+    """``x + t``, plus ``identity``, then ReLU: GC's fusion by addition (t: (N, C, 1, 1))."""
+    if active(x, identity) and _gate_ok(t, x, 2, 3):
+        n, c = x.shape[:2]
+        return _impl.gate_apply(x, None, t.reshape(n, c), None, None, None, identity, relu)
+    return _finish(x + t, identity, relu)
+
+
+def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = None, *,
+                  relu: bool = False) -> Tensor:
+    """``x * s * g``, plus ``identity``, then ReLU: CBAM's channel gate ``s`` (N, C, 1, 1)
+    and spatial gate ``g`` (N, 1, H, W) in one pass."""
+    if active(x, identity) and _gate_ok(s, x, 2, 3) and _gate_ok(g, x, 1):
+        n, c, h, w = x.shape
+        return _impl.gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
+    xs = x * s
+    if identity is None:
+        return _finish(xs * g, None, relu)
+    return _finish(torch.addcmul(identity, xs, g), None, relu)
+
+
+def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None, *,
+             relu: bool = False) -> Tensor:
+    """``x * g_h * g_w``, plus ``identity``, then ReLU: coordinate attention's gates
+    ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass."""
+    if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
+        n, c, h, w = x.shape
+        return _impl.gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
+    return _finish(x * g_h * g_w, identity, relu)
+
+
+def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max over H and W, each (N, C, 1, 1), in one read (CBAM's channel pooling)."""
+    if active(x):
+        n, c = x.shape[:2]
+        mean, top, _ = _impl.mean_max_hw(x)
+        return mean.view(n, c, 1, 1), top.view(n, c, 1, 1)
+    return x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+
+
+def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max over the channels of ``x * s``, each (N, 1, H, W), without writing
+    ``x * s`` (CBAM's spatial pooling of the channel-gated map)."""
+    if active(x) and _gate_ok(s, x, 2, 3):
+        n, c, h, w = x.shape
+        mean, top, _ = _impl.spatial_pool(x, s.reshape(n, c))
+        return mean.view(n, 1, h, w), top.view(n, 1, h, w)
+    xs = x * s
+    return xs.mean(1, keepdim=True), xs.amax(1, keepdim=True)
+
+
+def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read."""
+    if active(x):
+        n, c, h, w = x.shape
+        z_h, z_w = _impl.coord_pool(x)
+        return z_h.view(n, c, h, 1), z_w.view(n, c, 1, w)
+    return x.mean(3, keepdim=True), x.mean(2, keepdim=True)

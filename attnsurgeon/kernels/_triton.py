@@ -1,0 +1,319 @@
+"""Triton kernels of the fused gates; launched by :mod:`attnsurgeon.kernels._ops` only.
+
+Every feature map is read as ``(N, C, P)`` with ``P = H * W`` and strides ``(sn, sc, sp)``:
+``(C*P, P, 1)`` for a contiguous tensor, ``(P*C, 1, C)`` for channels_last, so one kernel
+takes both memory formats (Triton specialises a stride of 1, so the contiguous axis is
+coalesced in either). Small per-sample tensors (gates, pools, their gradients) are
+contiguous: ``(N, C)``, ``(N, P)``, ``(N, C, H)``, ``(N, C, W)``. Arithmetic is float32
+whatever the storage dtype. Reductions whose programs split an axis write float32
+partials that the caller sums, so results do not depend on the order atomics would
+impose.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "apply_bwd", "apply_fwd", "coord_bwd", "coord_pool", "coord_pool_bwd", "mean_max_bwd", "mean_max_hw",
+    "spatial_pool", "spatial_pool_bwd",
+]
+
+
+@triton.jit
+def apply_fwd(
+    x_ptr, id_ptr, out_ptr, s_ptr, t_ptr, sp_ptr, ah_ptr, aw_ptr,
+    C, P, H, W,
+    sxn, sxc, sxp, sin, sic, sip, son, soc, sop,
+    HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_SP: tl.constexpr, HAS_HW: tl.constexpr,
+    HAS_ID: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out = act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + id)``, each factor optional."""
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    cm = c < C
+    pm = p < P
+    mask = pm & cm
+    y = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+    if HAS_S:
+        y = y * tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SP:
+        y = y * tl.load(sp_ptr + n * P + p, mask=pm, other=0.0).to(tl.float32)
+    if HAS_HW:
+        h = p // W
+        w = p - h * W
+        y = y * tl.load(ah_ptr + (n * C + c) * H + h, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(aw_ptr + (n * C + c) * W + w, mask=mask, other=0.0).to(tl.float32)
+    if HAS_T:
+        y = y + tl.load(t_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_ID:
+        y = y + tl.load(id_ptr + n * sin + c * sic + p * sip, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + n * son + c * soc + p * sop, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def apply_bwd(
+    g_ptr, out_ptr, x_ptr, s_ptr, sp_ptr, gpre_ptr, gx_ptr, ps_ptr, pt_ptr, psp_ptr,
+    C, P, P_SPLIT,
+    sgn, sgc, sgp, son, soc, sop, sxn, sxc, sxp, sqn, sqc, sqp, sdn, sdc, sdp,
+    HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_SP: tl.constexpr, RELU: tl.constexpr,
+    WRITE_PRE: tl.constexpr, WRITE_GX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of :func:`apply_fwd` without ``ah``/``aw``, one read of the incoming gradient,
+    the output (ReLU's mask) and ``x``: ``gpre = g * [out > 0]`` (the identity's gradient),
+    ``gx = gpre * s * sp``, and float32 partial sums ``ps[n, split, c]`` of ``gpre * x * sp``
+    (ds), ``pt[n, split, c]`` of ``gpre`` (dt), ``psp[n, cblock, p]`` of ``gpre * x * s`` (dsp).
+
+    Grid ``(N, C blocks, splits)``; a program covers ``P_SPLIT`` positions (a multiple of BLOCK_P).
+    """
+    n = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    split = tl.program_id(2)
+    c1 = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
+    cm = c < C
+    s = tl.full([1, BLOCK_C], 1.0, tl.float32)
+    if HAS_S:
+        s = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+    acc_s = tl.zeros([BLOCK_C], tl.float32)
+    acc_t = tl.zeros([BLOCK_C], tl.float32)
+    start = split * P_SPLIT
+    end = tl.minimum(start + P_SPLIT, P)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        pm = p < end
+        mask = pm & cm
+        g = tl.load(g_ptr + n * sgn + c * sgc + p * sgp, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            o = tl.load(out_ptr + n * son + c * soc + p * sop, mask=mask, other=0.0).to(tl.float32)
+            g = tl.where(o > 0.0, g, 0.0)
+        if WRITE_PRE:
+            tl.store(gpre_ptr + n * sqn + c * sqc + p * sqp, g.to(gpre_ptr.dtype.element_ty), mask=mask)
+        sp = tl.full([BLOCK_P, 1], 1.0, tl.float32)
+        if HAS_SP:
+            sp = tl.load(sp_ptr + n * P + p, mask=pm, other=0.0).to(tl.float32)
+        if WRITE_GX:
+            tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, (g * s * sp).to(gx_ptr.dtype.element_ty), mask=mask)
+        if HAS_S or HAS_SP:
+            gxa = g * tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+            if HAS_S:
+                acc_s += tl.sum(gxa * sp, axis=0)
+            if HAS_SP:
+                psp = tl.sum(gxa * s, axis=1)
+                p1 = p0 + tl.arange(0, BLOCK_P)
+                tl.store(psp_ptr + (n * tl.num_programs(1) + cb) * P + p1, psp, mask=p1 < end)
+        if HAS_T:
+            acc_t += tl.sum(g, axis=0)
+    row = (n * tl.num_programs(2) + split) * C + c1
+    if HAS_S:
+        tl.store(ps_ptr + row, acc_s, mask=c1 < C)
+    if HAS_T:
+        tl.store(pt_ptr + row, acc_t, mask=c1 < C)
+
+
+@triton.jit
+def coord_bwd(
+    g_ptr, out_ptr, x_ptr, ah_ptr, aw_ptr, gpre_ptr, gx_ptr, pah_ptr, gaw_ptr,
+    C, H, W,
+    sgn, sgc, sgp, son, soc, sop, sxn, sxc, sxp, sqn, sqc, sqp, sdn, sdc, sdp,
+    RELU: tl.constexpr, WRITE_PRE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of ``act(x * ah[n,c,h] * aw[n,c,w] + id)``: ``gpre``, ``gx = gpre * ah * aw``,
+    ``gaw[n,c,w] = sum_h gpre * x * ah`` and partials ``pah[n, wblock, c, h]`` of
+    ``sum_w gpre * x * aw``. Grid ``(N, C blocks, W blocks)``; a program walks the rows h."""
+    n = tl.program_id(0).to(tl.int64)
+    wb = tl.program_id(2)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
+    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)[:, None]
+    mask = (w < W) & (c < C)
+    aw = tl.load(aw_ptr + (n * C + c) * W + w, mask=mask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    for h in range(0, H):
+        p = h * W + w
+        g = tl.load(g_ptr + n * sgn + c * sgc + p * sgp, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            o = tl.load(out_ptr + n * son + c * soc + p * sop, mask=mask, other=0.0).to(tl.float32)
+            g = tl.where(o > 0.0, g, 0.0)
+        if WRITE_PRE:
+            tl.store(gpre_ptr + n * sqn + c * sqc + p * sqp, g.to(gpre_ptr.dtype.element_ty), mask=mask)
+        ah = tl.load(ah_ptr + (n * C + c) * H + h, mask=c < C, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, (g * ah * aw).to(gx_ptr.dtype.element_ty), mask=mask)
+        gxa = g * tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        acc_w += gxa * ah
+        row = tl.sum(gxa * aw, axis=0)
+        tl.store(pah_ptr + ((n * tl.num_programs(2) + wb) * C + c1) * H + h, row, mask=c1 < C)
+    tl.store(gaw_ptr + (n * C + c) * W + w, acc_w, mask=mask)
+
+
+@triton.jit
+def coord_pool(
+    x_ptr, pzh_ptr, zw_ptr, C, H, W, sxn, sxc, sxp,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Both directional sums in one read: ``zw[n,c,w] = mean_h x`` and partials
+    ``pzh[n, wblock, c, h]`` of ``sum_w x`` (float32). Grid ``(N, C blocks, W blocks)``."""
+    n = tl.program_id(0).to(tl.int64)
+    wb = tl.program_id(2)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
+    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)[:, None]
+    mask = (w < W) & (c < C)
+    acc_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    for h in range(0, H):
+        x = tl.load(x_ptr + n * sxn + c * sxc + (h * W + w) * sxp, mask=mask, other=0.0).to(tl.float32)
+        acc_w += x
+        tl.store(pzh_ptr + ((n * tl.num_programs(2) + wb) * C + c1) * H + h, tl.sum(x, axis=0), mask=c1 < C)
+    tl.store(zw_ptr + (n * C + c) * W + w, acc_w / H, mask=mask)
+
+
+@triton.jit
+def coord_pool_bwd(
+    gh_ptr, gw_ptr, gx_ptr, C, P, H, W, sdn, sdc, sdp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``gx[n,c,h,w] = gh[n,c,h] / W + gw[n,c,w] / H``: the gradient of the two means."""
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    mask = (p < P) & (c < C)
+    h = p // W
+    w = p - h * W
+    g = tl.load(gh_ptr + (n * C + c) * H + h, mask=mask, other=0.0).to(tl.float32) / W
+    g += tl.load(gw_ptr + (n * C + c) * W + w, mask=mask, other=0.0).to(tl.float32) / H
+    tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def mean_max_hw(
+    x_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Mean and max over the positions per (n, c) in one read, and how many positions
+    reach the max (the backward splits the gradient among ties, as ``amax``'s does).
+    Grid ``(N, C blocks)``."""
+    n = tl.program_id(0).to(tl.int64)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & (c < C)
+        x = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x, axis=0)
+        xm = tl.where(mask, x, float("-inf"))
+        top = tl.max(xm, axis=0)
+        ties = tl.sum(tl.where(mask & (xm == top[None, :]), 1, 0), axis=0)
+        cnt = tl.where(top > best, ties, tl.where(top == best, cnt + ties, cnt))
+        best = tl.maximum(best, top)
+    row = n * C + c1
+    cm = c1 < C
+    tl.store(mean_ptr + row, (acc / P).to(mean_ptr.dtype.element_ty), mask=cm)
+    tl.store(max_ptr + row, best.to(max_ptr.dtype.element_ty), mask=cm)
+    tl.store(cnt_ptr + row, cnt, mask=cm)
+
+
+@triton.jit
+def mean_max_bwd(
+    x_ptr, max_ptr, cnt_ptr, gmean_ptr, gmax_ptr, gx_ptr, C, P, sxn, sxc, sxp, sdn, sdc, sdp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``gx = gmean / P + [x == max] * gmax / ties`` per (n, c). Grid ``(N, P blocks, C blocks)``."""
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    cm = c < C
+    mask = (p < P) & cm
+    x = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+    top = tl.load(max_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+    ties = tl.load(cnt_ptr + n * C + c, mask=cm, other=1).to(tl.float32)
+    g = tl.load(gmean_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32) / P
+    g += tl.where(x == top, tl.load(gmax_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32) / ties, 0.0)
+    tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rounded(v, ROUND: tl.constexpr):
+    """float32 ``v`` rounded to bfloat16 (ROUND 1) or float16 (ROUND 2), to nearest even, as
+    float32; bfloat16 by bits, because Triton's interpreter truncates that cast."""
+    if ROUND == 1:
+        b = v.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        v = b.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def spatial_pool(
+    x_ptr, s_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Mean and max over the channels of ``x * s[n, c]`` per (n, p), without writing
+    ``x * s``, and the count of channels reaching the max. The max is taken over ``x * s``
+    rounded to the output dtype, as the plain form (which stores ``x * s``) does, so ties
+    match. Grid ``(N, P blocks)``."""
+    n = tl.program_id(0).to(tl.int64)
+    p1 = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = p1[:, None]
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    cnt = tl.zeros([BLOCK_P], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)[None, :]
+        cm = c < C
+        mask = (p < P) & cm
+        s = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+        xs = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32) * s
+        acc += tl.sum(xs, axis=1)
+        xm = tl.where(mask, _rounded(xs, ROUND), float("-inf"))
+        top = tl.max(xm, axis=1)
+        ties = tl.sum(tl.where(mask & (xm == top[:, None]), 1, 0), axis=1)
+        cnt = tl.where(top > best, ties, tl.where(top == best, cnt + ties, cnt))
+        best = tl.maximum(best, top)
+    row = n * P + p1
+    pm = p1 < P
+    tl.store(mean_ptr + row, (acc / C).to(mean_ptr.dtype.element_ty), mask=pm)
+    tl.store(max_ptr + row, best.to(max_ptr.dtype.element_ty), mask=pm)
+    tl.store(cnt_ptr + row, cnt, mask=pm)
+
+
+@triton.jit
+def spatial_pool_bwd(
+    x_ptr, s_ptr, max_ptr, cnt_ptr, gmean_ptr, gmax_ptr, gx_ptr, ps_ptr,
+    C, P, P_SPLIT, sxn, sxc, sxp, sdn, sdc, sdp,
+    ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of :func:`spatial_pool`: with ``gxs = gmean / C + [x*s == max] * gmax / ties``,
+    ``gx = gxs * s`` and partials ``ps[n, split, c]`` of ``sum_p gxs * x``.
+    Grid ``(N, C blocks, splits)``."""
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(2)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[None, :]
+    cm = c < C
+    s = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    start = split * P_SPLIT
+    end = tl.minimum(start + P_SPLIT, P)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        pm = p < end
+        mask = pm & cm
+        x = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        top = tl.load(max_ptr + n * P + p, mask=pm, other=0.0).to(tl.float32)
+        ties = tl.load(cnt_ptr + n * P + p, mask=pm, other=1).to(tl.float32)
+        g = tl.load(gmean_ptr + n * P + p, mask=pm, other=0.0).to(tl.float32) / C
+        xs = _rounded(x * s, ROUND)
+        g += tl.where(xs == top, tl.load(gmax_ptr + n * P + p, mask=pm, other=0.0).to(tl.float32) / ties, 0.0)
+        g = tl.where(mask, g, 0.0)
+        tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, (g * s).to(gx_ptr.dtype.element_ty), mask=mask)
+        acc += tl.sum(g * x, axis=0)
+    tl.store(ps_ptr + (n * tl.num_programs(2) + split) * C + c1, acc, mask=c1 < C)

@@ -1,0 +1,275 @@
+"""Checks of the fused gate kernels, run on the CPU in Triton's interpreter (or on a GPU).
+
+Run as a script in its own process (``tests/test_fused_kernels.py`` does), because
+``TRITON_INTERPRET=1`` must be set before Triton is imported::
+
+    python tests/_fused_interpret.py ops|ops-fp16|model|opcheck [--cuda]
+
+``--cuda`` runs the same checks on a CUDA device, compiled, without the interpreter.
+
+Every check goes through the same dispatch the models use (:mod:`attnsurgeon.kernels`,
+with its test hook that lets CPU tensors take the kernel path) and compares the fused
+form, forward and gradients, with the plain form (the kernels switched off). Tiles are
+shrunk for the op checks so that every kernel runs several blocks along every axis, with
+partly masked edges. Each kernel counts its launches; the script fails if one that the
+group needs never ran. Prints one line per check; exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+
+CUDA = "--cuda" in sys.argv
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by anything
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import attnsurgeon.kernels._ops as ops  # noqa: E402
+import attnsurgeon.kernels._triton as tk  # noqa: E402
+from attnsurgeon import kernels  # noqa: E402
+from attnsurgeon.recipe import Recipe, make_rule  # noqa: E402
+from attnsurgeon.surgery import apply_recipe  # noqa: E402
+
+LAUNCHES: Counter[str] = Counter()
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class _Counted:
+    """Wraps a Triton kernel: ``kernel[grid](...)`` launches it and counts the launch."""
+
+    def __init__(self, name: str, kernel: object) -> None:
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]:
+        launch = self.kernel[grid]
+
+        def run(*args: object, **kwargs: object) -> object:
+            LAUNCHES[self.name] += 1
+            return launch(*args, **kwargs)
+
+        return run
+
+
+for _name in tk.__all__:
+    setattr(tk, _name, _Counted(_name, getattr(tk, _name)))
+kernels._interpret_on_cpu(not CUDA)
+torch.set_num_threads(1)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # the model check compares
+
+
+
+def _leaves(inputs: list[Tensor | None]) -> list[Tensor | None]:
+    return [None if t is None else t.detach().to(DEVICE).requires_grad_() for t in inputs]
+
+
+def _run(fn: Callable[..., object], inputs: list[Tensor | None], fused: bool, seed: int = 1):
+    leaves = _leaves(inputs)
+    with kernels.use_fused(fused):
+        out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype) for o in outs]
+    torch.autograd.backward(outs, grads)
+    return outs, [None if t is None else t.grad for t in leaves]
+
+
+def compare(name: str, fn: Callable[..., object], inputs: list[Tensor | None], *, tol: float,
+            needs: tuple[str, ...], layout: bool = True) -> None:
+    """``fn`` fused against plain, outputs and input gradients; ``needs``: kernels that must
+    run; ``layout``: the outputs' strides must match too."""
+    start = time.perf_counter()
+    before = LAUNCHES.copy()
+    got, got_grads = _run(fn, inputs, True)
+    missing = [k for k in needs if LAUNCHES[k] == before[k]]
+    if missing:
+        raise AssertionError(f"{name}: the fused path did not launch {missing}")
+    runs = sum(LAUNCHES.values()) - sum(before.values())
+    ref, ref_grads = _run(fn, inputs, False)
+    if sum(LAUNCHES.values()) - sum(before.values()) != runs:
+        raise AssertionError(f"{name}: the plain path launched a kernel")
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        if a.dtype != b.dtype or a.shape != b.shape or layout and a.stride() != b.stride():
+            raise AssertionError(f"{name}: output {i} is {a.dtype} {a.shape} {a.stride()}, "
+                                 f"plain {b.dtype} {b.shape} {b.stride()}")
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, i=i: f"{name} output {i}: {m}")
+    for i, (a, b) in enumerate(zip(got_grads, ref_grads, strict=True)):
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            raise AssertionError(f"{name}: gradient {i} is {a} against {b}")
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, i=i: f"{name} grad {i}: {m}")
+    print(f"ok {name} ({runs} launches, {time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def check_ops(dtype: torch.dtype) -> None:
+    """Every dispatch function, both layouts, odd sizes, batch 1 and 2, with and without
+    the shortcut and the ReLU, against the plain form; ties at the max (a channel of
+    zeros, a zero gate) split the gradient as ``amax`` does."""
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6  # several blocks on every axis
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, fmt: torch.memory_format = torch.contiguous_format, low: float = -1.0) -> Tensor:
+        t = torch.rand(*shape, generator=gen) * (1 - low) + low
+        return t.contiguous(memory_format=fmt).to(dtype)
+
+    for fmt_name, fmt in FORMATS.items():
+        for n, c, h, w in ((2, 19, 5, 7), (1, 13, 3, 11)):
+            tag = f"{dtype} {fmt_name} {n}x{c}x{h}x{w}"
+            x = rand(n, c, h, w, fmt=fmt)
+            relu_x = x.relu()
+            relu_x[:, 2] = 0  # a dead channel: every position ties at the max
+            s = rand(n, c, 1, 1, low=0.0)
+            s[:, 3] = 0  # a closed gate: ties in the spatial max
+            t = rand(n, c, 1, 1)
+            g = rand(n, 1, h, w, low=0.0)
+            g_h, g_w = rand(n, c, h, 1, low=0.0), rand(n, c, 1, w, low=0.0)
+            offset = (torch.rand(n, c, h, w, generator=gen) * 0.9 + 0.1) * torch.randn(n, c, h, w, generator=gen).sign()
+
+            def away(product: Tensor, fmt: torch.memory_format = fmt, offset: Tensor = offset) -> Tensor:
+                """A shortcut that keeps ``product + identity`` 0.1 or more away from ReLU's kink,
+                where float32 (fused) and bfloat16 (plain) rounding could pick different sides."""
+                return (offset - product.float()).contiguous(memory_format=fmt).to(dtype)
+
+            apply = ("apply_fwd", "apply_bwd")
+            compare(f"scale {tag}", kernels.scale, [x, s], tol=tol, needs=apply)
+            compare(f"scale+identity+relu {tag}", lambda x, s, i: kernels.scale(x, s, i, relu=True),
+                    [x, s, away(x * s)], tol=tol, needs=apply)
+            compare(f"shift {tag}", kernels.shift, [x, t], tol=tol, needs=apply)
+            compare(f"shift+identity+relu {tag}", lambda x, t, i: kernels.shift(x, t, i, relu=True),
+                    [x, t, away(x + t)], tol=tol, needs=apply)
+            compare(f"scale_spatial {tag}", kernels.scale_spatial, [x, s, g], tol=tol, needs=apply)
+            compare(f"scale_spatial+identity+relu {tag}",
+                    lambda x, s, g, i: kernels.scale_spatial(x, s, g, i, relu=True),
+                    [x, s, g, away(x * s * g)], tol=tol, needs=apply)
+            compare(f"scale_hw {tag}", kernels.scale_hw, [x, g_h, g_w], tol=tol, needs=("apply_fwd", "coord_bwd"))
+            compare(f"scale_hw+identity+relu {tag}", lambda x, a, b, i: kernels.scale_hw(x, a, b, i, relu=True),
+                    [x, g_h, g_w, away(x * g_h * g_w)], tol=tol, needs=("apply_fwd", "coord_bwd"))
+            compare(f"mean_max_hw {tag}", kernels.mean_max_hw, [relu_x], tol=tol,
+                    needs=("mean_max_hw", "mean_max_bwd"))
+            compare(f"spatial_pool {tag}", kernels.spatial_pool, [relu_x, s], tol=tol,
+                    needs=("spatial_pool", "spatial_pool_bwd"))
+            compare(f"coord_pool {tag}", kernels.coord_pool, [x], tol=tol, needs=("coord_pool", "coord_pool_bwd"))
+    # the shortcut in the other layout, and a gradient that arrives broadcast (stride 0)
+    x = rand(2, 9, 4, 6, fmt=torch.channels_last)
+    s = rand(2, 9, 1, 1, low=0.0)
+    offset = (torch.rand(2, 9, 4, 6, generator=gen) * 0.9 + 0.1) * torch.randn(2, 9, 4, 6, generator=gen).sign()
+    identity = (offset - (x * s).float()).to(dtype)  # contiguous, kept off ReLU's kink as above
+    compare(f"scale, mixed layouts {dtype}", lambda x, s, i: kernels.scale(x, s, i, relu=True),
+            [x, s, identity], tol=tol, needs=("apply_fwd", "apply_bwd"), layout=False)
+    compare(f"scale, broadcast gradient {dtype}",
+            lambda x, s, i: kernels.scale(x, s, i, relu=True).mean((2, 3)), [x, s, identity], tol=tol,
+            needs=("apply_fwd", "apply_bwd"))
+
+
+def _model(fmt: torch.memory_format) -> torch.nn.Module:
+    """ResNet-18 (10 classes) with SE, ECA, CBAM, coordinate attention and GC (add and
+    scale) at ``standard``, and SE, CBAM and coordinate attention at ``mid``/``post``/``pre``."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    rules = [
+        make_rule("se", layers="layer1.0", position="standard", where="test"),
+        make_rule("eca", layers="layer1.1", position="standard", where="test"),
+        make_rule("cbam", layers="layer2.0", position="standard", where="test"),
+        make_rule("coord", layers="layer2.1", position="standard", where="test"),
+        make_rule("gc", layers="layer3.0", position="standard", where="test"),
+        make_rule("gc", layers="layer3.1", position="standard", params={"fusion": "scale"}, where="test"),
+        make_rule("se", layers="layer4.0", position="mid", where="test"),
+        make_rule("cbam", layers="layer4.0", position="post", where="test"),
+        make_rule("coord", layers="layer4.1", position="pre", where="test"),
+        make_rule("eca", layers="layer4.1", position="standard", where="test"),
+    ]
+    apply_recipe(model, Recipe(rules=tuple(rules), init="paper", seed=0))
+    for m in model.modules():  # GC's last conv starts at 0 (its paper init): give it weights
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.1)
+    return model.to(memory_format=fmt)
+
+
+def check_model() -> None:
+    """The whole model fused against plain: logits, the input's gradient and every
+    parameter's gradient, in both layouts. Eval mode: BatchNorm's batch statistics over
+    2 samples of a 1x1 map (layer4 at 32 px) would amplify float rounding a hundredfold,
+    and the gates' kernels are the same in both modes."""
+    for fmt_name, fmt in FORMATS.items():
+        start = time.perf_counter()
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
+        results = []
+        for fused in (True, False):
+            model = _model(fmt).eval().to(DEVICE)
+            xi = x.to(DEVICE).requires_grad_()
+            before = sum(LAUNCHES.values())
+            with kernels.use_fused(fused):
+                out = model(xi)
+                out.square().sum().backward()
+            results.append((out, xi.grad, {n: p.grad for n, p in model.named_parameters()},
+                            sum(LAUNCHES.values()) - before))
+        (out, gx, grads, runs), (ref, ref_gx, ref_grads, plain_runs) = results
+        # one launch per kernel each way: SE, ECA, GC x2, SE at mid, ECA: 2 each; CBAM x2: 6
+        # each (two pools and the apply); coordinate attention x2: 4 each (pool, apply)
+        if plain_runs or runs != 6 * 2 + 2 * 6 + 2 * 4:
+            raise AssertionError(f"model {fmt_name}: {runs} fused and {plain_runs} plain launches")
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
+        if missing := [n for n, g in {**grads, **ref_grads}.items() if g is None]:
+            raise AssertionError(f"model {fmt_name}: no gradient for {missing}")
+        largest = max(g.abs().max().item() for g in ref_grads.values())
+        for name, grad in grads.items():  # each to 1e-4 of its own scale (or 1% of the largest:
+            ref_grad = ref_grads[name]    # GC's conv_mask.bias has a gradient of 0 plus rounding)
+            atol = 1e-4 * max(ref_grad.abs().max().item(), 1e-2 * largest)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol,
+                                       msg=lambda m, where=f"{fmt_name} {name}": f"{where}: {m}")
+        print(f"ok model {fmt_name} ({runs} launches, {time.perf_counter() - start:.1f} s)", flush=True)
+    expected = {"apply_fwd", "apply_bwd", "coord_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool",
+                "spatial_pool_bwd", "coord_pool", "coord_pool_bwd"}
+    if missing := expected - set(LAUNCHES):
+        raise AssertionError(f"model: never launched {sorted(missing)}")
+
+
+def check_opcheck() -> None:
+    """``torch.library.opcheck`` on every op: schema, fake (meta) implementation, autograd
+    registration and AOT dispatch, as ``torch.compile`` uses them."""
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w = 2, 5, 3, 4
+
+    def leaf(*shape: int, fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
+        t = torch.rand(*shape, generator=gen).contiguous(memory_format=fmt)
+        return t.to(DEVICE).requires_grad_()
+
+    x = leaf(n, c, h, w, fmt=torch.channels_last)
+    identity, s, sp, ah, aw = leaf(n, c, h, w), leaf(n, c), leaf(n, h * w), leaf(n, c, h), leaf(n, c, w)
+    cases = {
+        "gate_apply se": (ops.gate_apply, (x, s, None, None, None, None, identity, True)),
+        "gate_apply gc-add": (ops.gate_apply, (x, None, s, None, None, None, identity, False)),
+        "gate_apply cbam": (ops.gate_apply, (x, s, None, sp, None, None, None, False)),
+        "gate_apply coord": (ops.gate_apply, (x, None, None, None, ah, aw, identity, True)),
+        "mean_max_hw": (ops.mean_max_hw, (x,)),
+        "spatial_pool": (ops.spatial_pool, (x, s)),
+        "coord_pool": (ops.coord_pool, (x,)),
+    }
+    for name, (op, args) in cases.items():
+        start = time.perf_counter()
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                                    "test_aot_dispatch_dynamic"))
+        print(f"ok opcheck {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+GROUPS = {
+    "ops": lambda: (check_ops(torch.float32), check_ops(torch.bfloat16)),
+    "ops-fp16": lambda: check_ops(torch.float16),
+    "model": check_model,
+    "opcheck": check_opcheck,
+}
+
+if __name__ == "__main__":
+    GROUPS[sys.argv[1]]()
+    print("launches:", dict(sorted(LAUNCHES.items())))
