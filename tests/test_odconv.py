@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 
 import attnsurgeon
-from attnsurgeon.layers.odconv import ODConv2d, from_conv, set_temperature
+from attnsurgeon import set_temperature
+from attnsurgeon.layers.odconv import ODConv2d, from_conv
 from attnsurgeon.surgery import apply
 from attnsurgeon.training import new_modules
 

@@ -137,6 +137,8 @@ class DynamicConv2d(nn.Module):
             exact form runs (module docstring); not saved in the state_dict.
     """
 
+    ANNEALED = True  # its temperature buffer follows set_temperature
+
     temperature: Tensor
 
     def __init__(
@@ -458,17 +460,18 @@ def set_dynconv_form(model: nn.Module, form: str) -> int:
 
 
 def set_temperature(model: nn.Module, value: float) -> int:
-    """Set the softmax temperature of every :class:`DynamicConv2d` in ``model``.
+    """Set the temperature of every dynamic convolution in ``model`` (``dynconv`` and
+    ``odconv``: every module whose class sets ``ANNEALED``).
 
     Call it once per epoch (or step) with :func:`temperature_schedule`.
 
     Returns:
-        How many dynamic convs were set (0 if the model has none).
+        How many were set (0 if the model has none).
     """
     _check_temperature(value)
     count = 0
     for module in model.modules():
-        if isinstance(module, DynamicConv2d):
+        if getattr(type(module), "ANNEALED", False):
             module.temperature.fill_(value)
             count += 1
     return count

@@ -25,7 +25,7 @@ one input, so ``a_c`` already covers it), ``a_s`` for a 1x1 kernel and ``a_w`` f
 a 1x1 conv with K = 1 is then a plain conv between two channel gates. The paper anneals
 tau from 30 to 1 over the first 10 epochs (the authors' ``get_temperature``, which is
 :func:`attnsurgeon.layers.dynamic_conv.temperature_schedule` with its defaults); set it
-with :func:`set_temperature`.
+with :func:`attnsurgeon.set_temperature` (shared with ``dynconv``).
 
 Three forms of the same function (equal to float rounding):
 
@@ -79,27 +79,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conv import replace_conv
+from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _pair, _Size
 
-__all__ = ["ODConv2d", "OmniAttention", "from_conv", "set_temperature"]
+__all__ = ["ODConv2d", "OmniAttention", "from_conv"]
 
-_Size = int | tuple[int, int]
-_ELEMENT_COST = 256.0  # dynamic convolution's fitted CPU cost of one per-sample kernel element
-
-
-def _pair(value: _Size) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _tracing(x: Tensor) -> bool:
     """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
-
-
-def _channels_last(t: Tensor) -> bool:
-    """Whether a 4-D ``t`` is laid out channels_last (and not also plain contiguous)."""
-    if isinstance(t, torch.fx.Proxy):
-        return False
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -111,11 +99,6 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
             and weight.is_floating_point()):
         return torch.get_autocast_dtype(device)
     return weight.dtype
-
-
-def _check_temperature(value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
 
 
 class OmniAttention(nn.Module):
@@ -183,6 +166,8 @@ class ODConv2d(nn.Module):
         weight: ``(K * C_out, C_in / groups, kh, kw)``, ``weight[k * C_out + c]``.
         bias: ``(C_out,)`` static bias, or None.
     """
+
+    ANNEALED = True  # its temperature buffer follows set_temperature
 
     temperature: Tensor
 
@@ -404,17 +389,3 @@ def from_conv(
                       kind="odconv", init=init, preserve=lambda new: new.preserve_(conv))
     return od, None
 
-
-def set_temperature(model: nn.Module, value: float) -> int:
-    """Set tau of every :class:`ODConv2d` in ``model``; return how many were set.
-
-    Call it once per epoch (or step) with
-    :func:`attnsurgeon.layers.dynamic_conv.temperature_schedule` (30 -> 1 over 10 epochs).
-    """
-    _check_temperature(value)
-    count = 0
-    for module in model.modules():
-        if isinstance(module, ODConv2d):
-            module.temperature.fill_(value)
-            count += 1
-    return count
