@@ -57,17 +57,46 @@ L = "latency"  # help panel
 Latency = Annotated[bool, typer.Option("--latency", help="Also time the original and the modified model at --input-size (eval, inference mode, interleaved rounds, median) and print both and their ratio.", rich_help_panel=L)]
 Device = Annotated[Optional[str], typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
 Batch = Annotated[Optional[int], typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
+# click keeps the last of a repeated option without a word (`--attn se --attn cbam` would
+# apply only cbam): these are taken as lists so that a repeat is refused (_once)
+Attn = Annotated[Optional[list[str]], Attn.__metadata__[0]]  # type: ignore[misc]
+Position = Annotated[Optional[list[str]], Position.__metadata__[0]]  # type: ignore[misc]
+Layers = Annotated[Optional[list[str]], Layers.__metadata__[0]]  # type: ignore[misc]
+
+
+def _once(option: str, values: list[str] | None) -> str | None:
+    """The one value of a surgery option; a repeat is an error, not a silent override."""
+    if values and len(values) > 1:
+        raise UsageError(f"{option} given {len(values)} times ({', '.join(values)}): a command takes one rule; "
+                         "put several rules in a --recipe file")
+    return values[0] if values else None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: a newline or other control character (in a file name) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _tolerant_streams() -> None:
+    """Make stdout and stderr replace what their encoding cannot write (a "Δ" under
+    ``PYTHONIOENCODING=ascii`` or a C locale) instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
+    _tolerant_streams()
     try:
         yield
     except (UsageError, OSError, MemoryError, RuntimeError) as e:
         error = foreign_error(e)
         if error is None or os.environ.get("ATTNSURGEON_DEBUG"):
             raise
-        _err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(_one_line(str(error)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -85,12 +114,13 @@ def _main(
     """Insert attention (SE, CBAM, SK, dynamic conv, AFP) into torchvision models."""
 
 
-def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,
+def _opts(model: str | None, attn: list[str] | None, position: list[str] | None, layers: list[str] | None,
           param: list[str] | None, recipe: list[Path] | None, weights: str | None,
           weights_file: Path | None, init: str | None, seed: int | None, head: str | None):
     from .commands import SurgeryOptions
 
-    return SurgeryOptions(model=model, attn=attn, position=position, layers=layers,
+    return SurgeryOptions(model=model, attn=_once("--attn", attn), position=_once("--position", position),
+                          layers=_once("--layers", layers),
                           params=tuple(param or ()), recipes=tuple(recipe or ()), weights=weights,
                           weights_file=weights_file, init=init, seed=seed, head=head)
 
@@ -119,7 +149,7 @@ def insert(
     """Rewrite MODEL's blocks with attention and save a safe .pt checkpoint."""
     with _user_errors():
         from .commands import run_insert
-        from .latency import check_latency_options
+        from .options import check_latency_options
 
         run_insert(_opts(model, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                    output=output, force=force, input_size=input_size, as_json=json,
@@ -148,7 +178,7 @@ def summarize(
     """Show parameters and MACs per stage before and after surgery (writes nothing)."""
     with _user_errors():
         from .commands import run_summarize
-        from .latency import check_latency_options
+        from .options import check_latency_options
 
         run_summarize(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                       input_size=input_size, as_json=json, latency=check_latency_options(latency, device, batch))
@@ -181,21 +211,26 @@ def export_onnx(
     """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
     with _user_errors():
         from .commands import run_export
-        from .onnx_export import VerificationError
 
         try:
             run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                        output=output, opset=opset, input_size=input_size, static_batch=static_batch,
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
                        force=force, as_json=json)
-        except VerificationError as e:
-            _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        except UsageError:
+            raise
+        except Exception as e:
+            from .onnx_export import VerificationError  # imports torch: only once export has run
+
+            if not isinstance(e, VerificationError):
+                raise
+            _err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
 @app.command()
 def blocks(
-    model: Annotated[str, typer.Argument(help="torchvision model name.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="torchvision model name, or a FILE.pt from insert.", show_default=False)],
     json: Json = False,
 ) -> None:
     """List MODEL's residual blocks: stages, dotted names, channels, stride, slots."""

@@ -23,27 +23,16 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .options import DEVICES, LatencyOptions, check_latency_options
 
-__all__ = ["DEVICES", "LatencyOptions", "check_latency_options", "default_batch", "measure_latency"]
+__all__ = ["DEVICES", "LatencyOptions", "check_device", "check_latency_options", "default_batch", "measure_latency"]
 
-DEVICES = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class LatencyOptions:
-    """What ``--latency``, ``--device`` and ``--batch`` asked for (``batch`` None: default)."""
-
-    device: str = "cpu"
-    batch: int | None = None
-    rounds: int = 15
-    warmup: int = 3
 
 
 def default_batch(device: str) -> int:
@@ -51,25 +40,10 @@ def default_batch(device: str) -> int:
     return 64 if device == "cuda" else 1
 
 
-def check_latency_options(latency: bool, device: str | None, batch: int | None) -> LatencyOptions | None:
-    """The options of ``--latency/--device/--batch`` as :class:`LatencyOptions` (or None).
-
-    Raises:
-        UsageError: ``--device``/``--batch`` without ``--latency``, an unknown device, a
-            batch below 1, or ``--device cuda`` on a machine without CUDA.
-    """
-    if not latency:
-        if device is not None or batch is not None:
-            raise UsageError("--device and --batch set up --latency; add --latency")
-        return None
-    device = device or "cpu"
-    if device not in DEVICES:
-        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if batch is not None and batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {batch}")
-    if device == "cuda" and not torch.cuda.is_available():
+def check_device(options: LatencyOptions | None) -> None:
+    """Raise UsageError for ``--device cuda`` on a machine without CUDA."""
+    if options is not None and options.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
-    return LatencyOptions(device=device, batch=batch)
 
 
 def _device_name(device: torch.device) -> str:

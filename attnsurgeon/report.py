@@ -18,28 +18,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError, first_line
+from .options import MAX_INPUT_SIZE, MIN_INPUT_SIZE, SMALL_OUTPUT, check_input_size
 from .surgery import Change
 from .torch_state import evaluating, input_dtype
 from .zoo import is_detector
 
 __all__ = ["MAX_INPUT_SIZE", "MIN_INPUT_SIZE", "GroupStats", "ModelStats", "check_input_size", "measure",
            "preservation", "summary_data"]
-
-MIN_INPUT_SIZE = 32  # ResNets downsample 32x: smaller inputs vanish before the head
-# 2048 covers detection and segmentation sizes; beyond it one probe batch of a ResNet-50
-# needs tens of GB. Checked up front, so the answer is a line, not an allocation failure.
-MAX_INPUT_SIZE = 2048
-
-
-def check_input_size(size: int, where: str = "--input-size") -> int:
-    """Raise UsageError unless ``MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE``."""
-    if size < MIN_INPUT_SIZE:
-        raise UsageError(f"{where} must be >= {MIN_INPUT_SIZE}, got {size}")
-    if size > MAX_INPUT_SIZE:
-        raise UsageError(f"{where} must be <= {MAX_INPUT_SIZE}, got {size} (larger inputs need more "
-                         "memory than a probe is worth)")
-    return size
-
 
 @dataclass(frozen=True)
 class GroupStats:
@@ -155,8 +140,9 @@ def preservation(
     """How far ``modified`` is from ``original`` on a fixed random probe batch (eval mode).
 
     Returns ``compared`` (``"logits"``), ``max_abs`` (max |delta logits|), ``logit_scale``
-    (max |original logits|), ``relative`` (their ratio) and ``top1_agreement`` (fraction of
-    equal argmax, per pixel for segmentation). A detector's output (a list of boxes per
+    (max |original logits|), ``relative`` (their ratio), ``top1_agreement`` (fraction of
+    equal argmax, per pixel for segmentation) and ``too_small`` (the original's outputs are
+    below ``SMALL_OUTPUT``: the figures cannot judge preservation). A detector's output (a list of boxes per
     image) has no logits: its backbone's feature maps are compared instead (``compared``
     is ``"backbone features"``, ``top1_agreement`` None). ``None`` for any other output.
     """
@@ -182,6 +168,7 @@ def preservation(
         "max_abs": diff,
         "logit_scale": scale,
         "relative": diff / scale if scale > 0 else None,  # None: all-zero logits, no scale
+        "too_small": scale < SMALL_OUTPUT,  # outputs too small to judge by (random weights of some families)
         "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item() if compared == "logits" else None,
         "probe": f"{batch}x3x{input_size}x{input_size} N(0,1), seed {seed}",
     }

@@ -15,21 +15,13 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UsageError, first_line, foreign_error, suggest
+from .options import check_model_name
 
 __all__ = ["build_model", "check_model_name", "fit_state_dict", "is_detector", "load_state_dict_file", "model_names"]
 
 
 def model_names() -> list[str]:
     return list(torchvision.models.list_models())
-
-
-def check_model_name(name: str | None) -> str:
-    if not name:
-        raise UsageError("no model given: name one (e.g. resnet50) or use a recipe with 'model = ...'")
-    names = model_names()
-    if name not in names:
-        raise UsageError(f"unknown model {name!r}" + suggest(name, names))
-    return name
 
 
 def _weights_enum(name: str, weights: str) -> Any:
