@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import UsageError, foreign_error
+from .errors import UsageError, VerificationError, foreign_error
 
 __all__ = ["app", "main"]
 
@@ -217,13 +217,7 @@ def export_onnx(
                        output=output, opset=opset, input_size=input_size, static_batch=static_batch,
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
                        force=force, as_json=json)
-        except UsageError:
-            raise
-        except Exception as e:
-            from .onnx_export import VerificationError  # imports torch: only once export has run
-
-            if not isinstance(e, VerificationError):
-                raise
+        except VerificationError as e:
             _err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -20,15 +20,40 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from .errors import UsageError
+from .errors import UsageError, VerificationError
+from .files import check_input_size, check_output
 from .kinds import parse_cli_params
-from .options import check_input_size, check_model_name, check_regular_file, show_path
-from .recipe import Recipe, check_head, check_init, check_seed, load_recipe, rule_from_options
+from .options import (
+    LatencyOptions,
+    check_export_args,
+    check_model_name,
+    check_regular_file,
+    show_path,
+)
+from .recipe import (
+    Recipe,
+    check_head,
+    check_init,
+    check_seed,
+    load_recipe,
+    rule_from_options,
+)
+from .render import (
+    BLOCKS_DROP,
+    COMPARISON_DROP,
+    blocks_table,
+    comparison_table,
+    kinds_data,
+    print_export_summary,
+    print_kinds,
+    print_summary,
+    print_table,
+    results_console,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .latency import LatencyOptions
     from .surgery import Change
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
@@ -197,8 +222,6 @@ def _emit(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        from .render import print_summary, results_console
-
         print_summary(results_console(), data)
 
 
@@ -211,11 +234,11 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     if not recipe.rules and recipe.head is None:
         raise UsageError("nothing to insert: give --attn KIND, --head or --recipe FILE")
     opts.check(recipe)  # everything so far without torch: a typo is reported at once
-    from .checkpoint import check_output, save
-    from .latency import check_device
-
     hint = "; use export-onnx to write ONNX" if output.suffix == ".onnx" else ""
     output = check_output(output, force=force, suffix=(".pt", ".pth"), hint=hint)
+    from .checkpoint import save
+    from .latency import check_device
+
     check_device(latency)
     with _stdout_to_stderr():
         p = prepare(opts, recipe)
@@ -293,7 +316,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         _emit(data, as_json)
         return
     rows = []
-    for path, recipe in zip(paths, recipes):
+    for path, recipe in zip(paths, recipes, strict=True):
         with _stdout_to_stderr():
             data = summarize_prepared(prepare(opts, recipe), input_size=input_size, probe=False,
                                       latency=latency)
@@ -302,8 +325,6 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     if as_json:
         _write_json({"recipes": rows})
     else:
-        from .render import COMPARISON_DROP, comparison_table, print_table, results_console
-
         print_table(results_console(), comparison_table(rows), drop=COMPARISON_DROP)
 
 
@@ -361,15 +382,11 @@ def run_blocks(target: str, *, as_json: bool) -> None:
     if as_json:
         _write_json({"model": name, "blocks": blocks})
         return
-    from .render import BLOCKS_DROP, blocks_table, print_table, results_console
-
     title = name if not from_file else f"{show_path(target)} ({name} after surgery)"
     print_table(results_console(), blocks_table(title, blocks), drop=BLOCKS_DROP)
 
 
 def run_kinds(*, as_json: bool) -> None:
-    from .render import kinds_data, print_kinds, results_console
-
     if as_json:
         _write_json(kinds_data())
     else:
@@ -386,8 +403,6 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
             exporter cannot export.
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
-    from .options import check_export_args
-
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     from_file = _is_checkpoint(target, opts, "export-onnx")
     if len(opts.recipes) > 1:
@@ -396,10 +411,10 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
         opts.check(recipe)  # everything so far without torch
+    output = check_output(output, force=force, suffix=".onnx")
     from . import checkpoint
-    from .onnx_export import VerificationError, export_onnx
+    from .onnx_export import export_onnx
 
-    output = checkpoint.check_output(output, force=force, suffix=".onnx")
     try:
         with _stdout_to_stderr():
             if from_file:
@@ -425,7 +440,4 @@ def _emit_export(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        from .onnx_export import print_export_summary
-        from .render import results_console
-
         print_export_summary(results_console(), data)

@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 The machine can fail a correct request too: a full disk, a directory that cannot be
 written, not enough memory for an input size. :func:`foreign_error` is the one place that
 turns those foreign exceptions into a :class:`UsageError` with one clear line.
+:class:`VerificationError` (an ONNX file that does not match PyTorch) exits with status 1.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import difflib
 import errno
 import re
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["UsageError", "first_line", "foreign_error", "suggest"]
+__all__ = ["UsageError", "VerificationError", "first_line", "foreign_error", "suggest"]
 
 # errno values that mean "this file cannot be written here", whatever wrote it
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -93,3 +95,16 @@ def _memory_reason(text: str) -> str:
     """``"... you tried to allocate 120000000000 bytes ..."`` -> ``"tried to allocate 120.0 GB"``."""
     m = re.search(r"allocate (\d+) bytes", text)
     return f"tried to allocate {int(m.group(1)) / 1e9:.1f} GB" if m else "allocation failed"
+
+
+class VerificationError(Exception):
+    """The exported file does not compute what the PyTorch model computes.
+
+    ``summary`` holds the export summary with the failing figures; ``kept`` says whether
+    the file was kept (``keep_failed``) or removed.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any], *, kept: bool) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.kept = kept

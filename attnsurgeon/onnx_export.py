@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .errors import UsageError
+from .errors import UsageError, VerificationError
+from .files import atomic_write
 from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, SMALL_OUTPUT, SMALL_OUTPUT_RTOL, check_export_args
+from .render import print_export_summary  # re-exported: its old home
 from .torch_state import evaluating
 from .zoo import is_detector
 
@@ -49,19 +50,6 @@ __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "chec
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 VERIFY_BATCHES = (1, 3)
-
-
-class VerificationError(Exception):
-    """The exported file does not compute what the PyTorch model computes.
-
-    ``summary`` holds the export summary with the failing figures; ``kept`` says whether
-    the file was kept (``keep_failed``) or removed.
-    """
-
-    def __init__(self, message: str, summary: dict[str, Any], *, kept: bool) -> None:
-        super().__init__(message)
-        self.summary = summary
-        self.kept = kept
 
 
 def export_onnx(
@@ -364,40 +352,3 @@ def verify_onnx(
         result["passed"] = result["error"] is None and all(r["passed"] for r in result["runs"])
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
-
-
-def print_export_summary(console: Any, data: dict[str, Any]) -> None:
-    """Print :func:`export_onnx`'s summary as a few lines and a table (rich)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .render import si
-
-    def dims(shape: list[Any]) -> str:
-        return escape("[" + ", ".join(map(str, shape)) + "]")
-
-    console.print(f"[bold]{escape(data['output'])}[/]  {si(data['file_size'], 'B')}  opset {data['opset']}  "
-                  f"{data['nodes']} nodes  exported in {data['export_seconds']:.1f} s",
-                  highlight=False, soft_wrap=True)
-    for role, key in (("input ", "inputs"), ("output", "outputs")):
-        for v in data[key]:
-            console.print(f"  {role} {v['name']}: {v['dtype']} {dims(v['shape'])}", highlight=False)
-    v = data["verification"]
-    if v is None:
-        console.print("  not verified (--no-verify)", style="yellow", highlight=False)
-        return
-    verdict = "[bold green]PASSED[/]" if v["passed"] else "[bold red]FAILED[/]"
-    table = Table(title=f"onnxruntime vs PyTorch (eval), atol {v['atol']:g}: {verdict}",
-                  caption=f"onnx.checker full_check {v['checker']}; {v['provider']}; {v['seconds']:.1f} s")
-    for col in ("batch", "input", "max abs error", "max rel error", "result"):
-        table.add_column(col, justify="left" if col in ("input", "result") else "right")
-    for r in v["runs"]:
-        table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
-                      "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
-    console.print(table)
-    if v.get("small_outputs") is not None:
-        console.print(f"  warning: the model's outputs are at most {v['small_outputs']:.2g} (random weights?), "
-                      f"too small for atol {v['atol']:g} to judge: runs also had to be within a relative "
-                      f"error of {SMALL_OUTPUT_RTOL:g}", style="yellow", highlight=False, soft_wrap=True)
-    if v["error"]:
-        console.print(f"  {escape(v['error'])}", style="red", highlight=False, soft_wrap=True)

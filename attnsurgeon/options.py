@@ -13,16 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError, suggest
+from .files import check_input_size
 from .model_names import MODEL_NAMES
 
-__all__ = ["DEVICES", "MAX_BATCH", "MAX_INPUT_SIZE", "MAX_OPSET", "MAX_RECIPE_BYTES", "MIN_INPUT_SIZE",
-           "MIN_OPSET", "DEFAULT_OPSET", "SMALL_OUTPUT", "SMALL_OUTPUT_RTOL", "LatencyOptions", "check_export_args", "check_input_size",
-           "check_latency_options", "check_model_name", "check_regular_file", "show_path"]
+__all__ = ["DEFAULT_OPSET", "DEVICES", "MAX_BATCH", "MAX_OPSET", "MAX_RECIPE_BYTES", "MIN_OPSET", "SMALL_OUTPUT",
+           "SMALL_OUTPUT_RTOL", "LatencyOptions", "check_export_args", "check_latency_options", "check_model_name",
+           "check_regular_file", "show_path"]
 
-MIN_INPUT_SIZE = 32  # ResNets downsample 32x: smaller inputs vanish before the head
-# 2048 covers detection and segmentation sizes; beyond it one probe batch of a ResNet-50
-# needs tens of GB. Checked up front, so the answer is a line, not an allocation failure.
-MAX_INPUT_SIZE = 2048
 # A timing batch beyond this only exhausts memory (a ResNet-50 at 224 and batch 4096
 # already needs tens of GB); checked up front, so the answer is a line, not a traceback.
 MAX_BATCH = 4096
@@ -54,16 +51,6 @@ def check_model_name(name: str | None) -> str:
     if name not in MODEL_NAMES:
         raise UsageError(f"unknown model {name!r}" + suggest(name, MODEL_NAMES))
     return name
-
-
-def check_input_size(size: int, where: str = "--input-size") -> int:
-    """Raise UsageError unless ``MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE``."""
-    if size < MIN_INPUT_SIZE:
-        raise UsageError(f"{where} must be >= {MIN_INPUT_SIZE}, got {size}")
-    if size > MAX_INPUT_SIZE:
-        raise UsageError(f"{where} must be <= {MAX_INPUT_SIZE}, got {size} (larger inputs need more "
-                         "memory than a probe is worth)")
-    return size
 
 
 def check_export_args(*, input_size: int, opset: int, atol: float) -> None:

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
 from .kinds import HEADS, KINDS, POSITIONS
+from .options import SMALL_OUTPUT_RTOL
 
-__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_kinds", "print_summary", "print_table",
-           "results_console", "si", "terminal_width"]
+__all__ = ["blocks_table", "comparison_table", "kinds_data", "print_export_summary", "print_kinds", "print_summary",
+           "print_table", "results_console", "si", "terminal_width"]
 
 MIN_WIDTH = 40  # narrower than this, no table can show its numbers; print wider instead
 DEFAULT_WIDTH = 80  # no terminal anywhere (a pipe into a file, cron): the classic width
@@ -348,3 +350,35 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
         lat = next(d["latency"] for d in rows if d.get("latency"))
         table.caption = f"latency: {lat['device']}, batch {lat['batch']}, median of {lat['rounds']} interleaved rounds"
     return table
+
+
+def print_export_summary(console: Any, data: dict[str, Any]) -> None:
+    """Print :func:`export_onnx`'s summary as a few lines and a table (rich)."""
+    def dims(shape: list[Any]) -> str:
+        return escape("[" + ", ".join(map(str, shape)) + "]")
+
+    console.print(f"[bold]{escape(data['output'])}[/]  {si(data['file_size'], 'B')}  opset {data['opset']}  "
+                  f"{data['nodes']} nodes  exported in {data['export_seconds']:.1f} s",
+                  highlight=False, soft_wrap=True)
+    for role, key in (("input ", "inputs"), ("output", "outputs")):
+        for v in data[key]:
+            console.print(f"  {role} {v['name']}: {v['dtype']} {dims(v['shape'])}", highlight=False)
+    v = data["verification"]
+    if v is None:
+        console.print("  not verified (--no-verify)", style="yellow", highlight=False)
+        return
+    verdict = "[bold green]PASSED[/]" if v["passed"] else "[bold red]FAILED[/]"
+    table = Table(title=f"onnxruntime vs PyTorch (eval), atol {v['atol']:g}: {verdict}",
+                  caption=f"onnx.checker full_check {v['checker']}; {v['provider']}; {v['seconds']:.1f} s")
+    for col in ("batch", "input", "max abs error", "max rel error", "result"):
+        table.add_column(col, justify="left" if col in ("input", "result") else "right")
+    for r in v["runs"]:
+        table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
+                      "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+    console.print(table)
+    if v.get("small_outputs") is not None:
+        console.print(f"  warning: the model's outputs are at most {v['small_outputs']:.2g} (random weights?), "
+                      f"too small for atol {v['atol']:g} to judge: runs also had to be within a relative "
+                      f"error of {SMALL_OUTPUT_RTOL:g}", style="yellow", highlight=False, soft_wrap=True)
+    if v["error"]:
+        console.print(f"  {escape(v['error'])}", style="red", highlight=False, soft_wrap=True)

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError, first_line
-from .options import MAX_INPUT_SIZE, MIN_INPUT_SIZE, SMALL_OUTPUT, check_input_size
+from .files import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_input_size  # re-exported: their old home
+from .options import SMALL_OUTPUT
 from .surgery import Change
 from .torch_state import evaluating, input_dtype
 from .zoo import is_detector

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UsageError, first_line, foreign_error, suggest
+from .files import load_plain, with_metadata
 from .options import check_model_name
 
 __all__ = ["build_model", "check_model_name", "fit_state_dict", "is_detector", "load_state_dict_file", "model_names"]
@@ -39,8 +40,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a plain ``{name: tensor}`` dict, or a training checkpoint that keeps one
     under ``"state_dict"`` or ``"model"``; a ``"module."`` prefix (DataParallel) is dropped.
     """
-    from .checkpoint import load_plain
-
     path = Path(path)
     data = load_plain(path, what=f"--weights-file: {path}", kind="state_dict")
     for key in ("state_dict", "model"):
@@ -125,8 +124,6 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
             a dense CPU tensor of real numbers, or a floating-point tensor holding NaN or
             infinity (a diverged run's weights).
     """
-    from .checkpoint import with_metadata
-
     for k, v in state.items():
         if v.layout != torch.strided or v.device.type != "cpu" or v.is_complex():
             raise UsageError(f"{source}: {k} is a {v.layout} {v.dtype} tensor on {v.device.type}; "

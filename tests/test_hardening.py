@@ -24,7 +24,7 @@ from test_cli import user_error
 from torch import nn
 
 import attnsurgeon
-from attnsurgeon import checkpoint
+from attnsurgeon import checkpoint, files
 from attnsurgeon.errors import UsageError, foreign_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_full_disk_message_is_the_readmes(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UsageError) as e:
-        checkpoint.atomic_write(out, write)
+        files.atomic_write(out, write)
     assert str(e.value) == readme_message("disk full").replace("se.pt", str(out))
     assert list(tmp_path.iterdir()) == []
 
@@ -245,7 +245,7 @@ def test_files_get_the_umasks_permissions(tmp_path, umask, mode):
 
     old = os.umask(umask)
     try:
-        checkpoint.atomic_write(tmp_path / "a.pt", lambda tmp: torch.save({}, tmp))
+        files.atomic_write(tmp_path / "a.pt", lambda tmp: torch.save({}, tmp))
         export_onnx(model, tmp_path / "a.onnx", input_size=32, verify=False)
     finally:
         os.umask(old)
