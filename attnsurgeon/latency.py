@@ -10,7 +10,8 @@ module times both models on one device in one run:
   call of each model, in the order original, modified on even rounds and modified,
   original on odd ones (ABBA), so load drifts and cache effects hit both alike;
 * on CUDA the device is synchronised before and after each timed call;
-* reported: the median time per call of each model and the ratio after / before.
+* reported: the median time per call of each model, half the interquartile range of
+  its rounds (the spread), and the ratio after / before.
 
 Default batch (:func:`default_batch`): 1 on CPU, the latency of one image as an online
 service sees it, and quick even for large models; 64 on CUDA, because at batch 1 a GPU is
@@ -46,6 +47,14 @@ def check_device(options: LatencyOptions | None) -> None:
         raise UsageError("--device cuda: no CUDA device is available on this machine")
 
 
+def _half_iqr(samples: list[float]) -> float:
+    """Half the interquartile range: the spread of the middle half of the rounds."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / 2
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -79,8 +88,9 @@ def measure_latency(
 
     Returns:
         Plain data: ``device``, ``device_name``, ``batch``, ``input``, ``threads``,
-        ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call) and
-        ``ratio`` (``after_ms / before_ms``).
+        ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call),
+        ``before_spread_ms``, ``after_spread_ms`` (half the interquartile range of the
+        rounds) and ``ratio`` (``after_ms / before_ms``).
     """
     from .torch_state import evaluating, input_dtype
 
@@ -107,6 +117,7 @@ def measure_latency(
                 sync()
                 samples[i].append(timer() - start)
     before, after = (1e3 * statistics.median(s) for s in samples)
+    before_spread, after_spread = (1e3 * _half_iqr(s) for s in samples)
     return {
         "device": options.device,
         "device_name": _device_name(device),
@@ -117,5 +128,7 @@ def measure_latency(
         "warmup": options.warmup,
         "before_ms": before,
         "after_ms": after,
+        "before_spread_ms": before_spread,
+        "after_spread_ms": after_spread,
         "ratio": after / before if before > 0 else float("inf"),
     }

@@ -329,7 +329,7 @@ def preservation_line(p: dict[str, Any], init: str, *, delta: str = "Δ") -> str
         + (f"relative {p['relative']:.3g})" if p.get("relative") is not None else "no relative figure: all zero)")
         + (f", top-1 agreement {100 * p['top1_agreement']:.0f}%" if p.get("top1_agreement") is not None else "")
         + ("; NOT JUDGED: outputs too small (random weights?)" if p.get("too_small") else "")
-        + (f"; NOT kept: {p['note']}" if p.get("function_kept") is False else "")
+        + ("; function NOT kept: built-in modules were replaced" if p.get("function_kept") is False else "")
     )
 
 
@@ -338,11 +338,11 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
     table.add_column("recipe", no_wrap=True)
     table.add_column("model", no_wrap=True)
     timed = any(data.get("latency") for data in rows)
-    for col in ("params", "+params", "+%", "MACs", "+MACs", *(("ms before", "ms after", "latency x") if timed else ())):
+    for col in ("params", "+params", "+%", "MACs", "+MACs", *(("time before", "time after", "latency x") if timed else ())):
         table.add_column(col, justify="right", no_wrap=True)
     for data in rows:
         t, lat = data["total"], data.get("latency")
-        times = (f"{lat['before_ms']:.3g}", f"{lat['after_ms']:.3g}", f"{lat['ratio']:.2f}") if lat else ("-",) * 3
+        times = (duration(lat["before_ms"]), duration(lat["after_ms"]), f"{lat['ratio']:.2f}") if lat else ("-",) * 3
         table.add_row(Path(data.get("source", "")).stem, data["model"], si(t["params_after"]),
                       _plus(t["params_added"]), f"{t['params_added_pct']:.2f}%",
                       si(t["macs_after"]), _plus(t["macs_added"]), *(times if timed else ()))

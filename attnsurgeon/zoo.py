@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+import io
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,39 @@ def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
             verdict = all(around) if around else None
         if verdict:
             model.set_submodule(path, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+
+
+class _ReleasingStream:
+    """A stream (stderr) that first lets out what :func:`_held_download_line` held."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream, self._release = stream, release
+
+    def write(self, text: str) -> int:
+        self._release()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _held_download_line() -> Iterator[None]:
+    """Hold torch.hub's ``Downloading: "<url>" to <file>`` line (written to stdout before it
+    connects) until the download shows progress on stderr, or succeeds: offline, the
+    one error line is all that is printed."""
+    held, out = io.StringIO(), sys.stdout
+
+    def release() -> None:
+        if held.getvalue():
+            out.write(held.getvalue())
+            out.flush()
+            held.seek(0)
+            held.truncate()
+
+    with contextlib.redirect_stdout(held), contextlib.redirect_stderr(_ReleasingStream(sys.stderr, release)):
+        yield
+    release()  # not on an error: the download failed, the line would only precede ours
 
 
 @contextmanager
@@ -199,7 +235,7 @@ def build_model(
     if "weights_backbone" in builder_params:  # detection/segmentation: never a backbone download
         kwargs["weights_backbone"] = None
     try:
-        with _weights_only():
+        with _weights_only(), _held_download_line():
             model = torchvision.models.get_model(name, weights=enum, **kwargs)
     except Exception as e:
         error = foreign_error(e) if enum is None else None  # out of memory
