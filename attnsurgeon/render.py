@@ -156,9 +156,10 @@ def blocks_table(model: str, blocks: Sequence[dict[str, Any]]) -> Table:
     builtin = sum(bool(b["builtin_se"]) for b in blocks)
     title = f"{model}: {_count(len(blocks), 'block')}, {shortcut} with a shortcut" + (
         f", {builtin} with a built-in SE" if builtin else "")
-    example = blocks[len(blocks) // 2]
-    stage = (f"the block's parent, e.g. {example['stage']}" if example["stage"] != example["name"]
-             else "none in this family")
+    example = blocks[len(blocks) // 2]  # the footer names this family's own stages
+    native = example["stage"] not in (example["name"], example["alias"])
+    stage = (f"the block's parent, e.g. {example['stage']}" if native
+             else f"in this family its alias, e.g. {example['stage']}")
     table = Table(title=title, caption=(
         f"--layers takes a block, its stage ({stage}) or the alias stageN "
         "(output stride 2^(N+1)). Positions: standard, pre, mid, post in every block; identity "

@@ -100,7 +100,7 @@ def test_readme_bad_input_rows(cli, bad_files, row):
 ])
 def test_full_disk_while_insert_writes(cli, tmp_path, monkeypatch, failure):
     def save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")  # half a file, then the disk is full
+        f.write(b"partial")  # half a file (checkpoint.save writes into a file object), then the disk is full
         raise failure
 
     monkeypatch.setattr(torch, "save", save)
