@@ -11,6 +11,7 @@ and SIGTERM unwinds like Ctrl-C, so no temp file is left behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import sys
@@ -59,9 +60,19 @@ Device = Annotated[Optional[str], typer.Option("--device", help="Where --latency
 Batch = Annotated[Optional[int], typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
 # click keeps the last of a repeated option without a word (`--attn se --attn cbam` would
 # apply only cbam): these are taken as lists so that a repeat is refused (_once)
-Attn = Annotated[Optional[list[str]], Attn.__metadata__[0]]  # type: ignore[misc]
-Position = Annotated[Optional[list[str]], Position.__metadata__[0]]  # type: ignore[misc]
-Layers = Annotated[Optional[list[str]], Layers.__metadata__[0]]  # type: ignore[misc]
+
+
+def _as_list(option: object, metavar: str) -> object:
+    """``option`` (an ``Annotated[Optional[str], typer.Option(...)]``) parsed as a list,
+    shown in the help as ``metavar``."""
+    info = copy.copy(option.__metadata__[0])  # type: ignore[attr-defined]
+    info.metavar = metavar
+    return Annotated[Optional[list[str]], info]
+
+
+Attn = _as_list(Attn, "KIND")  # type: ignore[misc]
+Position = _as_list(Position, "POSITION")  # type: ignore[misc]
+Layers = _as_list(Layers, "SPEC")  # type: ignore[misc]
 
 
 def _once(option: str, values: list[str] | None) -> str | None:
