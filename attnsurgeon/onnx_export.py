@@ -308,7 +308,9 @@ def verify_onnx(
     Returns:
         ``{"checker": "passed" | "failed", "error": None | str, "provider", "atol",
         "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "passed"}]}``;
-        ``error`` says why the checker or onnxruntime rejected the file.
+        ``error`` says why the checker or onnxruntime rejected the file; ``small_outputs``
+        (the largest |output|) is there when PyTorch's outputs are below ``SMALL_OUTPUT``
+        and the relative error decided too.
     """
     import numpy as np
     import onnx

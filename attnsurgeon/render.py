@@ -71,9 +71,10 @@ def print_table(console: Console, table: Table, *, drop: Sequence[str] = ()) -> 
             width += max(m.maximum if column.no_wrap else m.minimum for m in sizes)
         return width
 
-    if narrowest() > console.width:  # first wrap the headers ("params before" on two lines)
+    if narrowest() > console.width:  # first wrap the headers wider than their cells ("params before")
         for column in table.columns:
-            if isinstance(column.header, str):
+            cells = max((Measurement.get(console, wide, c).maximum for c in column.cells), default=0)
+            if isinstance(column.header, str) and len(column.header) > cells:
                 column.header = column.header.replace(" ", "\n")
     dropped = []
     for header in drop:
