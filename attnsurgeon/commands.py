@@ -185,7 +185,7 @@ def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
     if before.params and after.params - before.params > before.params:
         _warn(f"the surgery adds {after.params - before.params:,} parameters, more than the model's own "
               f"{before.params:,} (+{100 * (after.params - before.params) / before.params:.0f}%); "
-              "check the --layers and --param values")
+              "if that is not intended, check --layers and --param")
     data = summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
                         changes=p.changes, input_size=input_size, preservation=pres)
     return _with_latency(data, p.original, p.model, input_size=input_size, latency=latency)

@@ -340,7 +340,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
     table.add_column("recipe", no_wrap=True)
     table.add_column("model", no_wrap=True)
     timed = any(data.get("latency") for data in rows)
-    for col in ("params", "+params", "+%", "MACs", "+MACs", *(("time before", "time after", "latency x") if timed else ())):
+    timing = ("time before", "time after", "latency x") if timed else ()
+    for col in ("params", "+params", "+%", "MACs", "+MACs", *timing):
         table.add_column(col, justify="right", no_wrap=True)
     for data in rows:
         t, lat = data["total"], data.get("latency")
