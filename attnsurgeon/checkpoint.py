@@ -29,7 +29,7 @@ from . import __version__
 from .errors import UsageError
 from .files import atomic_write, check_output, load_plain, with_metadata
 from .recipe import Recipe, recipe_from_data
-from .surgery import Change, apply_recipe
+from .surgery import Changes, apply_recipe
 from .zoo import build_model, fit_state_dict
 
 # atomic_write, check_output, load_plain and with_metadata live in .files; re-exported here
@@ -141,7 +141,7 @@ def recipe_of(data: dict[str, Any], path: str | Path) -> Recipe:
 
 def rebuild(
     data: dict[str, Any], path: str | Path, *, base: nn.Module | None = None
-) -> tuple[nn.Module, list[Change]]:
+) -> tuple[nn.Module, Changes]:
     """The model a checkpoint's data describes, with its weights loaded, and the changes
     its recipe made to the torchvision model (a copy of ``base`` when given: the
     unmodified model, already built)."""

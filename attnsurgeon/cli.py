@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -39,40 +39,40 @@ app = typer.Typer(
 _err = Console(stderr=True, emoji=False)  # echo the user's text verbatim (":b:" is not an emoji)
 
 S = "surgery"  # help panel
-ModelArg = Annotated[Optional[str], typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
-Attn = Annotated[Optional[str], typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp | eca | coord | gc (see `attnsurgeon kinds`).", rich_help_panel=S)]
-Position = Annotated[Optional[str], typer.Option("--position", help="standard | pre | mid | post | identity | builtin (insert kinds; default: the kind's own; `attnsurgeon blocks MODEL` shows which blocks have which).", rich_help_panel=S)]
-Layers = Annotated[Optional[str], typer.Option("--layers", help="Blocks to change: a stage (layer3) or its alias (stage3, the same depth in every family), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
-Params = Annotated[Optional[list[str]], typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]
-Recipes = Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML recipe instead of --attn/--position/--layers/--param. MODEL, --weights, --head, --init and --seed given on the command line win over the recipe's values.", rich_help_panel=S)]
-Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
-WeightsFile = Annotated[Optional[Path], typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
-Init = Annotated[Optional[str], typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for the new modules' initial weights, and the base model's when its weights are random (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
-Head = Annotated[Optional[str], typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
+ModelArg = Annotated[str | None, typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
+Attn = Annotated[str | None, typer.Option("--attn", help="Attention kind: se | cbam | sk | dynconv | afp | eca | coord | gc (see `attnsurgeon kinds`).", rich_help_panel=S)]
+Position = Annotated[str | None, typer.Option("--position", help="standard | pre | mid | post | identity | builtin (insert kinds; default: the kind's own; `attnsurgeon blocks MODEL` shows which blocks have which).", rich_help_panel=S)]
+Layers = Annotated[str | None, typer.Option("--layers", help="Blocks to change: a stage (layer3) or its alias (stage3, the same depth in every family), a block (layer3.1), ranges A:B (open ends allowed), comma lists, or all (default).", rich_help_panel=S)]
+Params = Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE for the kind, repeatable (e.g. --param reduction=8).", rich_help_panel=S)]
+Recipes = Annotated[list[Path] | None, typer.Option("--recipe", help="TOML recipe instead of --attn/--position/--layers/--param. MODEL, --weights, --head, --init and --seed given on the command line win over the recipe's values.", rich_help_panel=S)]
+Weights = Annotated[str | None, typer.Option("--weights", help="torchvision weight name (DEFAULT, IMAGENET1K_V2, ...) or none. Default: random weights.", rich_help_panel=S)]
+WeightsFile = Annotated[Path | None, typer.Option("--weights-file", help="Local state_dict of the unmodified model (loaded with weights_only=True).", rich_help_panel=S)]
+Init = Annotated[str | None, typer.Option("--init", help="paper (the papers' init) | preserve (new modules start as the identity, keeping pretrained accuracy). Default: paper.", rich_help_panel=S)]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for the new modules' initial weights, and the base model's when its weights are random (default: the recipe's, else 0).", rich_help_panel=S, show_default=False)]
+Head = Annotated[str | None, typer.Option("--head", help="Classifier head: avg (unchanged) | dual-pool.", rich_help_panel=S)]
 Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.", show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout, nothing else.")]
 InputSize = Annotated[int, typer.Option("--input-size", help="Square input size for MAC counts and probes.")]
 L = "latency"  # help panel
 Latency = Annotated[bool, typer.Option("--latency", help="Also time the original and the modified model at --input-size (eval, inference mode, interleaved rounds, median) and print both and their ratio.", rich_help_panel=L)]
-Device = Annotated[Optional[str], typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
-Batch = Annotated[Optional[int], typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
+Device = Annotated[str | None, typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
+Batch = Annotated[int | None, typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
 # click keeps the last of a repeated option without a word (`--attn se --attn cbam` would
 # apply only cbam): these are taken as lists so that a repeat is refused (_once)
 
 
-def _as_list(option: object, metavar: str) -> object:
-    """``option`` (an ``Annotated[Optional[str], typer.Option(...)]``) parsed as a list,
-    shown in the help as ``metavar``."""
-    info = copy.copy(option.__metadata__[0])  # type: ignore[attr-defined]
+def _as_list(option: Any, metavar: str) -> Any:
+    """The ``typer.Option`` of ``option`` (an ``Annotated[str | None, typer.Option(...)]``),
+    shown in the help as ``metavar``, for the same option parsed as a list."""
+    info = copy.copy(get_args(option)[1])
     info.metavar = metavar
-    return Annotated[Optional[list[str]], info]
+    return info
 
 
-Attn = _as_list(Attn, "KIND")  # type: ignore[misc]
-Position = _as_list(Position, "POSITION")  # type: ignore[misc]
-Layers = _as_list(Layers, "SPEC")  # type: ignore[misc]
+AttnOnce = Annotated[list[str] | None, _as_list(Attn, "KIND")]
+PositionOnce = Annotated[list[str] | None, _as_list(Position, "POSITION")]
+LayersOnce = Annotated[list[str] | None, _as_list(Layers, "SPEC")]
 
 
 def _once(option: str, values: list[str] | None) -> str | None:
@@ -140,9 +140,9 @@ def _opts(model: str | None, attn: list[str] | None, position: list[str] | None,
 def insert(
     output: Output,
     model: ModelArg = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
     recipe: Recipes = None,
     weights: Weights = None,
@@ -169,12 +169,12 @@ def insert(
 
 @app.command()
 def summarize(
-    target: Annotated[Optional[str], typer.Argument(help="A model name (dry run: nothing is written) or a FILE.pt from insert.", show_default=False)] = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    target: Annotated[str | None, typer.Argument(help="A model name (dry run: nothing is written) or a FILE.pt from insert.", show_default=False)] = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
-    recipe: Annotated[Optional[list[Path]], typer.Option("--recipe", help="TOML recipe(s); several (or a directory) print one comparison table. CLI values win over the recipe's.", rich_help_panel=S)] = None,
+    recipe: Annotated[list[Path] | None, typer.Option("--recipe", help="TOML recipe(s); several (or a directory) print one comparison table. CLI values win over the recipe's.", rich_help_panel=S)] = None,
     weights: Weights = None,
     weights_file: WeightsFile = None,
     init: Init = None,
@@ -198,10 +198,10 @@ def summarize(
 @app.command("export-onnx")
 def export_onnx(
     output: Output,
-    target: Annotated[Optional[str], typer.Argument(help="A FILE.pt from insert, or a model name (with surgery options).", show_default=False)] = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    target: Annotated[str | None, typer.Argument(help="A FILE.pt from insert, or a model name (with surgery options).", show_default=False)] = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
     recipe: Recipes = None,
     weights: Weights = None,

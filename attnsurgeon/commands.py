@@ -2,7 +2,8 @@
 
 ``cli.py`` only parses options and calls these. Options are validated (recipe, kind,
 params, layer-spec syntax, output path) before any model is loaded, and nothing is
-written until everything has succeeded.
+written until everything has succeeded. Importing this module does not import torch: the
+modules that do are imported inside the functions that need them, after those checks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from .options import (
 )
 from .recipe import (
     Recipe,
+    Rule,
     check_head,
     check_init,
     check_seed,
@@ -54,7 +56,7 @@ from .render import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from .surgery import Change
+    from .surgery import Changes
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
 
@@ -102,7 +104,7 @@ class SurgeryOptions:
         else:
             if self.attn is None and (self.position or self.layers or self.params):
                 raise UsageError("--position/--layers/--param need --attn")
-            rules = ()
+            rules: tuple[Rule, ...] = ()
             if self.attn is not None:
                 rules = (rule_from_options(self.attn, position=self.position,
                                            layers="all" if self.layers is None else self.layers,
@@ -137,7 +139,7 @@ class Prepared:
     recipe: Recipe
     original: nn.Module
     model: nn.Module
-    changes: list[Change] = field(default_factory=list)
+    changes: Changes
     weights: str = "none"
 
 
@@ -290,7 +292,7 @@ def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOption
 def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, as_json: bool,
                   latency: LatencyOptions | None = None) -> None:
     check_input_size(input_size)
-    if _is_checkpoint(target, opts, "summarize"):
+    if target is not None and _is_checkpoint(target, opts, "summarize"):
         from .latency import check_device
 
         check_device(latency)
@@ -328,15 +330,15 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         print_table(results_console(), comparison_table(rows), drop=COMPARISON_DROP)
 
 
-def _is_checkpoint(target: str | None, opts: SurgeryOptions, command: str) -> bool:
+def _is_checkpoint(target: str, opts: SurgeryOptions, command: str) -> bool:
     """Whether ``target`` is a file (then no surgery option may come with it) rather than
     a model name: an existing file, whatever its suffix, or anything a model name cannot
     be (torchvision's names have no ``.`` or ``/``); a FIFO or device is refused as not
     a regular file. Its content says whether it is an
     attnsurgeon checkpoint (:func:`checkpoint.read`). A folder named like a model (say
     ``resnet18/``) does not hide the model."""
-    if target is None or not ("." in target or os.sep in target or "/" in target
-                              or (os.path.exists(target) and not os.path.isdir(target))):
+    if not ("." in target or os.sep in target or "/" in target
+            or (os.path.exists(target) and not os.path.isdir(target))):
         return False
     if opts != SurgeryOptions():
         raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")
@@ -404,10 +406,10 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
     check_export_args(input_size=input_size, opset=opset, atol=atol)
-    from_file = _is_checkpoint(target, opts, "export-onnx")
+    path = target if target is not None and _is_checkpoint(target, opts, "export-onnx") else None
     if len(opts.recipes) > 1:
         raise UsageError("export-onnx takes one --recipe")
-    if not from_file:
+    if path is None:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
         opts.check(recipe)  # everything so far without torch
@@ -417,10 +419,10 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
 
     try:
         with _stdout_to_stderr():
-            if from_file:
-                data = checkpoint.read(target)
-                model, _ = checkpoint.rebuild(data, target)
-                source = {"source": target, "model": data["model"], "recipe": data["recipe"]}
+            if path is not None:
+                data = checkpoint.read(path)
+                model, _ = checkpoint.rebuild(data, path)
+                source = {"source": path, "model": data["model"], "recipe": data["recipe"]}
             else:
                 p = prepare(opts, recipe)
                 model = p.model

@@ -15,7 +15,12 @@ Two families of kinds:
   ``norm`` and ``act`` are the norm and activation after the conv (or ``None``) and
   ``new_norm`` replaces the norm (``None`` keeps it). A replacement that replaces the norm
   also takes over the activation where it belongs to the conv alone; a shared one (ResNet's
-  ``relu``) stays, and must then be idempotent (ReLU, ReLU6).
+  ``relu``) stays, and must then be idempotent (ReLU, ReLU6). Which convolutions of a block
+  it takes is data too: :attr:`KindSpec.convs` (or a parameter named by
+  :attr:`KindSpec.convs_param`), one of :data:`CONV_TARGETS`.
+
+Every module a builder returns is marked new (:func:`attnsurgeon.layers.mark_new`) by the
+surgery, so :mod:`attnsurgeon.training` finds it wherever the builder lives.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import UsageError, suggest
+from .layers import INIT_MODES
 
 __all__ = [
+    "CONV_TARGETS",
     "HEADS",
     "HEAD_BUILDERS",
     "INIT_MODES",
@@ -43,7 +50,9 @@ __all__ = [
 ]
 
 POSITIONS: tuple[str, ...] = ("standard", "pre", "mid", "post", "identity", "builtin")
-INIT_MODES: tuple[str, ...] = ("paper", "preserve")
+# which convolutions of a block a replace kind takes: the block's main spatial conv (what
+# SK replaces), every spatial (k > 1) conv, or every conv (1x1 and downsample ones too)
+CONV_TARGETS: tuple[str, ...] = ("main", "spatial", "all")
 HEADS: dict[str, str] = {
     "avg": "the model's own global average pool (no change)",
     "dual-pool": "concat(global avg pool, global max pool) -> 1x1 reduce -> dropout -> classifier",
@@ -108,6 +117,8 @@ class KindSpec:
     params: tuple[Param, ...] = ()
     default_position: str | None = None
     note: str = ""
+    convs: str | None = None  # replace kinds: one of CONV_TARGETS
+    convs_param: str | None = None  # a param whose value (one of CONV_TARGETS) chooses instead
 
     @property
     def param_names(self) -> list[str]:
@@ -130,6 +141,14 @@ class KindSpec:
                 )
             out[key] = by_name[key].parse(raw, where=where)
         return out
+
+    def conv_targets(self, params: Mapping[str, Any]) -> str:
+        """Which convolutions this replace kind takes with ``params``: one of :data:`CONV_TARGETS`."""
+        if self.convs_param is not None:
+            return str(params.get(self.convs_param, self.defaults()[self.convs_param]))
+        if self.convs is None:
+            raise ValueError(f"kind {self.name!r} replaces no convolutions")
+        return self.convs
 
     def resolve_position(self, position: str | None, *, where: str) -> str | None:
         if self.mode == "replace":
@@ -156,6 +175,15 @@ def register(spec: KindSpec) -> KindSpec:
         raise ValueError(f"attention kind {spec.name!r} is already registered")
     if spec.mode == "insert" and spec.default_position not in POSITIONS:
         raise ValueError(f"insert kind {spec.name!r} needs a default position")
+    if spec.mode == "replace":
+        by_name = {p.name: p for p in spec.params}
+        if spec.convs_param is not None:
+            choices = by_name[spec.convs_param].choices if spec.convs_param in by_name else ()
+            if not choices or not set(choices) <= set(CONV_TARGETS):
+                raise ValueError(f"replace kind {spec.name!r}: convs_param {spec.convs_param!r} must be a param "
+                                 f"with choices among {CONV_TARGETS}")
+        elif spec.convs not in CONV_TARGETS:
+            raise ValueError(f"replace kind {spec.name!r} needs convs, one of {CONV_TARGETS}")
     KINDS[spec.name] = spec
     return spec
 
@@ -232,6 +260,7 @@ register(KindSpec(
               minimum=1, maximum=4096),
     ),
     note="replaces the block's main spatial conv (whatever its kernel) and the norm after it",
+    convs="main",
 ))
 
 register(KindSpec(
@@ -248,13 +277,15 @@ register(KindSpec(
               "(also 1x1 and downsample convs: the paper's DY-ResNet)", choices=("spatial", "all")),
     ),
     note="replaces convs; the norms after them stay",
+    convs_param="target",
 ))
 
 register(KindSpec(
     name="afp",
     title="Adaptive feature processing (AFP) fusion",
     paper="Few-shot image classification based on adaptive feature fusion and transformation "
-    "(Computer Engineering and Applications, 2021), as in seed 000; no arXiv version",
+    "(Computer Engineering and Applications, 2021; no arXiv version), as in "
+    "https://blog.csdn.net/weixin_43312117/article/details/121374486",
     mode="insert",
     builder="attnsurgeon.layers.afp:build",
     params=(

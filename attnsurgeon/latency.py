@@ -8,7 +8,8 @@ module times both models on one device in one run:
   ``batch x 3 x input_size x input_size``;
 * ``warmup`` untimed calls of each model, then ``rounds`` rounds; each round times one
   call of each model, in the order original, modified on even rounds and modified,
-  original on odd ones (ABBA), so load drifts and cache effects hit both alike;
+  original on odd ones (ABBA), so load drifts and cache effects hit both alike
+  (:func:`time_interleaved`, which the benchmarks use too);
 * on CUDA the device is synchronised before and after each timed call;
 * reported: the median time per call of each model, half the interquartile range of
   its rounds (the spread), and the ratio after / before.
@@ -21,9 +22,10 @@ bound by kernel launches and the ratio would count operators rather than their c
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,8 +33,10 @@ from torch import nn
 
 from .errors import UsageError
 from .options import DEVICES, LatencyOptions, check_latency_options
+from .torch_state import evaluating, input_dtype
 
-__all__ = ["DEVICES", "LatencyOptions", "check_device", "check_latency_options", "default_batch", "measure_latency"]
+__all__ = ["DEVICES", "LatencyOptions", "check_device", "check_latency_options", "default_batch", "measure_latency",
+           "time_interleaved"]
 
 
 
@@ -58,8 +62,6 @@ def _half_iqr(samples: list[float]) -> float:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     try:  # Linux names the CPU model here; platform.processor() is often empty
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -67,12 +69,45 @@ def _device_name(device: torch.device) -> str:
         return platform.processor() or platform.machine() or "cpu"
 
 
+def time_interleaved(
+    steps: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 0,
+    calls: int = 1,
+    sync: Callable[[], object] = lambda: None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, one sample per round, the steps interleaved.
+
+    ``warmup`` untimed rounds of every step come first. Each round then times ``calls``
+    calls of each step, in an order rotated by one each round (for two steps: AB, BA, AB,
+    ...), so drifts in load, clock and caches hit every step alike. ``sync`` is called
+    before and after each timed sample (``torch.cuda.synchronize`` on a GPU).
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            start = timer()
+            for _ in range(calls):
+                steps[name]()
+            sync()
+            samples[name].append((timer() - start) / calls)
+    return samples
+
+
 def measure_latency(
     original: nn.Module,
     modified: nn.Module,
     *,
     input_size: int,
-    options: LatencyOptions = LatencyOptions(),
+    options: LatencyOptions | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Time ``original`` and ``modified`` side by side (module docstring).
@@ -83,7 +118,7 @@ def measure_latency(
     Args:
         original, modified: the models before and after surgery.
         input_size: H = W of the input batch.
-        options: device, batch, rounds and warm-up calls.
+        options: device, batch, rounds and warm-up calls (default: :class:`LatencyOptions`'s).
         timer: the clock (seconds); tests inject a fake one.
 
     Returns:
@@ -92,8 +127,7 @@ def measure_latency(
         ``before_spread_ms``, ``after_spread_ms`` (half the interquartile range of the
         rounds) and ``ratio`` (``after_ms / before_ms``).
     """
-    from .torch_state import evaluating, input_dtype
-
+    options = options or LatencyOptions()
     device = torch.device(options.device)
     batch = options.batch or default_batch(options.device)
     models = [original, modified]
@@ -103,21 +137,12 @@ def measure_latency(
     x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples: list[list[float]] = [[], []]
-    with evaluating(models[0]), evaluating(models[1]), torch.inference_mode():
-        for _ in range(options.warmup):
-            for m in models:
-                m(x)
-        sync()
-        for r in range(options.rounds):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                sync()
-                start = timer()
-                models[i](x)
-                sync()
-                samples[i].append(timer() - start)
-    before, after = (1e3 * statistics.median(s) for s in samples)
-    before_spread, after_spread = (1e3 * _half_iqr(s) for s in samples)
+    before_model, after_model = models
+    with evaluating(before_model), evaluating(after_model), torch.inference_mode():
+        samples = time_interleaved({"before": lambda: before_model(x), "after": lambda: after_model(x)},
+                                   rounds=options.rounds, warmup=options.warmup, sync=sync, timer=timer)
+    before, after = (1e3 * statistics.median(samples[k]) for k in ("before", "after"))
+    before_spread, after_spread = (1e3 * _half_iqr(samples[k]) for k in ("before", "after"))
     return {
         "device": options.device,
         "device_name": _device_name(device),

@@ -181,6 +181,8 @@ def _export(model: nn.Module, path: Path, *, input_size: int, opset: int,
             )
     except Exception as e:  # the exporter raises many types; all mean "cannot export"
         raise UsageError(_explain(e, model, dynamic=dynamic_batch or dynamic_hw)) from e
+    if program is None:  # dynamo=True always returns a program
+        raise RuntimeError("torch.onnx.export returned no ONNXProgram")
     program.save(path, external_data=False)
 
 
@@ -200,9 +202,10 @@ def _quiet() -> Iterator[None]:
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and its causes, outermost first."""
     seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
     return seen
 
 
@@ -337,7 +340,7 @@ def verify_onnx(
     except Exception as e:  # onnxruntime's Fail, InvalidGraph, InvalidArgument, ...
         result["error"] = f"onnxruntime: {_first_sentence(str(e))}"
     else:
-        for shape, want, have in zip(shapes, expected, got):
+        for shape, want, have in zip(shapes, expected, got, strict=True):  # one output per input
             if have.shape != want.shape:
                 result["error"] = (f"onnxruntime returns shape {list(have.shape)} for input {list(shape)}, "
                                    f"PyTorch {list(want.shape)}")

@@ -144,11 +144,7 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
     """Validate parsed TOML (or checkpoint) data into a :class:`Recipe`."""
     if not isinstance(data, Mapping):
         raise UsageError(f"{source}: a recipe must be a table, got {type(data).__name__}")
-    for key in data:
-        if not isinstance(key, str):
-            raise UsageError(f"{source}: keys must be strings, got {key!r}")
-        if key not in _TOP_KEYS:
-            raise UsageError(f"{source}: unknown key {key!r}" + suggest(key, _TOP_KEYS))
+    _check_keys(data, _TOP_KEYS, source)
 
     def typed(key: str, value: Any, kind: type | tuple[type, ...], where: str, optional: bool = True) -> Any:
         if value is None and optional:  # (TOML has no null; checkpoint data may)
@@ -172,11 +168,7 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         where = f"{source}: rule {n}"
         if not isinstance(raw, Mapping):
             raise UsageError(f"{where}: must be a table")
-        for key in raw:
-            if not isinstance(key, str):
-                raise UsageError(f"{where}: keys must be strings, got {key!r}")
-            if key not in _RULE_KEYS:
-                raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, _RULE_KEYS))
+        _check_keys(raw, _RULE_KEYS, where)
         if "attn" not in raw:
             raise UsageError(f"{where}: missing key 'attn'")
         attn = typed("attn", raw["attn"], str, where, optional=False)
@@ -193,6 +185,15 @@ def recipe_from_data(data: Mapping[str, Any], *, source: str) -> Recipe:
         raise UsageError(f"{source}: no [[insert]] rule and no head: nothing to do")
     return Recipe(model=model, rules=tuple(rules), weights=weights, head=head,
                   init=init, seed=seed, source=source)
+
+
+def _check_keys(table: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Every key of ``table`` is a string among ``allowed``; else the error names the first bad one."""
+    for key in table:
+        if not isinstance(key, str):
+            raise UsageError(f"{where}: keys must be strings, got {key!r}")
+        if key not in allowed:
+            raise UsageError(f"{where}: unknown key {key!r}" + suggest(key, allowed))
 
 
 def _check_param_types(attn: str, params: Mapping[str, Any], where: str) -> None:

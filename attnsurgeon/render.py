@@ -78,13 +78,12 @@ def print_table(console: Console, table: Table, *, drop: Sequence[str] = ()) -> 
                 column.header = column.header.replace(" ", "\n")
     dropped = []
     for header in drop:
-        header = header.replace(" ", "\n")
         if narrowest() <= console.width:
             break
-        column = next((c for c in table.columns if c.header == header), None)
-        if column is not None and len(table.columns) > 1:
-            table.columns.remove(column)
-            dropped.append(header.replace("\n", " "))
+        victim = next((c for c in table.columns if c.header in (header, header.replace(" ", "\n"))), None)
+        if victim is not None and len(table.columns) > 1:
+            table.columns.remove(victim)
+            dropped.append(header)
     if dropped:
         note = f"left out to fit {console.width} columns: {', '.join(dropped)} (--json has all)"
         table.caption = f"{table.caption} {note}" if table.caption else note
@@ -123,7 +122,8 @@ def print_kinds(console: Console) -> None:
             if p.maximum is not None:
                 extra += f" (at most {p.maximum:g})"
             symbol = f" [{p.symbol}]" if p.symbol else ""
-            console.print(f"    --param {p.name}={p.default}{symbol}  {p.help}{extra}", highlight=False, markup=False, soft_wrap=True)
+            console.print(f"    --param {p.name}={p.default}{symbol}  {p.help}{extra}", highlight=False,
+                          markup=False, soft_wrap=True)
         if spec.note:
             console.print(f"    {spec.note}", style="dim", highlight=False, soft_wrap=True)
         console.print(f"    paper: {spec.paper}", style="dim", highlight=False, soft_wrap=True)
@@ -221,7 +221,10 @@ def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
     for col in ("rule", "kind", "where", "blocks", "module", "params added", *(["note"] if notes else [])):
         table.add_column(col, justify="right" if col in ("rule", "params added") else "left",
                          no_wrap=col not in ("blocks", "note"))
-    key = lambda c: (c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", ""))  # noqa: E731
+
+    def key(c: dict[str, Any]) -> tuple[Any, ...]:
+        return c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", "")
+
     for (rule, attn, where, _stage, module, note), group in groupby(changes, key=key):
         items = list(group)
         blocks = _span([c["block"] for c in items])

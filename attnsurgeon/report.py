@@ -9,7 +9,7 @@ work (gates, pooling, activations) is not counted, as in the papers' tables.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import UsageError, first_line
 from .files import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_input_size  # re-exported: their old home
 from .options import SMALL_OUTPUT
-from .surgery import Change
+from .surgery import Changes
 from .torch_state import evaluating, input_dtype
 from .zoo import is_detector
 
@@ -154,7 +154,8 @@ def preservation(
     compared = "backbone features" if detector else "logits"
     with evaluating(original), evaluating(modified), torch.no_grad():
         if detector:
-            a, b = _features(original.backbone(x)), _features(modified.backbone(x))
+            a = _features(original.get_submodule("backbone")(x))
+            b = _features(modified.get_submodule("backbone")(x))
         else:
             a, b = _logits(original(x)), _logits(modified(x))
     if a is None or b is None:
@@ -201,7 +202,7 @@ def summary_data(
     recipe: dict[str, Any],
     before: ModelStats,
     after: ModelStats,
-    changes: Sequence[Change],
+    changes: Changes,
     input_size: int,
     preservation: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -222,7 +223,7 @@ def summary_data(
         "groups": rows,
         "total": _row("total", before.params, after.params, before.macs, after.macs),
         "changes": [c.to_data() for c in changes],
-        "skipped": [s.to_data() for s in getattr(changes, "skipped", ())],
+        "skipped": [s.to_data() for s in changes.skipped],
         "preservation": preservation,
     }
 

@@ -15,15 +15,15 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 from torch import nn
-
 from torchvision.ops.misc import SqueezeExcitation
 
 from .blocks import NORMS, SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted, unsupported_message
 from .errors import UsageError, suggest
-from .kinds import HEAD_BUILDERS, HEADS, POSITIONS, builder, get_kind
+from .kinds import HEAD_BUILDERS, HEADS, POSITIONS, KindSpec, builder, get_kind
+from .layers import mark_new
 from .recipe import Recipe, Rule, check_head, check_init, check_seed, load_recipe, make_rule
 from .select import select_blocks
 from .torch_state import seeded
@@ -73,12 +73,34 @@ class Skip:
         return {"rule": self.rule, "block": self.block, "position": self.position}
 
 
-class Changes(list):  # list[Change], plus the blocks each rule skipped
-    """What :func:`apply_recipe` changed: a list of :class:`Change`, with ``skipped``."""
+@dataclass(frozen=True)
+class Changes(Sequence[Change]):
+    """What :func:`apply_recipe` changed: a sequence of :class:`Change` (one per new module),
+    and ``skipped``, the selected blocks a rule left alone because they lack its position."""
 
-    def __init__(self, changes: list[Change] = (), skipped: list[Skip] = ()) -> None:
-        super().__init__(changes)
-        self.skipped = list(skipped)
+    changes: tuple[Change, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Change, ...]: ...
+    def __getitem__(self, index: int | slice) -> Change | tuple[Change, ...]:
+        return self.changes[index]
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+
+class _Step(NamedTuple):
+    """One thing :func:`_plan` found to do: rule ``n`` at ``where`` of one block (a
+    position for an insert kind, the dotted name of a conv for a replace kind)."""
+
+    n: int
+    rule: Rule
+    info: BlockInfo
+    block: nn.Module
+    where: str
 
 
 def _count(module: nn.Module | None) -> int:
@@ -109,12 +131,10 @@ def _like(new: nn.Module, ref: nn.Module) -> nn.Module:
     return new.train(ref.training)
 
 
-def _targets(attn: str, params: Mapping[str, Any], info: BlockInfo) -> list[ConvSite]:
-    if attn == "sk":
-        return [c for c in info.convs if c.main]
-    if params.get("target") == "all":
-        return list(info.convs)
-    return [c for c in info.convs if c.spatial]
+def _targets(kind: KindSpec, params: Mapping[str, Any], info: BlockInfo) -> list[ConvSite]:
+    """The convolutions of ``info``'s block that replace kind ``kind`` takes (``kind.convs``)."""
+    which = kind.conv_targets(params)
+    return [c for c in info.convs if which == "all" or (c.main if which == "main" else c.spatial)]
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
@@ -147,6 +167,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
             norm = block.get_submodule(site.norm) if site.norm else None
             act = block.get_submodule(site.act) if site.act else (site.act_layer() if site.act_layer else None)
             new_conv, new_norm = build(conv, norm, act=act, init=recipe.init, **params)
+            mark_new(new_conv)
             replaced = _count(replace_module(block, site.conv, _like(new_conv, conv), expect=nn.Conv2d))
             if new_norm is not None and site.norm is not None:
                 replaced += _count(replace_module(block, site.norm, _like(new_norm, conv), expect=NORMS))
@@ -160,12 +181,13 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     beside = {info.name for info, _ in blocks if info.builtin} - {c.block for c in changes if c.where == "builtin"}
     changes = [replace(c, note="beside the block's built-in SqueezeExcitation")
                if c.block in beside and c.where in SLOT_ATTR else c for c in changes]
-    return Changes(changes, skipped)
+    return Changes(tuple(changes), tuple(skipped))
 
 
 def _insert(n: int, rule: Rule, info: BlockInfo, block: nn.Module, where: str, new: nn.Module) -> Change:
     """Put ``new`` at position ``where`` of ``block``: a slot, or the built-in SE's place."""
-    if where == "builtin":
+    mark_new(new)
+    if where == "builtin" and info.builtin is not None:  # (a block with a builtin position has one)
         new = _like(new, block)
         old = replace_module(block, info.builtin, new, expect=SqueezeExcitation)
         return Change(n, rule.attn, info.name, info.stage, where, f"{info.name}.{info.builtin}",
@@ -187,13 +209,13 @@ def _plan(
     blocks: list[tuple[BlockInfo, nn.Module]],
     *,
     select: Callable[[int, Rule], list[int]],
-) -> tuple[list[tuple[int, Rule, BlockInfo, nn.Module, str]], list[Skip]]:
+) -> tuple[list[_Step], list[Skip]]:
     """Every (rule number, rule, block, position or conv) the recipe asks for, and the
     selected blocks a rule skips because they lack its position, checked before anything
     is changed: a selection that names nothing, a position no selected block has, two
     rules claiming one slot or conv, or a slot/conv an earlier surgery already changed
     is an error, and the model is left untouched."""
-    plan = []
+    plan: list[_Step] = []
     skipped: list[Skip] = []
     claimed: dict[str, int] = {}
     for n, rule in enumerate(recipe.rules, start=1):
@@ -202,6 +224,8 @@ def _plan(
         label = f"{_layers_where(recipe, n)} {rule.layers!r}"
         if kind.mode == "insert":
             position = rule.position or kind.default_position  # resolved by make_rule
+            if position is None:
+                raise ValueError(f"insert kind {kind.name!r} has no default position")
             having = [i for i in chosen if position in blocks[i][0].slots]
             if not having:
                 have = [p for p in POSITIONS if any(p in blocks[i][0].slots for i in chosen)]
@@ -211,8 +235,9 @@ def _plan(
             skipped.extend(Skip(n, blocks[i][0].name, position) for i in chosen if i not in having)
             for i in having:
                 info, block = blocks[i]
-                slot = info.builtin if position == "builtin" else SLOT_ATTR[position]
+                slot = info.builtin if position == "builtin" and info.builtin else SLOT_ATTR[position]
                 _claim(claimed, f"{info.name}.{slot}", n, label, f"the {position} position of {info.name}")
+                held: nn.Module | None
                 if position == "builtin":
                     held = block.get_submodule(slot)
                     fresh = isinstance(held, SqueezeExcitation)
@@ -222,18 +247,18 @@ def _plan(
                 if not fresh:
                     raise UsageError(f"{label}: the {position} position of {info.name} already "
                                      f"holds a {type(held).__name__} (from an earlier surgery)")
-                plan.append((n, rule, info, block, position))
+                plan.append(_Step(n, rule, info, block, position))
             continue
         for i in chosen:
             info, block = blocks[i]
-            for site in _targets(rule.attn, rule.param_dict, info):
+            for site in _targets(kind, rule.param_dict, info):
                 path = f"{info.name}.{site.conv}"
                 _claim(claimed, path, n, label, path)
                 conv = block.get_submodule(site.conv)
                 if type(conv) is not nn.Conv2d:
                     raise UsageError(f"{label}: {path} is already a {type(conv).__name__} "
                                      "(from an earlier surgery)")
-                plan.append((n, rule, info, block, site.conv))
+                plan.append(_Step(n, rule, info, block, site.conv))
     return plan, skipped
 
 
@@ -254,7 +279,7 @@ def _head_site(model: nn.Module, head: str) -> Any:
 
 
 def _apply_head(model: nn.Module, head: str, info: Any, *, init: str) -> Change:
-    new = builder(HEAD_BUILDERS[head])(info.channels, init=init)
+    new = mark_new(builder(HEAD_BUILDERS[head])(info.channels, init=init))
     old = model.get_submodule(info.pool)
     replace_module(model, info.pool, _like(new, model), expect=(nn.AdaptiveAvgPool2d,))
     return Change(0, head, info.pool, "head", "pool", info.pool, type(new).__name__,
@@ -284,8 +309,8 @@ def apply(
     ``init`` (``"paper"`` or ``"preserve"``), ``head`` and ``seed`` override the recipe's.
 
     Returns:
-        The list of :class:`Change` records, one per new module; its ``skipped`` lists the
-        selected blocks a rule left alone because they lack its position.
+        :class:`Changes`: the :class:`Change` records, one per new module, and ``skipped``,
+        the selected blocks a rule left alone because they lack its position.
     """
     _check_apply_types(model, attn, position=position, layers=layers, params=params, recipe=recipe,
                        head=head, init=init, seed=seed)

@@ -11,13 +11,13 @@ a higher learning rate for the new ones, or to train them alone first::
     ...
     attnsurgeon.unfreeze(model)
 
-A module is *new* when its class comes from :mod:`attnsurgeon.layers` (every module the
-surgery builds does), counted top-most only: everything inside it is new too. So a
+A module is *new* when the surgery built it (:func:`attnsurgeon.layers.mark_new`, whatever
+package its builder lives in), counted top-most only: everything inside it is new too. So a
 Selective Kernel conv counts as new as a whole, its first path included (a copy of the
 replaced conv under ``--init preserve``), and so does a dynamic conv (it replaced a conv;
 its kernels are new parameters). The slotted residual blocks are the original blocks
-with empty slots, not new modules. This needs no record of the surgery, so it works the
-same on a model from :func:`attnsurgeon.apply` and one from :func:`attnsurgeon.load`.
+with empty slots, not new modules. The mark is on the modules themselves, so this works
+the same on a model from :func:`attnsurgeon.apply` and one from :func:`attnsurgeon.load`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,9 @@ from typing import Any
 
 from torch import nn
 
+from .layers import is_new as _is_new
+
 __all__ = ["freeze_original", "new_modules", "new_parameters", "original_parameters", "param_groups", "unfreeze"]
-
-_LAYERS = "attnsurgeon.layers"
-
-
-def _is_new(module: nn.Module) -> bool:
-    origin = type(module).__module__
-    return origin == _LAYERS or origin.startswith(_LAYERS + ".")
-
 
 def new_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The top-most modules the surgery added, as ``(dotted name, module)`` in module order."""
@@ -58,7 +52,8 @@ def new_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """``model``'s parameters (each once, even if shared) as (original, new) lists."""
     new_ids = {id(p) for _, m in new_modules(model) for p in m.parameters()}
-    original, new = [], []
+    original: list[tuple[str, nn.Parameter]] = []
+    new: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():  # named_parameters yields a shared parameter once
         (new if id(p) in new_ids else original).append((name, p))
     return original, new

@@ -140,11 +140,11 @@ def _weights_only() -> Iterator[None]:
     def safe(self: Any, *args: Any, **kwargs: Any) -> Any:
         return plain(self, *args, **{**kwargs, "weights_only": True})
 
-    enum.get_state_dict = safe  # type: ignore[method-assign]
+    enum.get_state_dict = safe
     try:
         yield
     finally:
-        enum.get_state_dict = plain  # type: ignore[method-assign]
+        enum.get_state_dict = plain
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -215,46 +215,72 @@ def build_model(
             (no memory, no initialisation), for commands that only read the structure.
     """
     if structure_only and weights is None and weights_file is None and like is None:
-        try:
-            with torch.device("meta"):
-                return build_model(name, model_kwargs=model_kwargs)
-        except (RuntimeError, NotImplementedError):  # a builder that reads tensor data (RegNet)
-            pass
+        model = _build_on_meta(name, model_kwargs)
+        if model is not None:
+            return model
     check_model_name(name)
-    kwargs = dict(model_kwargs or {})
     if weights is not None and weights.lower() == "none":
         weights = None
     if weights is not None and weights_file is not None:
         raise UsageError("give --weights or --weights-file, not both")
     enum = _weights_enum(name, weights) if weights is not None else None
     if weights_file is not None:
-        like = load_state_dict_file(weights_file)
+        like = state = load_state_dict_file(weights_file)
+    model = _call_builder(name, weights, enum, _builder_kwargs(name, model_kwargs, like), model_kwargs)
+    if weights_file is not None:
+        fit_state_dict(model, state, source=f"--weights-file {weights_file}")  # freezes norms too
+    elif like is not None:
+        freeze_norms_like(model, like)
+    return model
+
+
+def _build_on_meta(name: str, model_kwargs: dict[str, Any] | None) -> nn.Module | None:
+    """``name`` built on the ``meta`` device, or None where its builder reads tensor data (RegNet)."""
+    try:
+        with torch.device("meta"):
+            return build_model(name, model_kwargs=model_kwargs)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _builder_kwargs(name: str, model_kwargs: dict[str, Any] | None,
+                    like: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+    """``model_kwargs`` plus what the builder needs to build the architecture ``like`` fits,
+    and never to download a backbone."""
+    kwargs = dict(model_kwargs or {})
     builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
     if like is not None and "aux_loss" in builder_params and any(k.startswith("aux_classifier.") for k in like):
         kwargs.setdefault("aux_loss", True)  # what a segmentation builder does when it loads weights
     if "weights_backbone" in builder_params:  # detection/segmentation: never a backbone download
         kwargs["weights_backbone"] = None
+    return kwargs
+
+
+def _call_builder(name: str, weights: str | None, enum: Any, kwargs: dict[str, Any],
+                  model_kwargs: dict[str, Any] | None) -> nn.Module:
+    """torchvision's builder of ``name``, loading ``enum`` (the user's ``weights``) safely;
+    its failures as one line."""
     try:
         with _weights_only(), _held_download_line():
-            model = torchvision.models.get_model(name, weights=enum, **kwargs)
+            return torchvision.models.get_model(name, weights=enum, **kwargs)
     except Exception as e:
         error = foreign_error(e) if enum is None else None  # out of memory
         if error is not None:
             raise error from e
-        first = first_line(e)
         if enum is not None:
-            cache = Path(torch.hub.get_dir()) / "checkpoints"
-            cached = cache / Path(urlparse(enum.url).path).name
-            if cached.is_file():
-                raise UsageError(f"--weights {weights}: the cached file {cached} does not load "
-                                 f"({first}); delete it to download it again") from None
-            raise UsageError(f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: "
-                             f"{first}); offline, put the file in {cache} or use --weights-file") from None
+            raise _weights_error(weights, enum, e) from None
         if model_kwargs:
-            raise UsageError(f"{name}: bad model arguments {model_kwargs}: {first}") from None
+            raise UsageError(f"{name}: bad model arguments {model_kwargs}: {first_line(e)}") from None
         raise
-    if weights_file is not None:
-        fit_state_dict(model, like, source=f"--weights-file {weights_file}")  # freezes norms too
-    elif like is not None:
-        freeze_norms_like(model, like)
-    return model
+
+
+def _weights_error(weights: str | None, enum: Any, e: Exception) -> UsageError:
+    """Why ``--weights`` (``enum``) did not load: a damaged cached file, or no download."""
+    first = first_line(e)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / Path(urlparse(enum.url).path).name
+    if cached.is_file():
+        return UsageError(f"--weights {weights}: the cached file {cached} does not load "
+                          f"({first}); delete it to download it again")
+    return UsageError(f"--weights {weights}: could not get {enum.url} ({type(e).__name__}: "
+                      f"{first}); offline, put the file in {cache} or use --weights-file")

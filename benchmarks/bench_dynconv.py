@@ -49,12 +49,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from attnsurgeon.latency import time_interleaved
 
 BATCH = 32
 LAYERS = {"64@56": (64, 56), "128@28": (128, 28), "256@14": (256, 14), "512@7": (512, 7)}
@@ -183,14 +184,7 @@ def memory(case: str, variant: str, size: int) -> float:
 def times(case: str, variants: tuple[str, ...], size: int, reps: int) -> dict[str, float]:
     """Median step time of each variant, the variants interleaved round by round."""
     steps = {v: _stepper(*build(case, v, size)) for v in variants}
-    for step in steps.values():
-        step()  # warm-up
-    samples: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(reps):
-        for v, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[v].append(time.perf_counter() - start)
+    samples = time_interleaved(steps, rounds=reps, warmup=1)
     return {v: statistics.median(t) for v, t in samples.items()}
 
 
@@ -259,18 +253,8 @@ def device_table(title: str, cases: dict[str, str], variants: tuple[str, ...], s
     print(f"\n{title}\n{'case':<11} {'variant':<22} {'median ms':>10} {'x seed':>7} {'peak MB':>8} {'x seed':>7}")
     for label, key in cases.items():
         steps = {v: _device_stepper(key, v, size, batch, train, device) for v in variants}
-        for step in steps.values():
-            step()
-            step()  # warm-up (cuDNN autotuning, allocator)
-        _sync(device)
-        samples: dict[str, list[float]] = {v: [] for v in variants}
-        for r in range(reps):
-            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                _sync(device)
-                start = time.perf_counter()
-                steps[v]()
-                _sync(device)
-                samples[v].append(time.perf_counter() - start)
+        # two warm-up rounds: cuDNN autotuning, the allocator
+        samples = time_interleaved(steps, rounds=reps, warmup=2, sync=lambda: _sync(device))
         peak = dict.fromkeys(variants, float("nan"))
         if device.type == "cuda":
             for v, step in steps.items():  # one call alone: what it allocates on top of what it holds

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnsurgeon.latency import time_interleaved
+
 # ---------------------------------------------------------------------------------------
 # Seed-style modules. Each follows its seed post's code; only what kept it from running
 # (syntax, indentation, typos, pdb/prints) is fixed, as noted per class.
@@ -464,7 +466,7 @@ class Timing:
 
 
 def _precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """fp32 on the CPU; on CUDA the GPU protocol of issue 10: bf16 autocast."""
+    """fp32 on the CPU; on CUDA bf16 autocast (the GPU protocol of bench_models.py)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -520,29 +522,9 @@ def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: i
              for name, m in modules.items()}
 
     # warm-up, and calibrate the calls per sample on the median implementation
-    per_call = {}
-    for name, step in steps.items():
-        for _ in range(warmup):
-            step()
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        per_call[name] = time.perf_counter() - t0
-    calls = max(1, round(target_ms / 1e3 / statistics.median(per_call.values())))
-
-    names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate the round-robin
-        for name in order:
-            step = steps[name]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                step()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / calls)
+    per_call = time_interleaved(steps, rounds=1, warmup=warmup, sync=sync)
+    calls = max(1, round(target_ms / 1e3 / statistics.median(s[0] for s in per_call.values())))
+    samples = time_interleaved(steps, rounds=reps, calls=calls, sync=sync)
     median_ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
     ours = samples["ours"]
     ratios = {name: _quartiles([a / b for a, b in zip(ours, s)])
@@ -585,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-ms", type=float, default=None,
                         help="approximate time of one sample (default 20, quick 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: bf16 autocast, channels_last (issue 10's GPU protocol)")
+                        help="cuda: bf16 autocast, channels_last")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset of se,cbam,sk,dynconv,afp,eca,coord,gc,dualpool")
     args = parser.parse_args(argv)

@@ -43,13 +43,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from attnsurgeon.latency import time_interleaved
 
 
 @dataclass(frozen=True)
@@ -149,19 +150,7 @@ def _sync(device: torch.device) -> None:
 def time_row(models: dict[str, nn.Module], s: Setting, size: int, reps: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per call of each model, ``reps`` rounds, order rotated each round."""
     steps = {name: _stepper(m, s, size) for name, m in models.items()}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    _sync(s.device)
-    names = list(steps)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            _sync(s.device)
-            start = time.perf_counter()
-            steps[name]()
-            _sync(s.device)
-            samples[name].append(time.perf_counter() - start)
+    samples = time_interleaved(steps, rounds=reps, warmup=warmup, sync=lambda: _sync(s.device))
     if s.device.type == "cuda":
         for name, step in steps.items():  # peak memory of one call alone, after the rounds
             torch.cuda.synchronize()

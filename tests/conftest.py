@@ -13,8 +13,23 @@ from attnsurgeon.cli import app
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` skip (visibly, with -ra) on machines without a CUDA device."""
+    """The quick loop, and tests marked ``cuda`` skipped where there is no CUDA device.
+
+    The quick loop (``python -m pytest -q -m "not heavy"``) runs every test function once:
+    a parametrized one with its first case that is not marked ``heavy``; its other cases
+    are marked ``heavy`` here. Tests too slow for the loop carry ``@pytest.mark.heavy``
+    themselves. The whole suite (``python -m pytest -q``, CI) runs everything.
+    """
+    sampled: set[str] = set()
+    for item in items:
+        if getattr(item, "callspec", None) is None or item.get_closest_marker("heavy"):
+            continue
+        function = item.nodeid.partition("[")[0]
+        if function in sampled:
+            item.add_marker(pytest.mark.heavy)
+        sampled.add(function)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

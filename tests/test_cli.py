@@ -87,7 +87,7 @@ def test_blocks_table_and_json(cli):
 def test_blocks_every_resnet_family_member(cli, model, blocks):
     data = json.loads(cli("blocks", model, "--json").stdout)
     assert len(data["blocks"]) == blocks
-    assert data["blocks"][-1]["out_channels"] == 2048 if model != "resnet34" else 512
+    assert data["blocks"][-1]["out_channels"] == (512 if model == "resnet34" else 2048)
 
 
 def test_insert_summarize_load_round_trip(cli, tmp_path, weights18):
@@ -227,6 +227,7 @@ def test_weights_file_accepts_training_checkpoints(cli, tmp_path, weights18):
     assert torch.equal(torch.load(out, weights_only=True)["state_dict"]["conv1.weight"], model.conv1.weight)
 
 
+@pytest.mark.heavy
 def test_debug_variable_shows_traceback(tmp_path):
     env = {**__import__("os").environ, "ATTNSURGEON_DEBUG": "1"}
     out = subprocess.run([sys.executable, "-m", "attnsurgeon", "insert", "resnet18", "--attn", "sse", "-o",

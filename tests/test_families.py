@@ -267,6 +267,7 @@ def test_se_builtin_takes_its_params_and_other_positions_note_the_builtin():
         apply(torchvision.models.mobilenet_v3_small(), "se", position="builtin", init="preserve")
 
 
+@pytest.mark.heavy
 def test_stage_aliases_mean_the_same_depth_in_every_family(cli):
     for name, native in (("resnet18", "layer3:"), ("convnext_tiny", "features.5:"),
                          ("regnet_y_400mf", "trunk_output.block3:")):
@@ -280,6 +281,7 @@ def test_stage_aliases_mean_the_same_depth_in_every_family(cli):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mnasnet0_5", "resnet18"])
+@pytest.mark.heavy
 def test_stage_aliases_survive_surgery(name):
     """A model that already carries attention (every kind, in turn) keeps its aliases:
     stage4 still means output stride 1/32. Before, a dynamic conv could not run on the
@@ -306,6 +308,7 @@ def test_summary_rows_per_stage_for_a_flat_family(cli):
     pytest.param("convnext_tiny", "dynconv", None, marks=pytest.mark.heavy),
     pytest.param("mobilenet_v2", "se", "mid", marks=pytest.mark.heavy),
 ])
+@pytest.mark.heavy
 def test_onnx_export_per_family(name, kind, position, tmp_path):
     model = base(name)
     apply(model, kind, position=position, layers="stage3:", seed=0)
@@ -313,6 +316,7 @@ def test_onnx_export_per_family(name, kind, position, tmp_path):
     assert summary["verification"]["passed"], summary["verification"]
 
 
+@pytest.mark.heavy
 def test_frozen_batchnorm_and_dilated_stages_preserve():
     """Detection/segmentation backbones: FrozenBatchNorm2d (a pretrained detector's) and
     dilated convs (a segmentation backbone's); sk, dynconv and preserve work with both."""
@@ -351,6 +355,7 @@ def test_sk_on_depthwise_convs_stays_depthwise_and_takes_over_the_activation():
     assert sk.paths[1].conv.kernel_size == (5, 5) and sk.paths[1].conv.dilation == (2, 2)
 
 
+@pytest.mark.heavy
 def test_detection_model_end_to_end(cli, tmp_path):
     name = "fasterrcnn_mobilenet_v3_large_320_fpn"
     result = cli("blocks", name, "--json")
@@ -381,9 +386,10 @@ def test_detection_model_end_to_end(cli, tmp_path):
     reloaded = attnsurgeon.load(out).eval()
     with torch.no_grad():
         again = reloaded(images)
-    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(detections, again))
+    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(detections, again, strict=True))
 
 
+@pytest.mark.heavy
 def test_segmentation_model_end_to_end(tmp_path):
     model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights_backbone=None)
     gen = torch.Generator().manual_seed(0)

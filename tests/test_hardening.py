@@ -123,6 +123,7 @@ def test_full_disk_message_is_the_readmes(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.heavy
 def test_file_too_large_for_real(tmp_path):
     """A real failing write: torch.save under a 1 MB file-size limit (SIGXFSZ ignored)."""
     def limit() -> None:
@@ -189,6 +190,7 @@ def test_a_bug_keeps_its_traceback(cli, monkeypatch):
 
 # --- SIGTERM -------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_sigterm_during_export_leaves_nothing(tmp_path):
     """SIGTERM while the exporter runs (the temp .onnx file exists): it is removed."""
     code = ("import os, signal, sys, time, torch\n"
@@ -207,6 +209,7 @@ def test_sigterm_during_export_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.heavy
 def test_sigterm_from_outside_while_insert_writes(tmp_path):
     """A real kill from another process, while the temp file beside se.pt exists."""
     code = ("import sys, time, torch\n"
@@ -387,6 +390,7 @@ class _Planted:
         return (Path.touch, (Path(os.environ["TORCH_HOME"]) / "PWNED",))
 
 
+@pytest.mark.heavy
 def test_figures_json_has_no_words_for_are_null(cli, tmp_path):
     """A zeroed classifier (a common fine-tuning start) has all-zero logits: the relative
     error has no scale, and NaN or Infinity would make --json invalid JSON."""

@@ -172,7 +172,7 @@ def test_mobilenet_v2_with_ca_matches_the_papers_count() -> None:
     total = sum(p.numel() for p in model.parameters())
     assert len(changes) == 16 and base == 3_504_872
     assert total == 3_950_648 and round(total / 1e6, 2) == 3.95
-    modules = iter(getattr(b, "attn_mid") for b in model.features[2:18])
+    modules = iter(b.attn_mid for b in model.features[2:18])
     for block in by_hand.modules():
         if isinstance(block, InvertedResidual) and len(block.conv) == 4:  # pw, dw, pw-linear, bn
             depthwise = block.conv[1]
@@ -320,6 +320,7 @@ def test_torch_export_of_resnet18(kind: str, x64) -> None:
 
 
 @pytest.mark.parametrize("kind, params", [("eca", {}), ("coord", {}), ("gc", {}), ("gc", {"fusion": "scale"})])
+@pytest.mark.heavy
 def test_onnx_dynamic_hw_matches_pytorch(kind: str, params: dict, tmp_path: Path) -> None:
     """Dynamic batch and H/W: export_onnx verifies 1x3x64x64, 3x3x64x64 and 3x3x96x80;
     onnxruntime at batch 2 and 48x48 is checked here on its own. The new modules' weights

@@ -107,6 +107,7 @@ def check_case(model: nn.Module, path, classes: int = 1000, check: bool = False)
 
 
 @pytest.mark.parametrize("kind, position", CASES, ids=[f"{k}-{p}" if p else k for k, p in CASES])
+@pytest.mark.heavy
 def test_every_kind_exports_with_dynamic_batch(tmp_path, kind, position):
     model = torchvision.models.resnet18()
     apply(model, kind, position=position, layers=LAYERS, seed=0)
@@ -114,6 +115,7 @@ def test_every_kind_exports_with_dynamic_batch(tmp_path, kind, position):
     check_case(model, tmp_path / "m.onnx")
 
 
+@pytest.mark.heavy
 def test_dual_pool_head_exports(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)
     apply(model, head="dual-pool", seed=0)
@@ -139,6 +141,7 @@ def test_api_restores_train_mode_and_names_culprit(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.onnx"]  # no file, no temp file
 
 
+@pytest.mark.heavy
 def test_api_failed_verification(tmp_path, monkeypatch):
     path = tmp_path / "c.onnx"
     with pytest.raises(VerificationError, match="FAILED verification.*no file written") as e:
@@ -165,6 +168,7 @@ def one_line_error(result, code: int, match: str) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.heavy
 def test_cli_from_checkpoint_dynamic_hw(cli, tmp_path):
     pt, out = tmp_path / "r18.pt", tmp_path / "r18.onnx"
     result = cli("insert", "resnet18", "--attn", "cbam", "--layers", "layer4", "--input-size", "64", "-o", str(pt))
@@ -185,6 +189,7 @@ def test_cli_from_checkpoint_dynamic_hw(cli, tmp_path):
     assert out.read_bytes() == before
 
 
+@pytest.mark.heavy
 def test_cli_model_name_dynconv_text_summary(cli, tmp_path):
     out = tmp_path / "dy.onnx"
     result = cli("export-onnx", "resnet18", "--attn", "dynconv", "--layers", "layer4", "-o", str(out),
@@ -195,6 +200,7 @@ def test_cli_model_name_dynconv_text_summary(cli, tmp_path):
     assert onnx.load(str(out)).opset_import[0].version == 18
 
 
+@pytest.mark.heavy
 def test_cli_static_batch(cli, tmp_path):
     out = tmp_path / "s.onnx"
     result = cli("export-onnx", "resnet18", "--attn", "se", "--layers", "layer4", "-o", str(out),
@@ -208,6 +214,7 @@ def test_cli_static_batch(cli, tmp_path):
         session.run(None, {"input": np.zeros((3, 3, 32, 32), np.float32)})
 
 
+@pytest.mark.heavy
 def test_cli_failed_verification_exit_1(cli, tmp_path):
     out = tmp_path / "f.onnx"
     result = cli("export-onnx", "resnet18", "-o", str(out), "--input-size", "32", "--atol", "0")
@@ -218,6 +225,7 @@ def test_cli_failed_verification_exit_1(cli, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.onnx"]
 
 
+@pytest.mark.heavy
 def test_cli_exporter_failure_is_one_line(cli, tmp_path, monkeypatch):
     from attnsurgeon.layers import squeeze_excite
 

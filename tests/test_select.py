@@ -1,4 +1,4 @@
-"""The layer spec of DESIGN.md, on resnet50's block names (torch-free)."""
+"""The layer spec (the README's Layer spec section), on resnet50's block names (torch-free)."""
 
 from __future__ import annotations
 

@@ -72,6 +72,7 @@ def test_every_kind_model_has_every_kind():
     assert len({c.path for c in changes}) == len(changes)
 
 
+@pytest.mark.heavy
 def test_export_matches_eager_with_a_dynamic_batch():
     model, _ = every_kind_model()
     model.eval()

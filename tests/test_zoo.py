@@ -84,6 +84,7 @@ def _pretrained_layout(name: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("source", ["--weights", "--weights-file"])
 @pytest.mark.parametrize("name, kind", [("deeplabv3_mobilenet_v3_large", "se"),
                                         ("fasterrcnn_mobilenet_v3_large_320_fpn", "sk")])
+@pytest.mark.heavy
 def test_pretrained_segmentation_and_detection_round_trip(cli, torch_home, tmp_path, name, kind, source):
     """torchvision builds another architecture when it loads weights; the checkpoint of such
     a model reloads (before, it wrote files its own load refused: unexpected aux_classifier,

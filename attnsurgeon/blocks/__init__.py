@@ -3,8 +3,8 @@
 A :class:`Family` recognises its torchvision block classes by exact type and describes
 each block as a :class:`BlockInfo`: dotted name, stage, channels at every slot, stride,
 shortcut, convolution sites and built-in Squeeze-and-Excitation. It also turns a block
-into its *slotted* form, a subclass whose forward runs the insertion positions of
-DESIGN.md (``nn.Identity`` until filled), without renaming any child, so every state_dict
+into its *slotted* form, a subclass whose forward runs the insertion positions below
+(``nn.Identity`` until filled; the README's Positions section), without renaming any child, so every state_dict
 key of the original model stays valid::
 
     x ─┬─ [identity] ─ downsample? ────────────────────────────────────┐
@@ -388,7 +388,7 @@ def _common_prefix(names: list[str]) -> str:
     """The dotted path of the deepest module that contains every block (not a block)."""
     parts = [n.split(".") for n in names]
     prefix = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):  # up to the shortest name
         if len(set(level)) != 1:
             break
         prefix.append(level[0])

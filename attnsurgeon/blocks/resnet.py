@@ -10,7 +10,8 @@ and the detection and segmentation models built on them (``fasterrcnn_resnet50_f
        └─ attn_pre ─ conv1 ─ bn1 ─ relu ─ [attn_mid] ─ ... ─ bn ─ attn_standard ┘
 
 At ``standard`` a gate's last multiply (SE, ECA, CBAM) and the residual add run as one
-``addcmul`` (see ``Slotted._standard_add``). ``mid`` follows the main spatial conv with its norm and ReLU: ``conv2`` in a Bottleneck
+``addcmul`` (see ``Slotted._standard_add``). ``mid`` follows the main spatial conv with its
+norm and ReLU: ``conv2`` in a Bottleneck
 (mmdetection's ``after_conv2``), ``conv1`` in a BasicBlock (the first of its two 3x3s).
 The block's ``relu`` is one module used several times, so SK keeps it and applies ReLU in
 its own paths (ReLU of a mix of ReLU outputs changes nothing).
@@ -27,7 +28,7 @@ __all__ = ["FAMILY", "SlottedBasicBlock", "SlottedBottleneck"]
 
 
 class SlottedBasicBlock(Slotted, BasicBlock):
-    """torchvision's BasicBlock with the attention slots of DESIGN.md."""
+    """torchvision's BasicBlock with the attention slots (:mod:`attnsurgeon.blocks`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)
@@ -39,7 +40,7 @@ class SlottedBasicBlock(Slotted, BasicBlock):
 
 
 class SlottedBottleneck(Slotted, Bottleneck):
-    """torchvision's Bottleneck with the attention slots of DESIGN.md."""
+    """torchvision's Bottleneck with the attention slots (:mod:`attnsurgeon.blocks`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)

@@ -22,16 +22,37 @@ A module whose forward ends in a gate multiply may offer ``gate_add(x, identity)
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["PRESERVE_LOGIT", "check_init", "initialised"]
+__all__ = ["INIT_MODES", "NEW_MARK", "PRESERVE_LOGIT", "check_init", "initialised", "is_new", "mark_new"]
 
 PRESERVE_LOGIT = 16.0
+INIT_MODES: tuple[str, ...] = ("paper", "preserve")  # the one list; kinds and recipes check against it
+NEW_MARK = "attnsurgeon_new"  # instance attribute the surgery sets on every module it builds
 
 
 def check_init(init: str) -> None:
-    if init not in ("paper", "preserve"):
-        raise ValueError(f"init must be 'paper' or 'preserve', got {init!r}")
+    """Raise ValueError unless ``init`` is one of :data:`INIT_MODES` (for callers of the
+    builders; the CLI and recipes check the user's value before, as a usage error)."""
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+
+
+T = TypeVar("T")
+
+
+def mark_new(module: T) -> T:
+    """Mark ``module`` as added by surgery, so :mod:`attnsurgeon.training` counts it (and
+    all inside it) as new, whatever package its class comes from. The mark is an instance
+    attribute: it survives ``copy.deepcopy`` and pickling, and :func:`attnsurgeon.load`
+    sets it again as it re-applies the recipe."""
+    setattr(module, NEW_MARK, True)
+    return module
+
+
+def is_new(module: Any) -> bool:
+    """Whether :func:`mark_new` marked ``module``."""
+    return getattr(module, NEW_MARK, False) is True
 
 
 class _Preservable(Protocol):

@@ -1,8 +1,8 @@
 """Adaptive feature processing (AFP): four branches fused by learnable softmax weights.
 
 Paper: Few-shot image classification based on adaptive feature fusion and transformation
-(Computer Engineering and Applications, 2021; no arXiv version); the code follows the
-blog post of seed 000, https://blog.csdn.net/weixin_43312117/article/details/121374486
+(Computer Engineering and Applications, 2021; no arXiv version); the code follows a
+blog post's, https://blog.csdn.net/weixin_43312117/article/details/121374486
 
 Four branches of the same shape as the input, summed with weights ``a = softmax(w)``::
 
@@ -14,28 +14,28 @@ two 3x3 convs in place of a 5x5, its second (C -> C - C/2) one 3x3; the concaten
 C channels and goes through a Squeeze-and-Excitation gate of hidden width C / r, r = 2.
 ``w`` starts at ones (equal weights), all convs have biases.
 
-Departures from the paper and the seed:
+Departures from the paper and the blog's code:
 
-* the average pool is 3x3 with stride 1 and padding 1, as in the seed's code; the paper
-  (as the seed's text quotes it) sets its size to 2, which at stride 1 would shrink the
-  map by one pixel and make the branches impossible to add. As in the seed's code, the
+* the average pool is 3x3 with stride 1 and padding 1, as in the blog's code; the paper
+  (as the blog quotes it) sets its size to 2, which at stride 1 would shrink the
+  map by one pixel and make the branches impossible to add. As in the blog's code, the
   zero padding counts in the border averages (``count_include_pad``);
-* the DConv widths are ``C // 2`` and ``C - C // 2``: the seed hard-codes C = 3 (1 and 2
+* the DConv widths are ``C // 2`` and ``C - C // 2``: the blog hard-codes C = 3 (1 and 2
   channels), the paper says each 1x1 conv halves the channels;
-* no normalisation or activation between the DConv convolutions, as in the seed's code;
+* no normalisation or activation between the DConv convolutions, as in the blog's code;
 * the SE gate is :class:`~attnsurgeon.layers.squeeze_excite.SqueezeExcite` with
-  ``reduction = 2``: the seed's ``r = 0.5`` multiplies the width (hidden ``int(C * 0.5)``
-  = ``C // 2``); its FCs are 1x1 convs, the same parameters as the seed's ``nn.Linear``;
-* ``w`` indexes the branches in the seed code's order (max, avg, DConv, identity); the
+  ``reduction = 2``: the blog's ``r = 0.5`` multiplies the width (hidden ``int(C * 0.5)``
+  = ``C // 2``); its FCs are 1x1 convs, the same parameters as the blog's ``nn.Linear``;
+* ``w`` indexes the branches in the blog code's order (max, avg, DConv, identity); the
   paper's formula lists them as identity, DConv, max, avg. The function is the same;
-* the weights are ``softmax(w)``, the seed's ``exp(w_i) / sum_j exp(w_j)`` computed
+* the weights are ``softmax(w)``, the blog's ``exp(w_i) / sum_j exp(w_j)`` computed
   without overflow; nothing is printed in ``forward``;
 * the sum is computed as ``x + sum_{i<4} a_i (branch_i - x)``, equal since the weights
-  sum to 1 (same function, same gradients): under ``--init preserve`` the seed's form
+  sum to 1 (same function, same gradients): under ``--init preserve`` the blog's form
   multiplies ``x`` by the constant ``a_4 = 1 - 3.4e-7``, and the ONNX exporter's optimiser
   (onnxscript's ``mul_by_1`` rule, relative tolerance 1e-5) rewrites that product to
   ``x``, so the ONNX model drifted from the PyTorch one by that much per module;
-* ``--init paper`` is PyTorch's default initialisation, as in the seed's code, and w = 1;
+* ``--init paper`` is PyTorch's default initialisation, as in the blog's code, and w = 1;
 * ``--init preserve`` (not in the source) sets ``w = [0, 0, 0, PRESERVE_LOGIT]``: the
   identity gets weight ``1 - 3.4e-7`` and each other branch ``1.1e-7``; the convs keep
   their paper initialisation.

@@ -1,7 +1,7 @@
 """Dual pooling head: global average and global max pooling, concatenated and reduced.
 
 Paper: none; a Kaggle technique (shared by the Kaggle Master "gray"), as reproduced in the
-blog post of seed 003 ("Attention机制中CBAM以及Dual pooling的pytorch实现").
+blog post "Attention机制中CBAM以及Dual pooling的pytorch实现" (CSDN).
 
 Replaces a ResNet's global average pool; ResNet's ``forward`` then flattens the result
 and applies its own ``fc``::
@@ -9,16 +9,16 @@ and applies its own ``fc``::
     (N, C, H, W) -> [avgpool(x) ; maxpool(x)] -> conv1x1(2C -> C, bias) -> dropout(0.5)
                  -> (N, C, 1, 1)
 
-Departures from the seed:
+Departures from the blog's code:
 
 * the dropout sits in this module, before the model's own ``fc``, instead of in a new
   ``Sequential(Dropout, Linear)`` classifier: the same computation, and every original
   parameter keeps its name, so pretrained weights load unchanged;
 * global max pooling is ``amax`` over H, W (exports to ONNX as ``ReduceMax``) instead of
   ``nn.AdaptiveMaxPool2d(1)``; the function is the same;
-* the channel count comes from the model (the seed hard-codes resnet18's 1024 -> 512);
-* ``--init paper`` is PyTorch's default initialisation, as in the seed's code;
-* ``--init preserve`` (not in the seed) sets the reduce conv's weight to ``[I | 0]`` and
+* the channel count comes from the model (the blog hard-codes resnet18's 1024 -> 512);
+* ``--init paper`` is PyTorch's default initialisation, as in the blog's code;
+* ``--init preserve`` (not in the blog) sets the reduce conv's weight to ``[I | 0]`` and
   its bias to 0: it passes the average-pooled half through and ignores the max-pooled
   half, so in eval mode (dropout off) the model computes exactly what the original did.
   In train mode the dropout still drops and rescales features, as it should.

@@ -1,104 +1,57 @@
-"""Dynamic convolution.
+"""Dynamic convolution: K kernels mixed per sample by a squeeze-and-excitation attention.
 
 Paper: Dynamic Convolution: Attention over Convolution Kernels (Chen, Dai, Liu, Chen,
-Yuan, Liu; CVPR 2020), https://arxiv.org/abs/1912.03458
-
-A dynamic conv holds K kernels ``W_k`` (and biases ``b_k``) of the replaced conv's shape
-and convolves each sample with their attention-weighted sum (the paper's Sec. 3)::
+Yuan, Liu; CVPR 2020), https://arxiv.org/abs/1912.03458 (Sec. 3)::
 
     pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau)      # K weights per sample, sum to 1
     y     = (sum_k pi_k(x) W_k) * x + sum_k pi_k(x) b_k
 
-The attention is squeeze-and-excitation over kernels: FC1 "reduces the dimension by 4"
-(hidden width C_in / r, r = 4), FC2 gives K logits. tau is the softmax temperature, which
-the paper anneals from 30 to 1 over the first 10 epochs so that early training updates
-all kernels; see :func:`temperature_schedule` and :func:`set_temperature`.
+FC1 reduces to ``C_in / r`` (r = 4); tau is annealed from 30 to 1 while training
+(:func:`temperature_schedule`, :func:`set_temperature`).
 
-The K kernels are one 4-D parameter ``weight`` of shape ``(K * C_out, C_in / groups, kh, kw)``,
-ordered (group, kernel, out-channel of the group): for ``groups = 1`` that is simply
-(kernel, out-channel), ``weight[k * C_out + c]``. Being 4-D, it converts with
-``model.to(memory_format=torch.channels_last)`` like any conv weight, and this order is the
-one the stacked form's conv reads, so that form needs no copy of it (the per-sample form
-copies the bank into kernel-major order when ``groups > 1``: one bank, against the N
-kernels it then makes; on a 2-core CPU, ResNeXt's layer3 shape, batch 32, groups 32,
-either order's copy was lost in the noise of a training step). The biases are one
-``(K * C_out,)`` vector in the same order. :meth:`DynamicConv2d.bank` gives the
-``(K, C_out, ...)`` view. Checkpoints written before this layout (a 5-D ``weight`` of shape
-``(K, C_out, C_in / groups, kh, kw)`` and a ``(K, C_out)`` ``bias``) still load.
+Layout: the K kernels are one 4-D ``weight`` of shape ``(K * C_out, C_in / groups, kh, kw)``
+ordered (group, kernel, out-channel of the group), the biases one ``(K * C_out,)`` vector,
+so ``channels_last`` works as for any conv; :meth:`DynamicConv2d.bank` gives the
+``(K, C_out, ...)`` view, and checkpoints with the older 5-D weight still load.
 
-Two exact forms of the same function (equal to float rounding, by linearity):
+Two exact forms of the same function (``DynamicConv2d.form``, or :func:`set_dynconv_form`):
 
-* *per-sample kernels*: aggregate ``N`` kernels and run one grouped conv with
-  ``groups = N * groups`` (the reference code's trick). Fewest multiply-adds, but it stores
-  N kernels and the batch size becomes an attribute of the conv;
-* *stacked*: one conv with all K kernels stacked (K * C_out output channels), then the
-  pi-weighted sum over K. K times the multiply-adds and it stores K outputs, but no op
-  depends on the batch size, so it exports with a dynamic batch.
+* *per-sample*: aggregate N kernels and run one conv with ``N * groups`` groups (fewest
+  multiply-adds, but the batch size becomes part of the graph);
+* *stacked*: one conv with all K kernels stacked, then the pi-weighted sum of the K outputs
+  (K times the multiply-adds, no op depends on the batch, so it exports with a dynamic batch).
 
-Which form runs (``DynamicConv2d.form``, set for a whole model with
-:func:`set_dynconv_form`): ``"stacked"`` or ``"per_sample"`` force one; ``"auto"`` (the
-default) decides per call:
+``"auto"`` (default) picks per call: the stacked form under every tracer (export, ONNX,
+compile, jit/fx); the per-sample form at batch 1 (a plain conv); the stacked form on CUDA,
+where a grouped conv of ``N * groups`` groups is far slower per multiply-add than one dense
+conv; on CPU the cheaper by a cost rule per kernel element: per-sample ``H'W' + a``
+against stacked ``K H'W' (1 + a / fan_in)``, with ``a = _ELEMENT_COST`` fitted to CPU
+timings (the README's benchmark section has them). Under autocast pi is cast to the conv's
+compute dtype, so a bf16 model stays bf16.
 
-* tracers (``torch.export``, ``torch.onnx.export`` in both modes, ``torch.compile``,
-  ``torch.jit.trace``, ``torch.fx.symbolic_trace``) always get the stacked form, whatever
-  ``form`` says;
-* at batch 1 the per-sample form is a plain conv and is always used;
-* on CUDA: the stacked form, on the H100 figures issue 10 reports (not measured by this
-  project: no GPU was lent to it) for DY-ResNet-18 inference (batch 256,
-  bf16, channels_last): stacked everywhere ran at 4.3x ResNet-18's time, per-sample
-  everywhere at 7.3x, and the CPU rule below at 4.6x; for one layer the per-sample form
-  took 1.4x the time and 3.2x the memory of the stacked one. cuDNN's grouped conv with
-  ``N * groups`` groups is far slower per MAC than one dense conv;
-* elsewhere (CPU, and devices not measured), the CPU cost rule below.
+Departures from the paper:
 
-The CPU rule compares the estimated cost per sample and per kernel element
-(``C_out * C_in/groups * kh * kw`` of them), in multiply-add equivalents:
-
-* per-sample: ``H'W' + a``, the conv plus making, using and back-propagating one
-  per-sample kernel element;
-* stacked: ``K H'W' (1 + a / fan_in)``, K convs plus the K stacked outputs
-  (``K C_out H'W'`` elements = ``K H'W' / fan_in`` per kernel element) at the same cost a;
-
-with ``a = _ELEMENT_COST = 256``, fitted to CPU timings (forward + backward, batch 32, 2
-threads, K = 4) of 3x3 convs with 64-1024 channels: the stacked form won at 4x4 and 7x7
-outputs and lost at 14x14 and larger, so the crossover is ``(K-1) H'W' ~ a``;
-``benchmarks/bench_dynconv.py`` shows ResNet-18's shapes. A stacked pick always stores
-less than the per-sample kernels would (it implies ``K H'W' < fan_in``). On DY-ResNet-18
-at 224 this stacks layer4's 3x3 convs (7x7 outputs) and keeps per-sample kernels
-everywhere else.
-
-Under autocast the attention weights pi are cast to the conv's compute dtype before they
-mix kernels or outputs, so a bf16 model stays bf16. A channels_last input gives a
-channels_last output in both forms.
-
-Departures from the paper, and why:
-
-* FC1 and FC2 have biases, as in SENet (the paper's attention "applies
-  squeeze-and-excitation" and does not specify them; biases change the parameter count
-  by < 0.01%). Hidden width is ``max(1, C_in // r)`` so that tiny inputs still work.
-* ``--init paper`` initialises each of the K kernels (and biases) independently as
-  ``nn.Conv2d.reset_parameters`` does (kaiming-uniform, a = sqrt(5)), and the attention
-  FCs with PyTorch defaults; the paper names no initialisation.
-* ``--init preserve`` copies the replaced conv into all K kernels (and biases), so the
-  output is the original conv's for any attention: exact up to float rounding. It
-  trains: each kernel's gradient is ``sum_n pi_nk * g_n``, different per kernel because
-  pi differs per sample, so the kernels diverge; while they are equal the attention
-  FCs get no gradient (every kernel gives the same output).
+* FC1 and FC2 have biases, as in SENet (the paper does not say; < 0.01% of the parameters);
+  the hidden width is ``max(1, C_in // r)``.
+* ``--init paper``: each kernel is initialised as ``nn.Conv2d.reset_parameters`` does, the
+  FCs with PyTorch defaults (the paper names no initialisation).
+* ``--init preserve``: all K kernels are copies of the replaced conv, so the output is the
+  conv's for any attention; the kernels diverge in training (each kernel's gradient is
+  weighted by its own pi), and until they do the FCs get no gradient.
 * tau is a persistent buffer, so a checkpoint keeps the annealed value.
-* The K kernels are stored as one 4-D tensor (see above) instead of the reference code's
-  5-D ``(K, C_out, C_in, kh, kw)``: the same numbers, in an order every conv and memory
-  format understands.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import check_init
+from ._conv import replace_conv
 
 __all__ = [
     "FORMS",
@@ -227,8 +180,9 @@ class DynamicConv2d(nn.Module):
         if self.bias is not None and conv.bias is not None:
             self._grouped(self.bias).copy_(conv.bias.unflatten(0, (g, 1, -1)).expand(-1, self.kernels, -1))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         """Accept the old 5-D layout: ``weight (K, C_out, ...)`` and ``bias (K, C_out)``."""
         k, g = self.kernels, self.groups
         for name, dims in (("weight", 5), ("bias", 2)):
@@ -263,7 +217,8 @@ class DynamicConv2d(nn.Module):
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
         n, _, h, w = x.shape
         positions = 1
-        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation):
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation,
+                                   strict=True):
             positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         fan_in = self.weight[0].numel()
         per_sample = positions + _ELEMENT_COST
@@ -350,21 +305,10 @@ def from_conv(
     Raises:
         ValueError: a bad param, or a conv with string padding or a non-zeros padding mode.
     """
-    check_init(init)
     if target not in ("spatial", "all"):
         raise ValueError(f"target must be 'spatial' or 'all', got {target!r}")
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "dynconv replaces a zero-padded conv with numeric padding, got "
-            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
-    dyn = DynamicConv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        bias=conv.bias is not None, kernels=kernels, temperature=temperature, reduction=reduction,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    if init == "preserve":
-        dyn.preserve_(conv)
+    dyn = replace_conv(conv, partial(DynamicConv2d, kernels=kernels, temperature=temperature, reduction=reduction),
+                       kind="dynconv", init=init, preserve=lambda new: new.preserve_(conv))
     return dyn, None
 
 
@@ -417,9 +361,7 @@ def temperature_schedule(epoch: float, *, start: float = 30.0, end: float = 1.0,
     """The paper's annealing: tau falls linearly from ``start`` to ``end`` over ``epochs``.
 
     ``epoch`` counts from 0 and may be fractional (per-step annealing); from ``epochs``
-    on, tau stays at ``end``. The default is the paper's 30 -> 1 over 10 epochs. The
-    reference code (seed 004) starts at 34 and subtracts 3 per epoch down to 1, which is
-    ``temperature_schedule(epoch, start=34, end=1, epochs=11)`` at whole epochs.
+    on, tau stays at ``end``. The default is the paper's 30 -> 1 over 10 epochs.
 
     Raises:
         ValueError: a negative epoch, ``epochs < 1``, or a temperature that is not > 0.

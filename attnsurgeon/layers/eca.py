@@ -1,48 +1,26 @@
-"""Efficient Channel Attention.
+"""Efficient Channel Attention: SE's gate without the reduction, a 1-D conv across channels.
 
 Paper: ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks
 (Wang, Wu, Zhu, Li, Zuo, Hu; CVPR 2020), https://arxiv.org/abs/1910.03151
 
-``x -> global average pool -> 1-D conv of size k across channels (no bias) -> sigmoid ->
-x * s``: SE's gate without the dimensionality reduction, with local cross-channel
-interaction. The kernel size follows the paper's adaptive rule::
-
-    k = psi(C) = | log2(C) / gamma + b / gamma |_odd,   gamma = 2, b = 1
-
-where ``|t|_odd`` is the nearest odd number to t. A module has k parameters.
-
-Which rounding. For ResNet-50's bottleneck outputs C = 256, 512, 1024, 2048 the rule gives
-t = 4.5, 5, 5.5, 6:
-
-* nearest odd, ties to the smaller kernel (the default here): k = 5, 5, 5, 5, i.e.
-  16 x 5 = **80** parameters, the number the paper's abstract gives for ResNet-50;
-* the reference code's rounding (github.com/BangguWu/ECANet; timm's ``EcaModule`` too, with k >= 3),
-  ``t = int(abs((log2(C) + b) / gamma)); k = t if t odd else t + 1``: k = 5, 5, 5, 7,
-  i.e. 3x5 + 4x5 + 6x5 + 3x7 = **86** parameters;
-* the model the authors released for ECA-Net50 (README: ``eca_resnet50_k3557``) fixes k per
-  stage to 3, 5, 5, 7: 9 + 20 + 30 + 21 = **80** parameters; ``recipes/eca_resnet50.toml``
-  builds that model with one rule per stage.
-
-The default follows the paper's written rule ("nearest odd"), whose one ambiguous case, an
-even t, is resolved towards the smaller kernel: that is the reading that gives the paper's
-80 on ResNet-50 (ties upwards, like the reference code, give 86). The released
-k = 3, 5, 5, 7 also gives 80, so the count alone cannot say which one the paper counted.
+``x -> global average pool -> conv1d of size k across channels (no bias) -> sigmoid -> x * s``,
+with k parameters per module and ``k = |(log2(C) + b) / gamma|_odd`` (gamma = 2, b = 1), the
+nearest odd number. On an even t this module rounds down: that gives the 80 parameters the
+paper states for ResNet-50 (k = 5 everywhere); the reference code
+(github.com/BangguWu/ECANet, and timm) rounds up, 86 (:func:`reference_kernel_size`). The
+authors' released ECA-Net50 fixes k = 3, 5, 5, 7 per stage, also 80
+(``recipes/eca_resnet50.toml``).
 
 Departures from the paper:
 
-* the gate is ``sigmoid(conv1d(y) + offset)`` with ``offset`` a fixed buffer (not a
-  parameter, not trained): 0 under ``--init paper``, which is the paper's ECA exactly, and
-  ``PRESERVE_LOGIT`` under ``--init preserve``. ECA's conv has no bias, so without it no
-  weights could make the gate a constant ~1 for every input; a buffer keeps the parameter
-  count at k (the paper's 80 on ResNet-50) and the same state_dict keys for both inits;
-* ``kernel_size = 0`` means adaptive (the paper's rule above); a positive odd value fixes k
-  (``gamma`` and ``b`` are then unused); k is at least 1 for any gamma and b;
-* the pooled vector is convolved as ``(N, 1, C)`` and reshaped to ``(N, C, 1, 1)`` with
-  ``unsqueeze``/``transpose`` only, so ONNX export keeps a dynamic batch;
-* ``--init paper`` is PyTorch's default initialisation of ``nn.Conv1d``, as in the
-  reference code (its ResNet initialises only ``nn.Conv2d`` weights);
-* ``--init preserve`` (not in the paper): conv weight 0 and offset ``PRESERVE_LOGIT``, so
-  the gate is ``sigmoid(PRESERVE_LOGIT)`` for every input, in train and eval mode.
+* the gate is ``sigmoid(conv1d(y) + offset)`` with ``offset`` a fixed buffer: 0 under
+  ``--init paper`` (the paper's ECA exactly), ``PRESERVE_LOGIT`` under ``--init preserve``
+  with the conv's weight 0 (a bias-free conv cannot make the gate constant otherwise);
+  a buffer keeps the count at k and the same state_dict keys for both inits;
+* ``kernel_size = 0`` means the adaptive rule; a positive odd value fixes k;
+* the pooled vector is reshaped with ``unsqueeze``/``transpose`` only, so ONNX export keeps
+  a dynamic batch;
+* ``--init paper`` is PyTorch's default for ``nn.Conv1d``, as in the reference code.
 """
 
 from __future__ import annotations

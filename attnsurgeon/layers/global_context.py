@@ -102,4 +102,4 @@ class GlobalContext(nn.Module):
 
 
 def build(channels: int, *, init: str = "paper", reduction: int = 16, fusion: str = "add") -> GlobalContext:
-    return initialised(GlobalContext(channels, reduction=reduction, fusion=fusion), init)  # type: ignore[arg-type]
+    return initialised(GlobalContext(channels, reduction=reduction, fusion=fusion), init)

@@ -38,7 +38,7 @@ Departures from the paper, and why:
   belongs to the conv alone the surgery removes it from the block (SK applies it per
   path); ResNet's shared ``relu`` stays (see the last point).
 * The FCs are bias-free 1x1 convs on the pooled ``(N, C, 1, 1)`` tensor, as in timm's
-  ``SelectiveKernel`` and the seed's port; the paper writes them as matrices.
+  ``SelectiveKernel``; the paper writes them as matrices.
 * ``--init paper`` is PyTorch's default initialisation (BN weight 1, bias 0), as in the
   reference implementations (timm); the paper names none.
 * ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and its norm, the
@@ -66,7 +66,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import PRESERVE_LOGIT, check_init
+from . import PRESERVE_LOGIT
+from ._conv import replace_conv
 
 __all__ = ["SelectiveKernelConv", "fit_groups", "from_conv"]
 
@@ -129,7 +130,7 @@ class SelectiveKernelConv(nn.Module):
         for name, value in (("branches", branches), ("reduction", reduction), ("min_dim", min_dim)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if any(2 * p != d * (k - 1) for p, d, k in zip(padding, dilation, kernel_size)):
+        if any(2 * p != d * (k - 1) for p, d, k in zip(padding, dilation, kernel_size, strict=True)):
             raise ValueError(
                 "SK needs a 'same'-padded conv so that every path has its output size, got "
                 f"kernel_size={kernel_size}, padding={padding}, dilation={dilation}"
@@ -215,19 +216,8 @@ def from_conv(
         ValueError: a bad param, or a conv that is not zero-padded with numeric 'same'
             padding, or a norm that is not a (frozen) batch norm.
     """
-    check_init(init)
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            "SK replaces a zero-padded conv with numeric padding, got "
-            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-        )
-    sk = SelectiveKernelConv(
-        conv.in_channels, conv.out_channels,
-        kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-        branches=branches, path_groups=groups, reduction=reduction, min_dim=min_dim,
+    sk = replace_conv(conv, partial(
+        SelectiveKernelConv, branches=branches, path_groups=groups, reduction=reduction, min_dim=min_dim,
         norm_layer=_norm_layer(norm), act_layer=(lambda: copy.deepcopy(act)) if act is not None else None,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    if init == "preserve":
-        sk.preserve_(conv, norm)
+    ), kind="SK", init=init, preserve=lambda new: new.preserve_(conv, norm))
     return sk, (nn.Identity() if _norm_layer(norm) is not None else None)
