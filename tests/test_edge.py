@@ -93,6 +93,7 @@ def test_recipe_nested_too_deeply_is_one_line_in_process(cli, tmp_path):
 # --- output: encoding, width, removal on failure -----------------------------------------
 
 
+@pytest.mark.heavy  # a subprocess, a whole model or an ONNX export: seconds
 def test_ascii_stdout_does_not_fail_after_writing(tmp_path):
     env = {**ENV, "PYTHONIOENCODING": "ascii"}
     out = subprocess.run([sys.executable, "-m", "attnsurgeon", "insert", "resnet18", "--attn", "se",
@@ -138,6 +139,7 @@ def test_width_follows_the_terminal_when_piped(monkeypatch):
     assert terminal_width() == 80  # no terminal at all
 
 
+@pytest.mark.heavy  # a subprocess, a whole model or an ONNX export: seconds
 def test_tables_fit_80_columns_and_keep_every_number(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     result = cli("blocks", "regnet_y_400mf")
@@ -197,6 +199,7 @@ class _Tiny(nn.Module):
         return self.conv(x).mean((2, 3)) * self.scale
 
 
+@pytest.mark.heavy  # a subprocess, a whole model or an ONNX export: seconds
 def test_onnx_parity_of_tiny_outputs_is_also_relative(tmp_path):
     from attnsurgeon.onnx_export import export_onnx, verify_onnx
 
