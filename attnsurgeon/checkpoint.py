@@ -63,7 +63,13 @@ def save(
                      "torchvision": str(torchvision.__version__)},
         "preservation": preservation,
     }
-    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    def write(tmp: Path) -> None:
+        # into a file object: given a path, torch.save names the zip's inner folder after
+        # the random temp file, and the same command would not write the same bytes
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+
+    atomic_write(path, write)
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -11,12 +11,13 @@ and SIGTERM unwinds like Ctrl-C, so no temp file is left behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -61,17 +62,56 @@ L = "latency"  # help panel
 Latency = Annotated[bool, typer.Option("--latency", help="Also time the original and the modified model at --input-size (eval, inference mode, interleaved rounds, median) and print both and their ratio.", rich_help_panel=L)]
 Device = Annotated[str | None, typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
 Batch = Annotated[int | None, typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
+# click keeps the last of a repeated option without a word (`--attn se --attn cbam` would
+# apply only cbam): these are taken as lists so that a repeat is refused (_once)
+
+
+def _as_list(option: Any, metavar: str) -> Any:
+    """The ``typer.Option`` of ``option`` (an ``Annotated[str | None, typer.Option(...)]``),
+    shown in the help as ``metavar``, for the same option parsed as a list."""
+    info = copy.copy(get_args(option)[1])
+    info.metavar = metavar
+    return info
+
+
+AttnOnce = Annotated[list[str] | None, _as_list(Attn, "KIND")]
+PositionOnce = Annotated[list[str] | None, _as_list(Position, "POSITION")]
+LayersOnce = Annotated[list[str] | None, _as_list(Layers, "SPEC")]
+
+
+def _once(option: str, values: list[str] | None) -> str | None:
+    """The one value of a surgery option; a repeat is an error, not a silent override."""
+    if values and len(values) > 1:
+        raise UsageError(f"{option} given {len(values)} times ({', '.join(values)}): a command takes one rule; "
+                         "put several rules in a --recipe file")
+    return values[0] if values else None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: a newline or other control character (in a file name) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _tolerant_streams() -> None:
+    """Make stdout and stderr replace what their encoding cannot write (a "Δ" under
+    ``PYTHONIOENCODING=ascii`` or a C locale) instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
+    _tolerant_streams()
     try:
         yield
     except (UsageError, OSError, MemoryError, RuntimeError) as e:
         error = foreign_error(e)
         if error is None or os.environ.get("ATTNSURGEON_DEBUG"):
             raise
-        _err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(_one_line(str(error)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -89,12 +129,13 @@ def _main(
     """The app's callback: ``--version``; the help text is ``_ABOUT`` (from the registry)."""
 
 
-def _opts(model: str | None, attn: str | None, position: str | None, layers: str | None,
+def _opts(model: str | None, attn: list[str] | None, position: list[str] | None, layers: list[str] | None,
           param: list[str] | None, recipe: list[Path] | None, weights: str | None,
           weights_file: Path | None, init: str | None, seed: int | None, head: str | None):
     from .commands import SurgeryOptions
 
-    return SurgeryOptions(model=model, attn=attn, position=position, layers=layers,
+    return SurgeryOptions(model=model, attn=_once("--attn", attn), position=_once("--position", position),
+                          layers=_once("--layers", layers),
                           params=tuple(param or ()), recipes=tuple(recipe or ()), weights=weights,
                           weights_file=weights_file, init=init, seed=seed, head=head)
 
@@ -103,9 +144,9 @@ def _opts(model: str | None, attn: str | None, position: str | None, layers: str
 def insert(
     output: Output,
     model: ModelArg = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
     recipe: Recipes = None,
     weights: Weights = None,
@@ -123,7 +164,7 @@ def insert(
     """Rewrite MODEL's blocks with attention and save a safe .pt checkpoint."""
     with _user_errors():
         from .commands import run_insert
-        from .latency import check_latency_options
+        from .options import check_latency_options
 
         run_insert(_opts(model, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                    output=output, force=force, input_size=input_size, as_json=json,
@@ -133,9 +174,9 @@ def insert(
 @app.command()
 def summarize(
     target: Annotated[str | None, typer.Argument(help="A model name (dry run: nothing is written) or a FILE.pt from insert.", show_default=False)] = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
     recipe: Annotated[list[Path] | None, typer.Option("--recipe", help="TOML recipe(s); several (or a directory) print one comparison table. CLI values win over the recipe's.", rich_help_panel=S)] = None,
     weights: Weights = None,
@@ -152,7 +193,7 @@ def summarize(
     """Show parameters and MACs per stage before and after surgery (writes nothing)."""
     with _user_errors():
         from .commands import run_summarize
-        from .latency import check_latency_options
+        from .options import check_latency_options
 
         run_summarize(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                       input_size=input_size, as_json=json, latency=check_latency_options(latency, device, batch))
@@ -162,9 +203,9 @@ def summarize(
 def export_onnx(
     output: Output,
     target: Annotated[str | None, typer.Argument(help="A FILE.pt from insert, or a model name (with surgery options).", show_default=False)] = None,
-    attn: Attn = None,
-    position: Position = None,
-    layers: Layers = None,
+    attn: AttnOnce = None,
+    position: PositionOnce = None,
+    layers: LayersOnce = None,
     param: Params = None,
     recipe: Recipes = None,
     weights: Weights = None,
@@ -192,13 +233,13 @@ def export_onnx(
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
                        force=force, as_json=json)
         except VerificationError as e:
-            _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
 @app.command()
 def blocks(
-    model: Annotated[str, typer.Argument(help="torchvision model name.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="torchvision model name, or a FILE.pt from insert.", show_default=False)],
     json: Json = False,
 ) -> None:
     """List MODEL's residual blocks: stages, dotted names, channels, stride, slots."""

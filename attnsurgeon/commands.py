@@ -24,22 +24,49 @@ from rich.console import Console
 from .errors import UsageError, VerificationError
 from .files import check_input_size, check_output
 from .kinds import parse_cli_params
-from .recipe import Recipe, Rule, check_head, check_init, check_seed, load_recipe, rule_from_options
-from .render import blocks_table, comparison_table, kinds_data, print_export_summary, print_kinds, print_summary
+from .options import (
+    LatencyOptions,
+    check_export_args,
+    check_model_name,
+    check_regular_file,
+    show_path,
+)
+from .recipe import (
+    Recipe,
+    Rule,
+    check_head,
+    check_init,
+    check_seed,
+    load_recipe,
+    rule_from_options,
+)
+from .render import (
+    BLOCKS_DROP,
+    COMPARISON_DROP,
+    blocks_table,
+    comparison_table,
+    kinds_data,
+    print_export_summary,
+    print_kinds,
+    print_summary,
+    print_table,
+    results_console,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .latency import LatencyOptions
     from .surgery import Changes
 
 __all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
 
-# results (tables) on stdout, messages on stderr. Piped into a file or a log, rich would
-# assume 80 columns and squeeze the tables; there is no terminal to fit, so use 120.
-out = Console(width=None if Console().is_terminal or os.environ.get("COLUMNS") else 120,
-              emoji=False)  # the user's text verbatim (":b:" is not an emoji)
-err = Console(stderr=True, emoji=False)
+# results (tables) on stdout (render.results_console: made per command, at the terminal's
+# width), messages on stderr
+err = Console(stderr=True, emoji=False)  # the user's text verbatim (":b:" is not an emoji)
+
+
+def _warn(text: str) -> None:
+    err.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -93,6 +120,16 @@ class SurgeryOptions:
         check_init(recipe.init, "--init")
         return replace(recipe, head=check_head(recipe.head, "--head"))  # "avg" -> None
 
+    def check(self, recipe: Recipe) -> str:
+        """Check what can be checked without torch: the model's name, and the weights
+        (one source, a regular file). Return the model name."""
+        name = check_model_name(recipe.model)
+        if self.weights_file is not None:
+            if recipe.weights not in (None, "none"):
+                raise UsageError("give --weights or --weights-file, not both")
+            check_regular_file(self.weights_file, f"--weights-file: {show_path(self.weights_file)}")
+        return name
+
 
 @dataclass
 class Prepared:
@@ -109,9 +146,9 @@ class Prepared:
 def prepare(opts: SurgeryOptions, recipe: Recipe) -> Prepared:
     from .surgery import apply_recipe
     from .torch_state import seeded
-    from .zoo import build_model, check_model_name
+    from .zoo import build_model
 
-    name = check_model_name(recipe.model)
+    name = opts.check(recipe)
     # random base weights come from the recipe's seed too (0 unless given): same command, same file
     with seeded(recipe.seed):
         original = build_model(name, weights=recipe.weights, weights_file=opts.weights_file)
@@ -153,10 +190,17 @@ def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
     _warn_costly_stages(before, after, input_size=input_size)
     note = preserve_lost(p.changes, p.recipe.init)
     if note:
-        err.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+        _warn(note)
         if pres is not None:
             pres["function_kept"] = False
             pres["note"] = note
+    if pres is not None and pres.get("too_small"):
+        _warn(f"the unmodified model's outputs on the probe are at most {pres['logit_scale']:.2g} (random "
+              "weights?): too small to judge preservation; use --weights or --weights-file")
+    if before.params and after.params - before.params > before.params:
+        _warn(f"the surgery adds {after.params - before.params:,} parameters, more than the model's own "
+              f"{before.params:,} (+{100 * (after.params - before.params) / before.params:.0f}%); "
+              "if that is not intended, check --layers and --param")
     data = summary_data(model_name=p.name, recipe=p.recipe.to_data(), before=before, after=after,
                         changes=p.changes, input_size=input_size, preservation=pres)
     return _with_latency(data, p.original, p.model, input_size=input_size, latency=latency)
@@ -193,29 +237,44 @@ def _emit(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        print_summary(out, data)
+        print_summary(results_console(), data)
 
 
 def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: int, as_json: bool,
                latency: LatencyOptions | None = None) -> None:
-    from .checkpoint import save
-
     check_input_size(input_size)
     if len(opts.recipes) > 1:
         raise UsageError("insert takes one --recipe")
     recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
     if not recipe.rules and recipe.head is None:
         raise UsageError("nothing to insert: give --attn KIND, --head or --recipe FILE")
+    opts.check(recipe)  # everything so far without torch: a typo is reported at once
     hint = "; use export-onnx to write ONNX" if output.suffix == ".onnx" else ""
     output = check_output(output, force=force, suffix=(".pt", ".pth"), hint=hint)
+    from .checkpoint import save
+    from .latency import check_device
+
+    check_device(latency)
     with _stdout_to_stderr():
         p = prepare(opts, recipe)
         data = summarize_prepared(p, input_size=input_size, latency=latency)
         save(output, p.model, model_name=p.name, recipe=p.recipe, weights=p.weights,
              preservation=data["preservation"])
-    data["output"] = str(output)
-    _emit(data, as_json)
-    err.print(f"wrote {output}", markup=False, highlight=False)
+    with _removed_on_failure(output):
+        data["output"] = str(output)
+        _emit(data, as_json)
+        err.print(f"wrote {show_path(output)}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Remove the file just written at ``path`` if what follows fails (printing the
+    summary into a closed pipe, an interrupt): a failed command leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _summarize_checkpoint(path: Path, *, input_size: int, latency: LatencyOptions | None = None) -> dict[str, Any]:
@@ -247,24 +306,32 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
                   latency: LatencyOptions | None = None) -> None:
     check_input_size(input_size)
     if target is not None and _is_checkpoint(target, opts, "summarize"):
+        from .latency import check_device
+
+        check_device(latency)
         with _stdout_to_stderr():
             data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
-            err.print(f"{target}: made by {data['checkpoint']['made_by']}", markup=False, highlight=False,
-                      soft_wrap=True)
+            err.print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}", markup=False,
+                      highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
     opts = replace(opts, model=target)
-    recipes = _expand(opts.recipes)
-    if len(recipes) <= 1:
-        recipe = opts.recipe(recipes[0] if recipes else None)
+    paths = _expand(opts.recipes)
+    # every recipe parsed and checked before torch is imported and any model is built
+    recipes = [opts.recipe(path) for path in paths] if paths else [opts.recipe(None)]
+    for recipe in recipes:
+        opts.check(recipe)
+    from .latency import check_device
+
+    check_device(latency)
+    if len(recipes) == 1:
         with _stdout_to_stderr():
-            data = summarize_prepared(prepare(opts, recipe), input_size=input_size, latency=latency)
+            data = summarize_prepared(prepare(opts, recipes[0]), input_size=input_size, latency=latency)
         _emit(data, as_json)
         return
     rows = []
-    for path in recipes:
-        recipe = opts.recipe(path)
+    for path, recipe in zip(paths, recipes, strict=True):
         with _stdout_to_stderr():
             data = summarize_prepared(prepare(opts, recipe), input_size=input_size, probe=False,
                                       latency=latency)
@@ -273,19 +340,22 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
     if as_json:
         _write_json({"recipes": rows})
     else:
-        out.print(comparison_table(rows))
+        print_table(results_console(), comparison_table(rows), drop=COMPARISON_DROP)
 
 
 def _is_checkpoint(target: str, opts: SurgeryOptions, command: str) -> bool:
     """Whether ``target`` is a file (then no surgery option may come with it) rather than
     a model name: an existing file, whatever its suffix, or anything a model name cannot
-    be (torchvision's names have no ``.`` or ``/``). Its content says whether it is an
+    be (torchvision's names have no ``.`` or ``/``); a FIFO or device is refused as not
+    a regular file. Its content says whether it is an
     attnsurgeon checkpoint (:func:`checkpoint.read`). A folder named like a model (say
     ``resnet18/``) does not hide the model."""
-    if not ("." in target or os.sep in target or "/" in target or os.path.isfile(target)):
+    if not ("." in target or os.sep in target or "/" in target
+            or (os.path.exists(target) and not os.path.isdir(target))):
         return False
     if opts != SurgeryOptions():
         raise UsageError(f"{command} FILE.pt takes no surgery options: the file says what was done")
+    check_regular_file(target, show_path(target))
     return True
 
 
@@ -303,26 +373,39 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
     return result
 
 
-def run_blocks(model_name: str, *, as_json: bool) -> None:
+def run_blocks(target: str, *, as_json: bool) -> None:
+    """List the blocks of a model, named or saved in a checkpoint (what ``insert`` wrote)."""
+    from_file = _is_checkpoint(target, SurgeryOptions(), "blocks")
+    if not from_file:
+        check_model_name(target)
     from .blocks import find_blocks, unsupported_message
-    from .zoo import build_model, check_model_name
 
-    check_model_name(model_name)
-    model = build_model(model_name, structure_only=True)
+    if from_file:
+        from . import checkpoint
+
+        with _stdout_to_stderr():
+            data = checkpoint.read(target)
+            model, _ = checkpoint.rebuild(data, target)
+        name = data["model"]
+    else:
+        from .zoo import build_model
+
+        model, name = build_model(target, structure_only=True), target
     blocks = [info.to_data() for info, _ in find_blocks(model)]
     if not blocks:
-        raise UsageError(unsupported_message(model, model_name))
+        raise UsageError(unsupported_message(model, name))
     if as_json:
-        _write_json({"model": model_name, "blocks": blocks})
+        _write_json({"model": name, "blocks": blocks})
         return
-    out.print(blocks_table(model_name, blocks))
+    title = name if not from_file else f"{show_path(target)} ({name} after surgery)"
+    print_table(results_console(), blocks_table(title, blocks), drop=BLOCKS_DROP)
 
 
 def run_kinds(*, as_json: bool) -> None:
     if as_json:
         _write_json(kinds_data())
     else:
-        print_kinds(out)
+        print_kinds(results_console())
 
 
 def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
@@ -335,9 +418,6 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
             exporter cannot export.
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
-    from . import checkpoint
-    from .onnx_export import check_export_args, export_onnx
-
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     path = target if target is not None and _is_checkpoint(target, opts, "export-onnx") else None
     if len(opts.recipes) > 1:
@@ -345,7 +425,11 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     if path is None:
         opts = replace(opts, model=target)
         recipe = opts.recipe(opts.recipes[0] if opts.recipes else None)
+        opts.check(recipe)  # everything so far without torch
     output = check_output(output, force=force, suffix=".onnx")
+    from . import checkpoint
+    from .onnx_export import export_onnx
+
     try:
         with _stdout_to_stderr():
             if path is not None:
@@ -362,12 +446,13 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     except VerificationError as e:
         _emit_export({**source, **e.summary}, as_json)
         raise
-    _emit_export({**source, **summary}, as_json)
-    err.print(f"wrote {output}", markup=False, highlight=False)
+    with _removed_on_failure(output):
+        _emit_export({**source, **summary}, as_json)
+        err.print(f"wrote {show_path(output)}", markup=False, highlight=False)
 
 
 def _emit_export(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
     else:
-        print_export_summary(out, data)
+        print_export_summary(results_console(), data)

@@ -60,7 +60,8 @@ def foreign_error(exc: BaseException, *, writing: object | None = None) -> Usage
 
     Maps a failed write (``OSError`` such as ENOSPC, EDQUOT, EFBIG, EACCES, EROFS, or torch's
     "file write failed"), an ``OSError`` met while reading, and an allocation failure
-    (``MemoryError``, torch's "out of memory" / "can't allocate memory") to one line.
+    (``MemoryError``, torch's "out of memory" / "can't allocate memory") to one line, and
+    a parser's ``RecursionError`` (input nested too deeply) too.
 
     Args:
         exc: the exception caught.
@@ -68,6 +69,8 @@ def foreign_error(exc: BaseException, *, writing: object | None = None) -> Usage
     """
     if isinstance(exc, UsageError):
         return exc
+    if isinstance(exc, RecursionError):  # a parser (TOML, pickle) met input nested too deeply
+        return UsageError("input nested too deeply to read (Python's recursion limit)")
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, MemoryError) or (

@@ -259,14 +259,15 @@ register(KindSpec(
     mode="replace",
     builder="attnsurgeon.layers.selective_kernel:from_conv",
     params=(
-        Param("branches", int, 2, "number of paths; path m is a 3x3 conv with dilation m", "M",
+        Param("branches", int, 2, "number of paths; path m has the replaced conv's kernel at m times its "
+              "dilation (the paper's 3x3 with dilation m, on a 3x3 conv)", "M",
               minimum=1, maximum=8),
         Param("groups", int, 32, "groups of the extra paths (path 1 keeps the replaced conv's)", "G", minimum=1),
         Param("reduction", int, 16, "reduction ratio of the fuse FC", "r", minimum=1),
         Param("min_dim", int, 32, "lower bound of the fuse FC width d = max(C/r, L)", "L",
               minimum=1, maximum=4096),
     ),
-    note="replaces the block's main 3x3 conv and the norm after it",
+    note="replaces the block's main spatial conv (whatever its kernel) and the norm after it",
     convs="main",
 ))
 

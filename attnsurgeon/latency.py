@@ -11,7 +11,8 @@ module times both models on one device in one run:
   original on odd ones (ABBA), so load drifts and cache effects hit both alike
   (:func:`time_interleaved`, which the benchmarks use too);
 * on CUDA the device is synchronised before and after each timed call;
-* reported: the median time per call of each model and the ratio after / before.
+* reported: the median time per call of each model, half the interquartile range of
+  its rounds (the spread), and the ratio after / before.
 
 Default batch (:func:`default_batch`): 1 on CPU, the latency of one image as an online
 service sees it, and quick even for large models; 64 on CUDA, because at batch 1 a GPU is
@@ -25,29 +26,18 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .options import DEVICES, LatencyOptions, check_latency_options
 from .torch_state import evaluating, input_dtype
 
-__all__ = ["DEVICES", "LatencyOptions", "check_latency_options", "default_batch", "measure_latency",
+__all__ = ["DEVICES", "LatencyOptions", "check_device", "check_latency_options", "default_batch", "measure_latency",
            "time_interleaved"]
 
-DEVICES = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class LatencyOptions:
-    """What ``--latency``, ``--device`` and ``--batch`` asked for (``batch`` None: default)."""
-
-    device: str = "cpu"
-    batch: int | None = None
-    rounds: int = 15
-    warmup: int = 3
 
 
 def default_batch(device: str) -> int:
@@ -55,25 +45,18 @@ def default_batch(device: str) -> int:
     return 64 if device == "cuda" else 1
 
 
-def check_latency_options(latency: bool, device: str | None, batch: int | None) -> LatencyOptions | None:
-    """The options of ``--latency/--device/--batch`` as :class:`LatencyOptions` (or None).
-
-    Raises:
-        UsageError: ``--device``/``--batch`` without ``--latency``, an unknown device, a
-            batch below 1, or ``--device cuda`` on a machine without CUDA.
-    """
-    if not latency:
-        if device is not None or batch is not None:
-            raise UsageError("--device and --batch set up --latency; add --latency")
-        return None
-    device = device or "cpu"
-    if device not in DEVICES:
-        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if batch is not None and batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {batch}")
-    if device == "cuda" and not torch.cuda.is_available():
+def check_device(options: LatencyOptions | None) -> None:
+    """Raise UsageError for ``--device cuda`` on a machine without CUDA."""
+    if options is not None and options.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
-    return LatencyOptions(device=device, batch=batch)
+
+
+def _half_iqr(samples: list[float]) -> float:
+    """Half the interquartile range: the spread of the middle half of the rounds."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / 2
 
 
 def _device_name(device: torch.device) -> str:
@@ -124,7 +107,7 @@ def measure_latency(
     modified: nn.Module,
     *,
     input_size: int,
-    options: LatencyOptions = LatencyOptions(),
+    options: LatencyOptions | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Time ``original`` and ``modified`` side by side (module docstring).
@@ -135,14 +118,16 @@ def measure_latency(
     Args:
         original, modified: the models before and after surgery.
         input_size: H = W of the input batch.
-        options: device, batch, rounds and warm-up calls.
+        options: device, batch, rounds and warm-up calls (default: :class:`LatencyOptions`'s).
         timer: the clock (seconds); tests inject a fake one.
 
     Returns:
         Plain data: ``device``, ``device_name``, ``batch``, ``input``, ``threads``,
-        ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call) and
-        ``ratio`` (``after_ms / before_ms``).
+        ``rounds``, ``warmup``, ``before_ms``, ``after_ms`` (medians per call),
+        ``before_spread_ms``, ``after_spread_ms`` (half the interquartile range of the
+        rounds) and ``ratio`` (``after_ms / before_ms``).
     """
+    options = options or LatencyOptions()
     device = torch.device(options.device)
     batch = options.batch or default_batch(options.device)
     models = [original, modified]
@@ -157,6 +142,7 @@ def measure_latency(
         samples = time_interleaved({"before": lambda: before_model(x), "after": lambda: after_model(x)},
                                    rounds=options.rounds, warmup=options.warmup, sync=sync, timer=timer)
     before, after = (1e3 * statistics.median(samples[k]) for k in ("before", "after"))
+    before_spread, after_spread = (1e3 * _half_iqr(samples[k]) for k in ("before", "after"))
     return {
         "device": options.device,
         "device_name": _device_name(device),
@@ -167,5 +153,7 @@ def measure_latency(
         "warmup": options.warmup,
         "before_ms": before,
         "after_ms": after,
+        "before_spread_ms": before_spread,
+        "after_spread_ms": after_spread,
         "ratio": after / before if before > 0 else float("inf"),
     }

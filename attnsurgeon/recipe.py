@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import UsageError, suggest
 from .kinds import HEADS, INIT_MODES, KINDS, get_kind
+from .options import MAX_RECIPE_BYTES, check_regular_file, show_path
 from .select import check_spec_syntax
 
 if sys.version_info >= (3, 11):
@@ -217,14 +218,23 @@ def _check_param_types(attn: str, params: Mapping[str, Any], where: str) -> None
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a TOML recipe; errors name the file, rule and key."""
     path = Path(path)
+    shown = show_path(path)
+    check_regular_file(path, f"--recipe: {shown}")  # a FIFO would block, /dev/zero never end
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise UsageError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+        raise UsageError(f"{shown}: cannot read recipe: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{shown}: larger than {MAX_RECIPE_BYTES // 1024} KiB, not a recipe")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: a recipe is UTF-8 text; byte {e.start} is not ({e.reason})") from None
+        raise UsageError(f"{shown}: a recipe is UTF-8 text; byte {e.start} is not ({e.reason})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: invalid TOML: {e}") from None
-    return recipe_from_data(data, source=str(path))
+        raise UsageError(f"{shown}: invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nested array or table
+        raise UsageError(f"{shown}: invalid TOML: nested too deeply") from None
+    return recipe_from_data(data, source=shown)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from itertools import groupby
 from pathlib import Path
@@ -9,12 +11,89 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from .kinds import HEADS, KINDS, POSITIONS
+from .options import SMALL_OUTPUT_RTOL
 
 __all__ = ["blocks_table", "comparison_table", "kinds_data", "print_export_summary", "print_kinds", "print_summary",
-           "si"]
+           "print_table", "results_console", "si", "terminal_width"]
+
+MIN_WIDTH = 40  # narrower than this, no table can show its numbers; print wider instead
+DEFAULT_WIDTH = 80  # no terminal anywhere (a pipe into a file, cron): the classic width
+
+
+def terminal_width() -> int:
+    """The width to render for: ``COLUMNS`` if it is a sensible number, else the width of
+    whichever of stdout, stderr or stdin is a terminal (so a table piped into ``less`` or a
+    file still fits the terminal it was typed in), else 80; never below 40."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return max(int(columns), MIN_WIDTH)
+    for fd in (1, 2, 0):
+        try:
+            return max(os.get_terminal_size(fd).columns, MIN_WIDTH)
+        except (OSError, ValueError):
+            continue
+    return DEFAULT_WIDTH
+
+
+def results_console() -> Console:
+    """The console for results (stdout) at :func:`terminal_width`; made per command, so it
+    sees the environment of the moment. The user's text prints verbatim (no emoji codes)."""
+    return Console(width=terminal_width(), emoji=False)
+
+
+def _delta(console: Console) -> str:
+    """The Greek Delta where the output can encode it, else "d" (an ASCII terminal)."""
+    try:
+        "Δ".encode(console.encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "d"
+    return "Δ"
+
+
+def print_table(console: Console, table: Table, *, drop: Sequence[str] = ()) -> None:
+    """Print ``table`` so that it fits the console without cutting a number: headers wrap
+    at their spaces, then columns named in ``drop`` are left out, in that order, until its
+    narrowest layout fits (the caption says which; ``--json`` has them all). Numbers never wrap or shorten; a table that
+    still does not fit is printed wider than the console rather than cut."""
+    wide = console.options.update_width(1 << 16)
+
+    def narrowest() -> int:
+        """The table's narrowest width that cuts nothing: a no-wrap column at its widest
+        cell (rich would otherwise shorten it with an ellipsis), any other at its longest
+        word; plus padding and borders."""
+        width = table._extra_width + sum(table.padding[1] + table.padding[3] for _ in table.columns)
+        for column in table.columns:
+            sizes = [Measurement.get(console, wide, cell) for cell in (column.header, *column.cells)]
+            width += max(m.maximum if column.no_wrap else m.minimum for m in sizes)
+        return width
+
+    if narrowest() > console.width:  # first wrap the headers wider than their cells ("params before")
+        for column in table.columns:
+            cells = max((Measurement.get(console, wide, c).maximum for c in column.cells), default=0)
+            if isinstance(column.header, str) and len(column.header) > cells:
+                column.header = column.header.replace(" ", "\n")
+    dropped = []
+    for header in drop:
+        if narrowest() <= console.width:
+            break
+        victim = next((c for c in table.columns if c.header in (header, header.replace(" ", "\n"))), None)
+        if victim is not None and len(table.columns) > 1:
+            table.columns.remove(victim)
+            dropped.append(header)
+    if dropped:
+        note = f"left out to fit {console.width} columns: {', '.join(dropped)} (--json has all)"
+        table.caption = f"{table.caption} {note}" if table.caption else note
+    needed = narrowest()
+    width = console.width
+    console.width = max(needed, width)  # print() caps a wider width at the console's
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def si(n: float, unit: str = "") -> str:
@@ -76,25 +155,36 @@ def kinds_data() -> dict[str, Any]:
 def blocks_table(model: str, blocks: Sequence[dict[str, Any]]) -> Table:
     shortcut = sum(b["shortcut"] for b in blocks)
     builtin = sum(bool(b["builtin_se"]) for b in blocks)
-    title = f"{model}: {len(blocks)} blocks, {shortcut} with a shortcut" + (
+    title = f"{model}: {_count(len(blocks), 'block')}, {shortcut} with a shortcut" + (
         f", {builtin} with a built-in SE" if builtin else "")
+    example = blocks[len(blocks) // 2]  # the footer names this family's own stages
+    native = example["stage"] not in (example["name"], example["alias"])
+    stage = (f"the block's parent, e.g. {example['stage']}" if native
+             else f"in this family its alias, e.g. {example['stage']}")
     table = Table(title=title, caption=(
-        "--layers takes a block, its stage (the block's parent, e.g. layer3) or the alias stageN "
+        f"--layers takes a block, its stage ({stage}) or the alias stageN "
         "(output stride 2^(N+1)). Positions: standard, pre, mid, post in every block; identity "
         "with a shortcut; builtin with a built-in SE."))
-    for col in ("block", "alias", "type", "in", "mid", "out", "stride", "shortcut", "built-in SE",
-                "spatial convs"):
+    for col in ("block", "alias", "type", "in", "mid", "out", "stride", "shortcut",
+                *(("built-in SE",) if builtin else ()), "spatial convs"):
         table.add_column(col, justify="right" if col in ("in", "mid", "out", "stride") else "left",
-                         no_wrap=col in ("block", "alias", "type"))
+                         no_wrap=col != "spatial convs")
     for _stage, items in groupby(blocks, key=lambda b: b["stage"]):
         for b in items:
             short = ("proj" if b["downsample"] else "yes") if b["shortcut"] else ""
             stride = str(b["stride"]) + (f" d{b['dilation']}" if b["dilation"] > 1 else "")
             table.add_row(b["name"], b["alias"], b["type"], str(b["in_channels"]),
                           str(b["mid_channels"]), str(b["out_channels"]), stride, short,
-                          b["builtin_se"] or "", ", ".join(b["spatial_convs"]))
+                          *((b["builtin_se"] or "",) if builtin else ()), ", ".join(b["spatial_convs"]))
         table.add_section()
     return table
+
+
+# columns each table may leave out to fit the terminal, the least needed first
+BLOCKS_DROP = ("spatial convs", "type", "built-in SE", "shortcut", "alias")
+SUMMARY_DROP = ("% added", "MACs after", "params after")
+CHANGES_DROP = ("module", "note")
+COMPARISON_DROP = ("model", "MACs", "+%")
 
 
 def summary_table(data: dict[str, Any]) -> Table:
@@ -104,7 +194,7 @@ def summary_table(data: dict[str, Any]) -> Table:
     table = Table(title=f"{data['model']}: parameters and MACs (MACs at {size})")
     for col in ("stage", "params before", "params after", "added", "% added",
                 "MACs before", "MACs after", "MACs added"):
-        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
 
     def add(row: dict[str, Any], style: str = "") -> None:
         table.add_row(
@@ -120,11 +210,18 @@ def summary_table(data: dict[str, Any]) -> Table:
     return table
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 module``, ``2 modules``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title=f"{len(changes)} modules inserted or replaced")
+    table = Table(title=f"{_count(len(changes), 'module')} inserted or replaced")
     notes = any(c.get("note") for c in changes)
     for col in ("rule", "kind", "where", "blocks", "module", "params added", *(["note"] if notes else [])):
-        table.add_column(col, justify="right" if col in ("rule", "params added") else "left")
+        table.add_column(col, justify="right" if col in ("rule", "params added") else "left",
+                         no_wrap=col not in ("blocks", "note"))
+
     def key(c: dict[str, Any]) -> tuple[Any, ...]:
         return c["rule"], c["attn"], c["where"], c["stage"], c["module"], c.get("note", "")
 
@@ -137,59 +234,108 @@ def changes_table(changes: Sequence[dict[str, Any]]) -> Table:
 
 
 def skipped_lines(skipped: Sequence[dict[str, Any]]) -> list[str]:
-    """``rule 1: skipped 7 blocks without a 'identity' position: features.1, ...``."""
+    """``rule 1: skipped 7 selected blocks without an 'identity' position: features.1, ...``."""
     lines = []
     for (rule, position), group in groupby(skipped, key=lambda s: (s["rule"], s["position"])):
         names = [s["block"] for s in group]
-        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-        lines.append(f"rule {rule}: skipped {len(names)} selected block{'s' * (len(names) > 1)} "
-                     f"without a {position!r} position: {shown}")
+        article = "an" if position[:1] in "aeiou" else "a"
+        lines.append(f"rule {rule}: skipped {_count(len(names), 'selected block')} "
+                     f"without {article} {position!r} position: {_span(names, count=False)}")
     return lines
 
 
-def _span(blocks: Sequence[str]) -> str:
-    """``layer1.0, layer1.1, layer1.2`` -> ``layer1.0-2 (3)``; blocks that are not one run
-    of a stage are listed (``layer1.0, layer1.2``), the middle elided past four."""
-    first, last, n = blocks[0], blocks[-1], len(blocks)
-    if n == 1:
-        return first
-    stage = first.rpartition(".")[0]
-    tails = [b.rpartition(".")[2] for b in blocks]
-    if (all(b.rpartition(".")[0] == stage for b in blocks) and all(t.isdigit() for t in tails)
-            and [int(t) for t in tails] == list(range(int(tails[0]), int(tails[0]) + n))):
-        return f"{first}-{tails[-1]} ({n})"
-    return ", ".join(blocks) if n <= 4 else f"{first}, {blocks[1]}, ..., {last} ({n})"
+def _runs(blocks: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Split block names into runs of consecutive numbers under one prefix:
+    ``layer1.0, layer1.1, layer2.0`` -> ``[("layer1.", 0, 1), ("layer2.", 0, 0)]``;
+    a name that does not end in a number is a run of its own (``("avgpool", -1, -1)``)."""
+    runs: list[tuple[str, int, int]] = []
+    for name in blocks:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if m is None:
+            runs.append((name, -1, -1))
+            continue
+        prefix, number = m.group(1), int(m.group(2))
+        if runs and runs[-1][0] == prefix and runs[-1][2] == number - 1:
+            runs[-1] = (prefix, runs[-1][1], number)
+        else:
+            runs.append((prefix, number, number))
+    return runs
+
+
+def _span(blocks: Sequence[str], *, count: bool = True) -> str:
+    """Block names, each run of consecutive blocks of one stage written once, for every
+    family: ``layer1.0, layer1.1, layer1.2`` -> ``layer1.0-2 (3)``,
+    ``trunk_output.block3.block3-0 ... block3-3`` -> ``trunk_output.block3.block3-0..3 (4)``;
+    runs are joined by commas, with the total in brackets (without it when ``count`` is
+    False)."""
+    parts = []
+    for prefix, lo, hi in _runs(blocks):
+        if lo < 0:
+            parts.append(prefix)
+        elif lo == hi:
+            parts.append(f"{prefix}{lo}")
+        else:
+            parts.append(f"{prefix}{lo}{'..' if prefix.endswith('-') else '-'}{hi}")
+    text = ", ".join(parts)
+    return f"{text} ({len(blocks)})" if count and len(blocks) > 1 else text
+
+
+def duration(ms: float) -> str:
+    """A time in milliseconds in a unit that suits it: ``0.0123`` -> ``12.3 us``,
+    ``12.3`` -> ``12.3 ms``, ``1940`` -> ``1.94 s``."""
+    if ms < 1:
+        return f"{ms * 1e3:.3g} us"
+    if ms < 1000:
+        return f"{ms:.3g} ms"
+    return f"{ms / 1e3:.3g} s"
+
+
+def _timed(lat: dict[str, Any], which: str) -> str:
+    """``12.1 ms +- 0.3`` : the median, and half the interquartile range where measured."""
+    spread = lat.get(f"{which}_spread_ms")
+    text = duration(lat[f"{which}_ms"])
+    if spread is None:
+        return text
+    unit = text.rsplit(" ", 1)[1]
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    return f"{text} +- {spread / scale:.2g}"
 
 
 def latency_line(lat: dict[str, Any], macs: dict[str, Any]) -> str:
-    """``latency (cpu ..., batch 1): 12.1 ms -> 13.4 ms (x1.11), MACs x1.00``."""
+    """``latency (cpu ..., batch 1): 12.1 ms +- 0.3 -> 13.4 ms +- 0.2 (x1.11), MACs x1.00``."""
     threads = f", {lat['threads']} threads" if lat.get("threads") else ""
     mac_ratio = macs["macs_after"] / macs["macs_before"] if macs["macs_before"] else float("inf")
     return (f"latency ({lat['device']}: {lat['device_name']}{threads}; batch {lat['batch']}, "
-            f"median of {lat['rounds']} interleaved rounds): {lat['before_ms']:.3g} ms -> "
-            f"{lat['after_ms']:.3g} ms (x{lat['ratio']:.2f}; MACs x{mac_ratio:.2f})")
+            f"median +- half the interquartile range of {lat['rounds']} interleaved rounds): "
+            f"{_timed(lat, 'before')} -> {_timed(lat, 'after')} (x{lat['ratio']:.2f}; MACs x{mac_ratio:.2f})")
 
 
 def print_summary(console: Console, data: dict[str, Any]) -> None:
-    console.print(summary_table(data))
+    print_table(console, summary_table(data), drop=SUMMARY_DROP)
     if data.get("latency"):
         console.print(latency_line(data["latency"], data["total"]), highlight=False, soft_wrap=True)
     if data["changes"]:
-        console.print(changes_table(data["changes"]))
+        print_table(console, changes_table(data["changes"]), drop=CHANGES_DROP)
     for line in skipped_lines(data.get("skipped", ())):
         console.print(line, highlight=False, soft_wrap=True)
     p = data.get("preservation")
     if p:
-        logits = p.get("compared", "logits") == "logits"
-        console.print(
-            f"preservation ({data['recipe'].get('init', 'paper')} init, probe {p['probe']}): "
-            + (f"max |Δlogits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
-               if logits else f"max |Δ{p['compared']}| {p['max_abs']:.3g} (scale {p['logit_scale']:.3g}, ")
-            + (f"relative {p['relative']:.3g})" if p.get("relative") is not None else "no relative figure: all zero)")
-            + (f", top-1 agreement {100 * p['top1_agreement']:.0f}%" if p.get("top1_agreement") is not None else "")
-            + (f"; NOT kept: {p['note']}" if p.get("function_kept") is False else ""),
-            highlight=False, soft_wrap=True,
-        )
+        console.print(preservation_line(p, data["recipe"].get("init", "paper"), delta=_delta(console)),
+                      highlight=False, soft_wrap=True)
+
+
+def preservation_line(p: dict[str, Any], init: str, *, delta: str = "Δ") -> str:
+    """``preservation (preserve init, probe ...): max |Δlogits| 2e-06 (logit scale 2.8, ...)``."""
+    logits = p.get("compared", "logits") == "logits"
+    return (
+        f"preservation ({init} init, probe {p['probe']}): "
+        + (f"max |{delta}logits| {p['max_abs']:.3g} (logit scale {p['logit_scale']:.3g}, "
+           if logits else f"max |{delta}{p['compared']}| {p['max_abs']:.3g} (scale {p['logit_scale']:.3g}, ")
+        + (f"relative {p['relative']:.3g})" if p.get("relative") is not None else "no relative figure: all zero)")
+        + (f", top-1 agreement {100 * p['top1_agreement']:.0f}%" if p.get("top1_agreement") is not None else "")
+        + ("; NOT JUDGED: outputs too small (random weights?)" if p.get("too_small") else "")
+        + ("; function NOT kept: built-in modules were replaced" if p.get("function_kept") is False else "")
+    )
 
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
@@ -197,11 +343,12 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> Table:
     table.add_column("recipe", no_wrap=True)
     table.add_column("model", no_wrap=True)
     timed = any(data.get("latency") for data in rows)
-    for col in ("params", "+params", "+%", "MACs", "+MACs", *(("ms before", "ms after", "latency x") if timed else ())):
+    timing = ("time before", "time after", "latency x") if timed else ()
+    for col in ("params", "+params", "+%", "MACs", "+MACs", *timing):
         table.add_column(col, justify="right", no_wrap=True)
     for data in rows:
         t, lat = data["total"], data.get("latency")
-        times = (f"{lat['before_ms']:.3g}", f"{lat['after_ms']:.3g}", f"{lat['ratio']:.2f}") if lat else ("-",) * 3
+        times = (duration(lat["before_ms"]), duration(lat["after_ms"]), f"{lat['ratio']:.2f}") if lat else ("-",) * 3
         table.add_row(Path(data.get("source", "")).stem, data["model"], si(t["params_after"]),
                       _plus(t["params_added"]), f"{t['params_added_pct']:.2f}%",
                       si(t["macs_after"]), _plus(t["macs_added"]), *(times if timed else ()))
@@ -235,5 +382,9 @@ def print_export_summary(console: Any, data: dict[str, Any]) -> None:
         table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
                       "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
     console.print(table)
+    if v.get("small_outputs") is not None:
+        console.print(f"  warning: the model's outputs are at most {v['small_outputs']:.2g} (random weights?), "
+                      f"too small for atol {v['atol']:g} to judge: runs also had to be within a relative "
+                      f"error of {SMALL_OUTPUT_RTOL:g}", style="yellow", highlight=False, soft_wrap=True)
     if v["error"]:
         console.print(f"  {escape(v['error'])}", style="red", highlight=False, soft_wrap=True)

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError, first_line
 from .files import MAX_INPUT_SIZE, MIN_INPUT_SIZE, check_input_size  # re-exported: their old home
+from .options import SMALL_OUTPUT
 from .surgery import Changes
 from .torch_state import evaluating, input_dtype
 from .zoo import is_detector
@@ -140,8 +141,9 @@ def preservation(
     """How far ``modified`` is from ``original`` on a fixed random probe batch (eval mode).
 
     Returns ``compared`` (``"logits"``), ``max_abs`` (max |delta logits|), ``logit_scale``
-    (max |original logits|), ``relative`` (their ratio) and ``top1_agreement`` (fraction of
-    equal argmax, per pixel for segmentation). A detector's output (a list of boxes per
+    (max |original logits|), ``relative`` (their ratio), ``top1_agreement`` (fraction of
+    equal argmax, per pixel for segmentation) and ``too_small`` (the original's outputs are
+    below ``SMALL_OUTPUT``: the figures cannot judge preservation). A detector's output (a list of boxes per
     image) has no logits: its backbone's feature maps are compared instead (``compared``
     is ``"backbone features"``, ``top1_agreement`` None). ``None`` for any other output.
     """
@@ -168,6 +170,7 @@ def preservation(
         "max_abs": diff,
         "logit_scale": scale,
         "relative": diff / scale if scale > 0 else None,  # None: all-zero logits, no scale
+        "too_small": scale < SMALL_OUTPUT,  # outputs too small to judge by (random weights of some families)
         "top1_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item() if compared == "logits" else None,
         "probe": f"{batch}x3x{input_size}x{input_size} N(0,1), seed {seed}",
     }

@@ -13,6 +13,7 @@ name the same depth in every family. Torch-free: it works on names only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .errors import UsageError, suggest
@@ -67,6 +68,12 @@ def select_blocks(
             return i, i
         if name in groups:
             return groups[name][0], groups[name][-1]
+        alias = re.fullmatch(r"stage(\d+)", name)
+        aliases = [g for g in stages if re.fullmatch(r"stage\d+", g)]
+        if alias is not None and aliases:
+            raise UsageError(
+                f"{where}: the model has no {name} block (none works at output stride "
+                f"{2 ** (int(alias.group(1)) + 1)}); its blocks are in {', '.join(aliases)}")
         valid = stages + names
         raise UsageError(
             f"{where}: unknown layer {name!r}" + suggest(name, valid, limit=len(stages))

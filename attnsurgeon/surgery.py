@@ -21,10 +21,10 @@ from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
 from .blocks import NORMS, SLOT_ATTR, BlockInfo, ConvSite, find_blocks, find_head, make_slotted, unsupported_message
-from .errors import UsageError
-from .kinds import HEAD_BUILDERS, POSITIONS, KindSpec, builder, get_kind
+from .errors import UsageError, suggest
+from .kinds import HEAD_BUILDERS, HEADS, POSITIONS, KindSpec, builder, get_kind
 from .layers import mark_new
-from .recipe import Recipe, Rule, load_recipe, make_rule
+from .recipe import Recipe, Rule, check_head, check_init, check_seed, load_recipe, make_rule
 from .select import select_blocks
 from .torch_state import seeded
 
@@ -151,6 +151,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
     names = [(info.name, info.stage, info.alias) for info, _ in blocks]
     plan, skipped = _plan(recipe, blocks, select=lambda n, rule: select_blocks(
         rule.layers, names, where=_layers_where(recipe, n)))
+    head = _head_site(model, recipe.head) if recipe.head is not None else None  # checked before any change
     changes: list[Change] = []
     with seeded(recipe.seed):
         for n, rule, info, block, where in plan:
@@ -175,7 +176,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> Changes:
             changes.append(Change(n, rule.attn, info.name, info.stage, site.conv, f"{info.name}.{site.conv}",
                                   type(new_conv).__name__, _count(new_conv) + _count(new_norm), replaced))
         if recipe.head is not None:
-            changes.append(_apply_head(model, recipe.head, init=recipe.init))
+            changes.append(_apply_head(model, recipe.head, head, init=recipe.init))
     # notes say what a block holds in the end: a built-in SE a rule replaced is gone
     beside = {info.name for info, _ in blocks if info.builtin} - {c.block for c in changes if c.where == "builtin"}
     changes = [replace(c, note="beside the block's built-in SqueezeExcitation")
@@ -228,7 +229,8 @@ def _plan(
             having = [i for i in chosen if position in blocks[i][0].slots]
             if not having:
                 have = [p for p in POSITIONS if any(p in blocks[i][0].slots for i in chosen)]
-                raise UsageError(f"{label}: no selected block has a {position!r} position "
+                article = "an" if position[:1] in "aeiou" else "a"
+                raise UsageError(f"{label}: no selected block has {article} {position!r} position "
                                  f"(they have: {', '.join(have)})")
             skipped.extend(Skip(n, blocks[i][0].name, position) for i in chosen if i not in having)
             for i in having:
@@ -266,10 +268,17 @@ def _claim(claimed: dict[str, int], path: str, rule: int, label: str, what: str)
     claimed[path] = rule
 
 
-def _apply_head(model: nn.Module, head: str, *, init: str) -> Change:
+def _head_site(model: nn.Module, head: str) -> Any:
+    """Where ``head`` goes in ``model`` (its pool), or a UsageError before anything changes."""
+    if head not in HEAD_BUILDERS:
+        raise UsageError(f"--head: unknown head {head!r}" + suggest(head, HEADS))
     info = find_head(model)
     if info is None:
         raise UsageError(f"--head {head}: {type(model).__name__} has no supported classifier head")
+    return info
+
+
+def _apply_head(model: nn.Module, head: str, info: Any, *, init: str) -> Change:
     new = mark_new(builder(HEAD_BUILDERS[head])(info.channels, init=init))
     old = model.get_submodule(info.pool)
     replace_module(model, info.pool, _like(new, model), expect=(nn.AdaptiveAvgPool2d,))
@@ -303,6 +312,8 @@ def apply(
         :class:`Changes`: the :class:`Change` records, one per new module, and ``skipped``,
         the selected blocks a rule left alone because they lack its position.
     """
+    _check_apply_types(model, attn, position=position, layers=layers, params=params, recipe=recipe,
+                       head=head, init=init, seed=seed)
     if recipe is not None:
         if attn is not None:
             raise UsageError("give attn or recipe, not both")
@@ -312,6 +323,9 @@ def apply(
         rules = () if attn is None else (make_rule(attn, layers=layers, position=position,
                                                     params=params, where="apply"),)
         rec = Recipe(rules=rules, head=head, init=init or "paper", seed=seed)
+    rec = replace(rec, head=check_head(rec.head, "head"))  # "avg" -> None
+    check_init(rec.init, "init")
+    check_seed(rec.seed, "seed")
     changes = apply_recipe(model, rec)
     lost = preserve_lost(changes, rec.init)
     if lost:
@@ -319,12 +333,31 @@ def apply(
     return changes
 
 
+def _check_apply_types(model: object, attn: object, **args: object) -> None:
+    """A wrong type for an argument of :func:`apply` is a TypeError naming it, before the
+    model is touched (not an AttributeError from deep inside)."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first, e.g. torchvision.models.get_model({model!r})"
+                if isinstance(model, str) else "")
+        raise TypeError(f"apply: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    want: dict[str, tuple[type, ...]] = {"attn": (str, type(None)), "position": (str, type(None)),
+                                          "layers": (str,), "params": (Mapping, type(None)),
+                                          "recipe": (Recipe, str, Path, type(None)),
+                                          "head": (str, type(None)), "init": (str, type(None)),
+                                          "seed": (int, type(None))}
+    for name, value in {"attn": attn, **args}.items():
+        if not isinstance(value, want[name]) or (name == "seed" and isinstance(value, bool)):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in want[name])
+            raise TypeError(f"apply: {name} must be {names}, got {type(value).__name__} {value!r}")
+
+
 def preserve_lost(changes: Sequence[Change], init: str) -> str | None:
     """Why ``init="preserve"`` did not keep the function, or None: a rule replaced built-in
-    SqueezeExcitation modules (trained modules removed, which no initialisation restores)."""
+    SqueezeExcitation modules (modules of the model removed, which no initialisation of the
+    new ones restores)."""
     replaced = sum(c.where == "builtin" for c in changes)
     if not replaced or init != "preserve":
         return None
-    return (f"{replaced} built-in SqueezeExcitation modules were replaced: init 'preserve' cannot "
-            "keep the function where a trained module is removed")
+    return (f"{replaced} built-in SqueezeExcitation module{'s were' if replaced > 1 else ' was'} replaced: "
+            "init 'preserve' cannot keep the function where a module of the model is removed")
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+import io
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,21 +19,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UsageError, first_line, foreign_error, suggest
 from .files import load_plain, with_metadata
+from .options import check_model_name
 
 __all__ = ["build_model", "check_model_name", "fit_state_dict", "is_detector", "load_state_dict_file", "model_names"]
 
 
 def model_names() -> list[str]:
     return list(torchvision.models.list_models())
-
-
-def check_model_name(name: str | None) -> str:
-    if not name:
-        raise UsageError("no model given: name one (e.g. resnet50) or use a recipe with 'model = ...'")
-    names = model_names()
-    if name not in names:
-        raise UsageError(f"unknown model {name!r}" + suggest(name, names))
-    return name
 
 
 def _weights_enum(name: str, weights: str) -> Any:
@@ -96,6 +91,39 @@ def freeze_norms_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
             verdict = all(around) if around else None
         if verdict:
             model.set_submodule(path, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+
+
+class _ReleasingStream:
+    """A stream (stderr) that first lets out what :func:`_held_download_line` held."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream, self._release = stream, release
+
+    def write(self, text: str) -> int:
+        self._release()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _held_download_line() -> Iterator[None]:
+    """Hold torch.hub's ``Downloading: "<url>" to <file>`` line (written to stdout before it
+    connects) until the download shows progress on stderr, or succeeds: offline, the
+    one error line is all that is printed."""
+    held, out = io.StringIO(), sys.stdout
+
+    def release() -> None:
+        if held.getvalue():
+            out.write(held.getvalue())
+            out.flush()
+            held.seek(0)
+            held.truncate()
+
+    with contextlib.redirect_stdout(held), contextlib.redirect_stderr(_ReleasingStream(sys.stderr, release)):
+        yield
+    release()  # not on an error: the download failed, the line would only precede ours
 
 
 @contextmanager
@@ -233,7 +261,7 @@ def _call_builder(name: str, weights: str | None, enum: Any, kwargs: dict[str, A
     """torchvision's builder of ``name``, loading ``enum`` (the user's ``weights``) safely;
     its failures as one line."""
     try:
-        with _weights_only():
+        with _weights_only(), _held_download_line():
             return torchvision.models.get_model(name, weights=enum, **kwargs)
     except Exception as e:
         error = foreign_error(e) if enum is None else None  # out of memory

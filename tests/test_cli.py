@@ -277,9 +277,12 @@ def test_a_checkpoint_takes_no_surgery_options(cli, tmp_path):
 @pytest.mark.parametrize("blocks, shown", [
     (["layer1.0"], "layer1.0"),
     (["layer1.0", "layer1.1", "layer1.2"], "layer1.0-2 (3)"),
-    (["layer1.0", "layer1.2"], "layer1.0, layer1.2"),  # not one run: listed, never "layer1.0-2"
+    (["layer1.0", "layer1.2"], "layer1.0, layer1.2 (2)"),  # not one run: listed, never "layer1.0-2"
+    (["layer1.2", "layer2.0"], "layer1.2, layer2.0 (2)"),  # consecutive, but two stages
     (["features.8", "features.9", "features.10", "features.12", "features.13"],
-     "features.8, features.9, ..., features.13 (5)"),
+     "features.8-10, features.12-13 (5)"),  # every block named, runs compressed
+    # RegNet's names end in "-N": compressed as well, not listed one per line
+    ([f"trunk_output.block3.block3-{i}" for i in range(4)], "trunk_output.block3.block3-0..3 (4)"),
 ])
 def test_changes_table_block_spans(blocks, shown):
     from attnsurgeon.render import _span

@@ -219,14 +219,15 @@ def test_missing_position_is_skipped_and_listed(cli):
     assert [s["block"] for s in data["skipped"]] == [
         "features.1", "features.2", "features.4", "features.7", "features.11", "features.14", "features.17"]
     text = cli("summarize", "mobilenet_v2", "--attn", "se", "--position", "identity", "--input-size", "64")
-    assert "rule 1: skipped 7 selected blocks without a 'identity' position" in text.stdout
+    assert ("rule 1: skipped 7 selected blocks without an 'identity' position: features.1-2, features.4, "
+            "features.7, features.11, features.14, features.17\n") in text.stdout  # all named, none hidden
 
 
 def test_a_position_no_selected_block_has_is_an_error(cli):
     result = cli("insert", "mobilenet_v2", "--attn", "se", "--position", "identity",
                  "--layers", "features.1:features.2", "-o", "x.pt")
     assert result.exit_code == 2
-    assert "no selected block has a 'identity' position (they have: standard, pre, mid, post)" in result.stderr
+    assert "no selected block has an 'identity' position (they have: standard, pre, mid, post)" in result.stderr
     result = cli("insert", "resnet18", "--attn", "se", "--position", "builtin", "-o", "x.pt")
     assert result.exit_code == 2 and "they have: standard, pre, mid, post, identity" in result.stderr
 

@@ -60,6 +60,7 @@ def bad_files(tmp_path, monkeypatch) -> Path:
     """The files the README's examples name, in a fresh working directory."""
     monkeypatch.chdir(tmp_path)
     Path("notes.txt").write_text("shopping list\n")
+    Path("deep.toml").write_text("a = " + "[" * 600 + "\n")  # deeper than the parser's recursion
     Path("old.pt").write_bytes(b"")
     state = torchvision.models.resnet18().state_dict()
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
@@ -100,7 +101,7 @@ def test_readme_bad_input_rows(cli, bad_files, row):
 ])
 def test_full_disk_while_insert_writes(cli, tmp_path, monkeypatch, failure):
     def save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")  # half a file, then the disk is full
+        f.write(b"partial")  # half a file (checkpoint.save writes into a file object), then the disk is full
         raise failure
 
     monkeypatch.setattr(torch, "save", save)

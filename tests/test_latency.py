@@ -6,6 +6,7 @@ Speed itself is never asserted; a fake clock checks the arithmetic and the call 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -70,7 +71,9 @@ def test_cli_latency_json(cli, tmp_path, command):
 def test_cli_latency_text_and_no_latency_by_default(cli):
     result = cli("summarize", "resnet18", "--attn", "se", "--layers", "layer4", "--input-size", "32", "--latency")
     assert result.exit_code == 0, result.output
-    assert "latency (cpu:" in result.stdout and "batch 1" in result.stdout and "ms ->" in result.stdout
+    assert "latency (cpu:" in result.stdout and "batch 1" in result.stdout
+    # the median in a unit that suits it, with its spread: "12.1 ms +- 0.3 -> 13.4 ms +- 0.2"
+    assert re.search(r"[\d.]+ (us|ms|s) \+- [\d.e+-]+ -> [\d.]+ (us|ms|s) \+- ", result.stdout), result.stdout
     plain = cli("summarize", "resnet18", "--attn", "se", "--input-size", "32", "--json")
     assert json.loads(plain.stdout)["latency"] is None
 
@@ -78,7 +81,9 @@ def test_cli_latency_text_and_no_latency_by_default(cli):
 @pytest.mark.parametrize("args, message", [
     (["--device", "cpu"], "add --latency"),
     (["--batch", "4"], "add --latency"),
-    (["--latency", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--latency", "--batch", "0"], "--batch must be from 1 to 4096, got 0"),
+    (["--latency", "--batch", "99999999999999999999"], "--batch must be from 1 to 4096, got 99999999999999999999"),
+    (["--latency", "--batch", "4611686018427387904"], "--batch must be from 1 to 4096"),
     (["--latency", "--device", "tpu"], "got 'tpu'"),
 ])
 def test_cli_latency_errors(cli, args, message):

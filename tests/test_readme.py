@@ -29,6 +29,7 @@ WORKED = "$ attnsurgeon insert resnet18 --attn se --layers layer3: -o se_resnet1
 
 def test_worked_example_is_the_tools_output(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")  # the README shows the tables at 80 columns
     expected = code_block_after(WORKED)
     argv = WORKED.split()[2:]
     result = cli(*argv)

@@ -67,7 +67,7 @@ def summarize_json(*args: str) -> dict:
 def test_recipes_are_shipped() -> None:
     names = {p.stem for p in SHIPPED}
     for expected in ("se_resnet50", "se_resnet50_pre", "se_resnet50_post", "se_resnet50_identity",
-                     "se_resnet50_stage2", "se_resnet50_stage3", "se_resnet50_stage4",
+                     "se_resnet50_stage1", "se_resnet50_stage2", "se_resnet50_stage3",
                      "cbam_resnet50", "sknet50", "dy_resnet18", "se_resnet18_late",
                      "afp_resnet18", "dualpool_resnet18", "eca_resnet50", "gc_resnet50", "gc_resnet50_c3c5"):
         assert expected in names

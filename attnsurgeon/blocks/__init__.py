@@ -435,14 +435,27 @@ def find_head(model: nn.Module) -> HeadInfo | None:
 
 
 def unsupported_message(model: nn.Module, name: str) -> str:
-    """One line: the block classes a model has, and the families that are supported."""
+    """One line: the block classes a model has, why they are not supported (a class that
+    only shares a supported one's name, or subclasses it with its own forward), and the
+    families that are supported."""
     counts = Counter(
-        type(m).__name__ for m in model.modules()
+        type(m) for m in model.modules()
         if not type(m).__module__.startswith(("torch.nn", "torchvision.ops"))
         and any(True for _ in m.children()) and type(m) is not type(model)
     )
-    found = [n for n, c in counts.most_common() if c > 1][:4] or [n for n, _ in counts.most_common(4)]
+    found = [c for c, n in counts.most_common() if n > 1][:4] or [c for c, _ in counts.most_common(4)]
+    known = {cls: family.name for family in _FAMILIES for cls in family.slotted}
+    by_name = {cls.__name__: (cls, family) for cls, family in known.items()}
+    shown = []
+    for cls in found:
+        twin = by_name.get(cls.__name__)
+        base = next((k for k in known if issubclass(cls, k)), None)
+        if twin is not None and twin[0] is not cls:
+            shown.append(f"{cls.__module__}.{cls.__name__}, another class than {twin[1]}'s {cls.__name__}")
+        elif base is not None:
+            shown.append(f"{cls.__name__}, a subclass of {known[base]}'s {base.__name__} with its own forward")
+        else:
+            shown.append(cls.__name__)
     supported = "; ".join(f"{f.name} ({f.block_names})" for f in _FAMILIES)
-    seen = f" (it has {', '.join(found)})" if found else ""
+    seen = f": its block classes are not supported ({'; '.join(shown)})" if shown else ""
     return f"{name}: found no supported blocks{seen}; supported families: {supported}"
-
