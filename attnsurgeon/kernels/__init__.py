@@ -119,16 +119,16 @@ def _tensor_ok(t: Tensor, like: Tensor) -> bool:
 
 def active(x: object, *others: object) -> bool:
     """Whether the fused kernels take the feature map ``x`` (and ``others`` of its shape, or None)."""
-    if _mode == "off":
+    if _mode == "off" or not isinstance(x, Tensor):  # fx's Proxy is no Tensor
         return False
+    if x.device.type != "cuda" and not (_interpret and x.device.type == "cpu"):
+        return False  # first, so the CPU path pays for little more than this
     if torch.compiler.is_compiling():
         if _mode != "compile" or torch.compiler.is_exporting():
             return False
     elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        return False  # fx's Proxy is no Tensor
-    if x.device.type != "cuda" and not (_interpret and x.device.type == "cpu"):
+    if x.dim() != 4:
         return False
     n, c, h, w = x.shape
     if x.dtype not in _DTYPES or not 0 < x.numel() < 2**31 or c > _MAX_C or h * w > _MAX_P:
