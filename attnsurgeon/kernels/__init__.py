@@ -72,11 +72,20 @@ def _load() -> ModuleType | None:
     if not _loaded:
         _loaded = True
         try:
-            from . import _ops as ops
+            from . import _ops
         except ImportError:
-            ops = None
-        _impl = ops
+            _impl = None
+        else:
+            _impl = _ops
     return _impl
+
+
+def _ops_loaded() -> ModuleType:
+    """:mod:`._ops`, once :func:`active` said the kernels apply (so it is loaded)."""
+    impl = _load()
+    if impl is None:
+        raise RuntimeError("fused kernels requested without Triton")
+    return impl
 
 
 def set_enabled(mode: bool | str) -> None:
@@ -161,7 +170,7 @@ def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = 
     (SE, ECA, GC with fusion scale, CBAM's channel gate)."""
     if active(x, identity) and _gate_ok(s, x, 2, 3):
         n, c = x.shape[:2]
-        return _impl.gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
+        return _ops_loaded().gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
     if identity is None:
         return _finish(x * s, None, relu)
     return _finish(torch.addcmul(identity, x, s), None, relu)
@@ -171,7 +180,7 @@ def shift(x: Tensor, t: Tensor, identity: Tensor | None = None, *, relu: bool = 
     """``x + t``, plus ``identity``, then ReLU: GC's fusion by addition (t: (N, C, 1, 1))."""
     if active(x, identity) and _gate_ok(t, x, 2, 3):
         n, c = x.shape[:2]
-        return _impl.gate_apply(x, None, t.reshape(n, c), None, None, None, identity, relu)
+        return _ops_loaded().gate_apply(x, None, t.reshape(n, c), None, None, None, identity, relu)
     return _finish(x + t, identity, relu)
 
 
@@ -181,7 +190,7 @@ def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = Non
     and spatial gate ``g`` (N, 1, H, W) in one pass."""
     if active(x, identity) and _gate_ok(s, x, 2, 3) and _gate_ok(g, x, 1):
         n, c, h, w = x.shape
-        return _impl.gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
+        return _ops_loaded().gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
     xs = x * s
     if identity is None:
         return _finish(xs * g, None, relu)
@@ -194,7 +203,7 @@ def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None
     ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass."""
     if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
         n, c, h, w = x.shape
-        return _impl.gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
+        return _ops_loaded().gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
     return _finish(x * g_h * g_w, identity, relu)
 
 
@@ -202,7 +211,7 @@ def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and max over H and W, each (N, C, 1, 1), in one read (CBAM's channel pooling)."""
     if active(x):
         n, c = x.shape[:2]
-        mean, top, _ = _impl.mean_max_hw(x)
+        mean, top, _ = _ops_loaded().mean_max_hw(x)
         return mean.view(n, c, 1, 1), top.view(n, c, 1, 1)
     return x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
 
@@ -212,7 +221,7 @@ def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     ``x * s`` (CBAM's spatial pooling of the channel-gated map)."""
     if active(x) and _gate_ok(s, x, 2, 3):
         n, c, h, w = x.shape
-        mean, top, _ = _impl.spatial_pool(x, s.reshape(n, c))
+        mean, top, _ = _ops_loaded().spatial_pool(x, s.reshape(n, c))
         return mean.view(n, 1, h, w), top.view(n, 1, h, w)
     xs = x * s
     return xs.mean(1, keepdim=True), xs.amax(1, keepdim=True)
@@ -222,6 +231,6 @@ def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read."""
     if active(x):
         n, c, h, w = x.shape
-        z_h, z_w = _impl.coord_pool(x)
+        z_h, z_w = _ops_loaded().coord_pool(x)
         return z_h.view(n, c, h, 1), z_w.view(n, c, 1, w)
     return x.mean(3, keepdim=True), x.mean(2, keepdim=True)

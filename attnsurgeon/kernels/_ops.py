@@ -126,17 +126,17 @@ def gate_apply_bwd(g: Tensor, out: Tensor | None, x: Tensor | None, s: Tensor | 
     bp, bc = _tile(xs, c, p)
     ncb = triton.cdiv(c, bc)
     splits, per = _splits(n * ncb, p, bp)
-    f32 = dict(device=g.device, dtype=torch.float32)
-    ps = torch.empty(n, splits, c, **f32) if s is not None else None
-    pt = torch.empty(n, splits, c, **f32) if has_t else None
-    psp = torch.empty(n, ncb, p, **f32) if sp is not None else None
+    ps = torch.empty(n, splits, c, device=g.device, dtype=torch.float32) if s is not None else None
+    pt = torch.empty(n, splits, c, device=g.device, dtype=torch.float32) if has_t else None
+    psp = torch.empty(n, ncb, p, device=g.device, dtype=torch.float32) if sp is not None else None
     K.apply_bwd[(n, ncb, splits)](
         g, out_, x_, g if s is None else s.contiguous(), g if sp is None else sp.contiguous(), gpre_, gx_,
         ps if s is not None else g, pt if has_t else g, psp if sp is not None else g, c, p, per,
         *gs_, *os_, *xs, *qs, *ds_,
         HAS_S=s is not None, HAS_T=has_t, HAS_SP=sp is not None, RELU=out is not None,
         WRITE_PRE=write_pre, WRITE_GX=gx.numel() > 0, BLOCK_P=bp, BLOCK_C=bc)
-    return (gpre, gx, *(_none(g) if v is None else v.sum(1) for v in (ps, pt, psp)))
+    ds, dt, dsp = (_none(g) if v is None else v.sum(1) for v in (ps, pt, psp))
+    return gpre, gx, ds, dt, dsp
 
 
 @gate_apply_bwd.register_fake
@@ -199,7 +199,7 @@ def _apply_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         gpre, gx, ds, dt, dsp = gate_apply_bwd(g, out, x, s, sp, ctx.has_t, write_pre)
     pre = gpre if write_pre else g  # without a ReLU the add passes g through
     grads = (gx if ctx.factors else pre, ds, dt, dsp, dah, daw, pre)
-    return (*(None if d is None else v.to(d) for v, d in zip(grads, ctx.dtypes, strict=True)), None)
+    return (*(None if d is None or v is None else v.to(d) for v, d in zip(grads, ctx.dtypes, strict=True)), None)
 
 
 gate_apply.register_autograd(_apply_backward, setup_context=_apply_setup)
