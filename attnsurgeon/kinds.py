@@ -192,6 +192,9 @@ def parse_cli_params(items: list[str] | None) -> dict[str, str]:
 
 
 _REDUCTION = Param("reduction", int, 16, "channel reduction ratio of the bottleneck MLP", "r", minimum=1)
+_GATE = Param("gate", str, "sigmoid", "gate activation: 'sigmoid' (the paper's) or 'hard_sigmoid' "
+              "(MobileNetV3's ReLU6(x + 3) / 6: cheaper, quantizes better, --init preserve exact)",
+              choices=("sigmoid", "hard_sigmoid"))
 
 register(KindSpec(
     name="se",
@@ -199,7 +202,7 @@ register(KindSpec(
     paper="Squeeze-and-Excitation Networks (Hu, Shen, Sun; CVPR 2018): https://arxiv.org/abs/1709.01507",
     mode="insert",
     builder="attnsurgeon.layers.squeeze_excite:build",
-    params=(_REDUCTION,),
+    params=(_REDUCTION, _GATE),
     default_position="standard",
 ))
 
@@ -278,6 +281,7 @@ register(KindSpec(
               "gamma", minimum=0.1),
         Param("b", float, 1.0, "b of the adaptive kernel rule (unused when kernel_size > 0)", "b",
               minimum=-64, maximum=64),
+        _GATE,
     ),
     default_position="standard",
     note="k parameters per module; 80 on ResNet-50 (the paper's count)",
@@ -294,6 +298,7 @@ register(KindSpec(
         Param("reduction", int, 32, "reduction ratio of the shared 1x1 conv", "r", minimum=1),
         Param("min_dim", int, 8, "lower bound of the mid width max(min_dim, C // r)", "",
               minimum=1, maximum=4096),
+        _GATE,
     ),
     default_position="standard",
     note="gates along H and along W, from means over one axis each",

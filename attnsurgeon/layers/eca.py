@@ -42,7 +42,9 @@ Departures from the paper:
 * ``--init paper`` is PyTorch's default initialisation of ``nn.Conv1d``, as in the
   reference code (its ResNet initialises only ``nn.Conv2d`` weights);
 * ``--init preserve`` (not in the paper): conv weight 0 and offset ``PRESERVE_LOGIT``, so
-  the gate is ``sigmoid(PRESERVE_LOGIT)`` for every input, in train and eval mode.
+  the gate is ``sigmoid(PRESERVE_LOGIT)`` for every input, in train and eval mode;
+* ``gate="hard_sigmoid"`` (not in the paper): MobileNetV3's hard sigmoid instead of the
+  sigmoid; ``--init preserve`` then makes the gate exactly 1 (see :mod:`attnsurgeon.layers`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, initialised
+from . import gate_layer, initialised, preserve_logit
 
 __all__ = ["ECA", "adaptive_kernel_size", "build", "reference_kernel_size"]
 
@@ -78,11 +80,13 @@ class ECA(nn.Module):
         kernel_size: k, odd; 0 picks it from C by the paper's adaptive rule.
         gamma: gamma of the adaptive rule.
         b: b of the adaptive rule.
+        gate: ``"sigmoid"`` (the paper's) or ``"hard_sigmoid"``.
     """
 
     offset: Tensor
 
-    def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0) -> None:
+    def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0,
+                 gate: str = "sigmoid") -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -93,7 +97,7 @@ class ECA(nn.Module):
         k = kernel_size or adaptive_kernel_size(channels, gamma=gamma, b=b)
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)  # the paper's C1D_k
         self.register_buffer("offset", torch.zeros(()))
-        self.gate = nn.Sigmoid()
+        self.gate = gate_layer(gate)
 
     @property
     def kernel_size(self) -> int:
@@ -117,11 +121,11 @@ class ECA(nn.Module):
         nn.init.zeros_(self.offset)
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: gate = sigmoid(PRESERVE_LOGIT) for every input."""
+        """Start as (almost) the identity: gate(preserve_logit) for every input."""
         nn.init.zeros_(self.conv.weight)
-        nn.init.constant_(self.offset, PRESERVE_LOGIT)
+        nn.init.constant_(self.offset, preserve_logit(self.gate))
 
 
 def build(channels: int, *, init: str = "paper", kernel_size: int = 0, gamma: float = 2.0,
-          b: float = 1.0) -> ECA:
-    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b), init)
+          b: float = 1.0, gate: str = "sigmoid") -> ECA:
+    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b, gate=gate), init)

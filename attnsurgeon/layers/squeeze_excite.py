@@ -13,7 +13,10 @@ Departures from the paper:
   and arithmetic as ``nn.Linear``, without the reshapes that complicate ONNX graphs;
 * the hidden width is ``max(1, C // r)``: the paper only uses C divisible by r;
 * ``--init paper`` is PyTorch's default initialisation, as in the reference
-  implementations (timm, torchvision); the paper names none.
+  implementations (timm, torchvision); the paper names none;
+* ``gate="hard_sigmoid"`` (not in the paper) swaps sigma for MobileNetV3's hard sigmoid
+  (Searching for MobileNetV3, Howard et al., ICCV 2019, https://arxiv.org/abs/1905.02244);
+  ``--init preserve`` is then exact (see :mod:`attnsurgeon.layers`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, initialised
+from . import gate_layer, initialised, preserve_logit
 
 __all__ = ["SqueezeExcite", "build"]
 
@@ -32,9 +35,10 @@ class SqueezeExcite(nn.Module):
     Args:
         channels: C, the channels of the feature map it gates.
         reduction: r, the ratio of the bottleneck MLP (hidden width C / r).
+        gate: ``"sigmoid"`` (the paper's sigma) or ``"hard_sigmoid"``.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16) -> None:
+    def __init__(self, channels: int, *, reduction: int = 16, gate: str = "sigmoid") -> None:
         super().__init__()
         if channels < 1 or reduction < 1:
             raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
@@ -42,7 +46,7 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Conv2d(channels, hidden, 1)  # W1 in Eq. 3
         self.act = nn.ReLU(inplace=True)  # delta
         self.fc2 = nn.Conv2d(hidden, channels, 1)  # W2 in Eq. 3
-        self.gate = nn.Sigmoid()  # sigma
+        self.gate = gate_layer(gate)  # sigma
 
     def _scale(self, x: Tensor) -> Tensor:
         """The excitation s of Eq. 3, shape ``(N, C, 1, 1)``."""
@@ -61,10 +65,10 @@ class SqueezeExcite(nn.Module):
         self.fc2.reset_parameters()
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: s = sigmoid(PRESERVE_LOGIT) for every input."""
+        """Start as (almost) the identity: s = gate(preserve_logit) for every input."""
         nn.init.zeros_(self.fc2.weight)
-        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT)
+        nn.init.constant_(self.fc2.bias, preserve_logit(self.gate))
 
 
-def build(channels: int, *, init: str = "paper", reduction: int = 16) -> SqueezeExcite:
-    return initialised(SqueezeExcite(channels, reduction=reduction), init)
+def build(channels: int, *, init: str = "paper", reduction: int = 16, gate: str = "sigmoid") -> SqueezeExcite:
+    return initialised(SqueezeExcite(channels, reduction=reduction, gate=gate), init)
