@@ -41,23 +41,22 @@ CALIBRATION = 200
 MEASURED_POLICIES = ("none", "gate", "gate+apply", "branch+apply")
 # (model, kind or None, position, params): the rows
 ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
-    ("resnet18", None, None, {}),
-    ("resnet18", "se", None, {}),
-    ("resnet18", "eca", None, {}),
-    ("resnet18", "coord", None, {}),
-    ("resnet18", "cbam", None, {}),
-    ("resnet18", "gc", None, {}),
-    ("resnet18", "sk", None, {}),
-    ("resnet18", "dynconv", None, {}),
-    ("resnet18", "afp", None, {}),
     ("mobilenet_v2", None, None, {}),
     ("mobilenet_v2", "se", "mid", {}),
     ("mobilenet_v2", "eca", "mid", {}),
     ("mobilenet_v2", "coord", "mid", {}),
     ("mobilenet_v2", "cbam", "mid", {}),
+    ("mobilenet_v2", "gc", "mid", {}),
+    ("mobilenet_v2", "sk", None, {}),
+    ("mobilenet_v2", "dynconv", None, {}),
+    ("mobilenet_v2", "afp", None, {}),
     ("mobilenet_v2", "se", "mid", {"gate": "hard_sigmoid"}),
     ("mobilenet_v2", "eca", "mid", {"gate": "hard_sigmoid"}),
     ("mobilenet_v2", "coord", "mid", {"gate": "hard_sigmoid"}),
+    ("resnet18", None, None, {}),
+    ("resnet18", "se", None, {}),
+    ("resnet18", "coord", None, {}),
+    ("resnet18", "cbam", None, {}),
 ]
 
 
@@ -89,13 +88,20 @@ _BASES: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 
 
 def build(model: str, kind: str | None, position: str | None, params: dict[str, Any], *,
-          data: tuple[np.ndarray, ...], epochs: int) -> tuple[nn.Module, float]:
-    """The trained base (from scratch), or the kind inserted into it (preserve) and fine-tuned."""
+          data: tuple[np.ndarray, ...], epochs: int, cache: Path) -> tuple[nn.Module, float]:
+    """The trained base (from scratch; kept in ``cache``), or the kind inserted into it
+    (preserve) and fine-tuned."""
     if model not in _BASES:
-        torch.manual_seed(0)
-        base = torchvision.models.get_model(model, num_classes=10)
-        seconds = train(base, data[0], data[1], epochs=epochs, lr=2e-3)
-        _BASES[model] = ({k: v.clone() for k, v in base.state_dict().items()}, seconds)
+        saved = cache / f"{model}_digits_{epochs}ep.pt"
+        if saved.exists():
+            blob = torch.load(saved, weights_only=True)
+            _BASES[model] = (blob["state_dict"], blob["seconds"])
+        else:
+            torch.manual_seed(0)
+            base = torchvision.models.get_model(model, num_classes=10)
+            seconds = train(base, data[0], data[1], epochs=epochs, lr=2e-3)
+            _BASES[model] = ({k: v.clone() for k, v in base.state_dict().items()}, seconds)
+            torch.save({"state_dict": _BASES[model][0], "seconds": seconds}, saved)
     state, seconds = _BASES[model]
     m = torchvision.models.get_model(model, num_classes=10)
     m.load_state_dict(state)
@@ -141,10 +147,10 @@ def scores(got: np.ndarray, want: np.ndarray, y: np.ndarray) -> dict[str, float]
 
 
 def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], data: tuple[np.ndarray, ...], *,
-            epochs: int) -> dict[str, Any]:
+            epochs: int, cache: Path) -> dict[str, Any]:
     x_train, y_train, x_test, y_test = data
     model, kind, position, params = spec
-    m, seconds = build(model, kind, position, params, data=data, epochs=epochs)
+    m, seconds = build(model, kind, position, params, data=data, epochs=epochs, cache=cache)
     with torch.no_grad():
         want = m(torch.from_numpy(x_test)).numpy()
     row: dict[str, Any] = {"row": row_name(*spec), "model": model, "kind": kind, "position": position,
@@ -173,8 +179,8 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], data: tupl
                                        "cosine_mean": s["cosine_mean"], "size": q.stat().st_size}
         # latency: the float file against the default INT8 file, interleaved
         files = [fp32, Path(tmp) / f"int8_{default}.onnx"]
-        for batch in (1, 32):
-            ms = ort_latency(files, input_size=SIZE, batch=batch, threads=2, rounds=11)
+        for batch, rounds in ((1, 21), (32, 7)):
+            ms = ort_latency(files, input_size=SIZE, batch=batch, threads=2, rounds=rounds)
             row[f"latency_b{batch}"] = {"fp32_ms": ms[0], "int8_default_ms": ms[1], "default_policy": default}
     return row
 
@@ -228,7 +234,7 @@ def main() -> None:
         if name in names or (args.only and not any(s in name for s in args.only.split(","))):
             continue
         start = time.perf_counter()
-        done.append(measure(spec, data, epochs=args.epochs))
+        done.append(measure(spec, data, epochs=args.epochs, cache=args.out.parent))
         args.out.write_text(json.dumps(done, indent=1))
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(tables(done))
