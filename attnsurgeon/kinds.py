@@ -193,7 +193,7 @@ def parse_cli_params(items: list[str] | None) -> dict[str, str]:
 
 _REDUCTION = Param("reduction", int, 16, "channel reduction ratio of the bottleneck MLP", "r", minimum=1)
 _GATE = Param("gate", str, "sigmoid", "gate activation: 'sigmoid' (the paper's) or 'hard_sigmoid' "
-              "(MobileNetV3's ReLU6(x + 3) / 6: cheaper, quantizes better, --init preserve exact)",
+              "(MobileNetV3's ReLU6(x + 3) / 6; --init preserve is exact)",
               choices=("sigmoid", "hard_sigmoid"))
 
 register(KindSpec(

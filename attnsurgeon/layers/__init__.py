@@ -14,9 +14,9 @@ gradient to 0): the closest start to the identity that can still learn. That is 
 float32 noise of a ResNet forward, and still trainable: the gradient is small but not zero,
 and adaptive optimisers (Adam, AdamW) rescale it. Tests check both claims.
 
-SE, ECA and coordinate attention take ``gate="hard_sigmoid"`` (MobileNetV3's gate, which
-integer quantization handles better): its ``--init preserve`` is exact, the gate is 1.0 in
-float32 at :data:`HARD_PRESERVE_LOGIT`, where the gradient is still 1/6.
+SE, ECA and coordinate attention take ``gate="hard_sigmoid"`` (MobileNetV3's gate); its
+``--init preserve`` is exact: the gate is 1.0 in float32 at :data:`HARD_PRESERVE_LOGIT`,
+where the gradient is still 1/6.
 
 A module whose forward ends in a gate multiply may offer ``gate_add(x, identity)``, equal to
 ``forward(x) + identity`` but with the last multiply folded into the add as one
@@ -42,7 +42,7 @@ GATES = ("sigmoid", "hard_sigmoid")
 
 def gate_layer(gate: str) -> nn.Module:
     """The gate activation: ``sigmoid`` (the papers') or ``hard_sigmoid`` (MobileNetV3's
-    ``ReLU6(x + 3) / 6``, cheaper and friendlier to integer quantization)."""
+    ``ReLU6(x + 3) / 6``, piecewise linear, the form its quantized models use)."""
     if gate == "sigmoid":
         return nn.Sigmoid()
     if gate == "hard_sigmoid":
