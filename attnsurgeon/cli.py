@@ -188,17 +188,18 @@ def export_onnx(
 ) -> None:
     """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
     with _user_errors():
-        from .commands import QuantizeOptions, run_export
+        from .commands import QuantizeOptions, check_quantize_options, run_export
+
+        quant = QuantizeOptions(precision=precision, calibration=calibration, calibration_count=calibration_count,
+                                mean=mean, std=std, min_agreement=min_agreement, quantize_all=quantize_all)
+        check_quantize_options(quant, verify=verify)  # before torch is imported
         from .onnx_export import VerificationError
 
         try:
             run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                        output=output, opset=opset, input_size=input_size, static_batch=static_batch,
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
-                       force=force, as_json=json,
-                       quant=QuantizeOptions(precision=precision, calibration=calibration,
-                                             calibration_count=calibration_count, mean=mean, std=std,
-                                             min_agreement=min_agreement, quantize_all=quantize_all))
+                       force=force, as_json=json, quant=quant)
         except VerificationError as e:
             _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .latency import LatencyOptions
     from .surgery import Change
 
-__all__ = ["QuantizeOptions", "SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
+__all__ = ["QuantizeOptions", "SurgeryOptions", "check_quantize_options", "run_blocks", "run_export", "run_insert",
+           "run_kinds", "run_summarize"]
 
 # results (tables) on stdout, messages on stderr. Piped into a file or a log, rich would
 # assume 80 columns and squeeze the tables; there is no terminal to fit, so use 120.
@@ -345,12 +346,12 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
             exporter cannot export.
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
+    quant = quant or QuantizeOptions()
+    images_found = check_quantize_options(quant, verify=verify)  # before torch is imported
     from . import checkpoint
     from .onnx_export import VerificationError, check_export_args, export_onnx
 
     check_export_args(input_size=input_size, opset=opset, atol=atol)
-    quant = quant or QuantizeOptions()
-    images_found = _check_quantize(quant, verify=verify)
     from_file = _is_checkpoint(target, opts, "export-onnx")
     if len(opts.recipes) > 1:
         raise UsageError("export-onnx takes one --recipe")
@@ -384,7 +385,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
     err.print(f"wrote {output}", markup=False, highlight=False)
 
 
-def _check_quantize(quant: QuantizeOptions, *, verify: bool) -> list[Path] | None:
+def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path] | None:
     """Check the precision options and the calibration folder (no torch yet); the images found."""
     from .calibration import find_images, parse_triple
     from .quantize import check_quantize_args

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,16 @@ def test_bad_options_one_line_exit_2_nothing_written(cli, tmp_path: Path, args: 
     assert message in r.output
     assert "Traceback" not in r.output
     assert _listing(out.parent) == []
+
+
+def test_precision_options_are_checked_before_torch_is_imported(tmp_path: Path) -> None:
+    code = ("import sys; from typer.testing import CliRunner; from attnsurgeon.cli import app; "
+            "r = CliRunner().invoke(app, ['export-onnx', 'resnet18', '-o', 'x.onnx', '--precision', 'int8', "
+            "'--calibration', 'missing']); "
+            "assert r.exit_code == 2, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert _listing(tmp_path) == []
 
 
 def test_unreadable_image_is_named_and_nothing_written(cli, tmp_path: Path) -> None:
