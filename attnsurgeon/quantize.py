@@ -275,9 +275,33 @@ def convert_fp16(float_path: Path, out_path: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with _quiet_logs():
         proto = convert_float_to_float16(onnx.load(str(float_path)), keep_io_types=True)
+    _sort_nodes(proto.graph)  # the converter appends the input casts after their consumers
     onnx.save(proto, str(out_path))
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put ``graph``'s nodes in topological order (onnx.checker requires it), stable otherwise."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(t in ready for t in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or an input from nowhere: leave the rest as it was
+            ordered.extend(rest)
+            break
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 # ---------------------------------------------------------------- checks
