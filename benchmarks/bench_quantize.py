@@ -192,6 +192,19 @@ def choose(row: dict[str, Any]) -> str:
     return max(measured, key=lambda k: (measured[k]["agreement"], measured[k]["cosine_mean"]))
 
 
+def choose_per_kind(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each kind's measured default over all its rows (models, gates): the highest summed
+    agreement, then the highest summed cosine; on a tie the policy keeping fewer nodes in float."""
+    out = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"]):
+        mine = [r for r in rows if r["kind"] == kind]
+        score = {p: (sum(r["policies"][p]["agreement"] for r in mine),
+                     sum(r["policies"][p]["cosine_mean"] for r in mine))
+                 for p in MEASURED_POLICIES if all(p in r["policies"] for r in mine)}
+        out[kind] = max(score, key=lambda p: score[p])  # first in MEASURED_POLICIES (fewest float nodes) on a tie
+    return out
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
@@ -219,6 +232,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
         cells = [f"{pct(p['agreement'])}, {p['cosine_mean']:.4f} ({p['float_nodes']})"
                  if (p := r["policies"].get(name)) else "-" for name in MEASURED_POLICIES]
         out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {choose(r)} |")
+    out += ["", "measured default per kind: " + ", ".join(f"{k}: {v}" for k, v in choose_per_kind(rows).items())]
     return "\n".join(out)
 
 
