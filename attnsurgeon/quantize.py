@@ -64,16 +64,18 @@ POLICIES: dict[str, tuple[str, ...]] = {
     "branch": ("branch",),
     "branch+apply": ("branch", "apply"),
 }
-# Each kind's measured default (benchmarks/bench_quantize.py; README, "Quantized export").
+# Each kind's default, as measured on trained models (benchmarks/bench_quantize.py, its rule:
+# highest agreement over the kind's rows, then cosine, then fewer float nodes; README,
+# "Quantized export"). "none" where keeping nodes in float measured no better.
 DEFAULT_POLICY: dict[str, str] = {
     "se": "branch",
-    "eca": "branch",
-    "coord": "branch",
-    "cbam": "branch",
-    "gc": "branch",
-    "sk": "branch",
-    "dynconv": "branch",
-    "afp": "branch",
+    "eca": "none",
+    "coord": "branch+apply",
+    "cbam": "none",
+    "gc": "none",
+    "sk": "gate+apply",
+    "dynconv": "none",
+    "afp": "none",
 }
 DEFAULT_MIN_AGREEMENT = 0.9
 LATENCY_THREADS = 2
@@ -540,6 +542,9 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
             why = "; ".join(f"{k}: {v} ({'+'.join(POLICIES[v]) or 'nothing'})" for k, v in q["policies"].items())
             line(f"  kept in float: {len(q['float_nodes'])} nodes of {modules} attention modules ({ops}); "
                  f"attention-aware defaults, measured on trained models: {why}")
+        elif q.get("attention_nodes"):
+            why = "; ".join(f"{k}: {v}" for k, v in q["policies"].items())
+            line(f"  kept in float: nothing (the measured defaults quantize these kinds whole: {why})")
         else:
             line("  kept in float: nothing (no attention module in the model)")
     a = q.get("agreement")
