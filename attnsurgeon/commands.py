@@ -418,7 +418,7 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
                                  std=parse_triple(quant.std, "--std"))
         images = load_images(images_found, prep, show_progress=show_progress)
         n_cal, n_held = split(len(images))
-        calibration = {"folder": str(quant.calibration), "found": len(images_found), "calibrate": n_cal,
+        calibration = {"folder": str(quant.calibration), "images": len(images_found), "calibrate": n_cal,
                        "held_out": n_held, "preprocessing": prep.to_data()}
     return export_quantized(model, output, precision=quant.precision, input_size=input_size, opset=opset,
                             dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, atol=atol,

@@ -529,7 +529,7 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
     if c:
         p = c["preprocessing"]
         line(f"  calibration: {escape(c['folder'])}: {c['calibrate']} images calibrate, {c['held_out']} held out "
-             f"(of {c['found']} found); resize {p['resize']} -> crop {p['crop']}, mean "
+             f"(of {c['images']} used); resize {p['resize']} -> crop {p['crop']}, mean "
              f"{escape(str(p['mean']))}, std {escape(str(p['std']))} ({escape(p['source'])})")
     if q["precision"] == "int8":
         if q.get("quantize_all"):
