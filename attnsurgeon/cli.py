@@ -62,6 +62,7 @@ L = "latency"  # help panel
 Latency = Annotated[bool, typer.Option("--latency", help="Also time the original and the modified model at --input-size (eval, inference mode, interleaved rounds, median) and print both and their ratio.", rich_help_panel=L)]
 Device = Annotated[str | None, typer.Option("--device", help="Where --latency times: cpu (default) | cuda.", rich_help_panel=L, show_default=False)]
 Batch = Annotated[int | None, typer.Option("--batch", help="Batch size for --latency. Default: 1 on cpu (one image's latency), 64 on cuda (at batch 1 a GPU is launch-bound).", rich_help_panel=L, show_default=False)]
+Q = "precision"  # help panel of export-onnx's fp16/int8 options
 # click keeps the last of a repeated option without a word (`--attn se --attn cbam` would
 # apply only cbam): these are taken as lists so that a repeat is refused (_once)
 
@@ -222,16 +223,26 @@ def export_onnx(
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep the file when verification fails (the exit status is still 1).")] = False,
     force: Force = False,
     json: Json = False,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 (default) | fp16 | int8 (onnxruntime static quantization, QDQ, per-channel weights; needs --calibration).", rich_help_panel=Q)] = "fp32",
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Folder of JPEG/PNG images (flat or in class subfolders): calibrates int8, and a held-out fifth checks agreement with the float model.", rich_help_panel=Q, show_default=False)] = None,
+    calibration_count: Annotated[int, typer.Option("--calibration-count", help="How many images of --calibration to use (a seeded sample when there are more).", rich_help_panel=Q)] = 300,
+    mean: Annotated[str | None, typer.Option("--mean", help="R,G,B mean for the calibration images (default: the model's torchvision weights').", rich_help_panel=Q, show_default=False)] = None,
+    std: Annotated[str | None, typer.Option("--std", help="R,G,B std for the calibration images (default: the model's torchvision weights').", rich_help_panel=Q, show_default=False)] = None,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Least top-1 agreement (0 to 1) of the fp16/int8 file with the float PyTorch model on the held-out images; below it verification fails.", rich_help_panel=Q)] = 0.9,
+    quantize_all: Annotated[bool, typer.Option("--quantize-all", help="int8: quantize every node, attention gates too (the default keeps each kind's measured gate nodes in float).", rich_help_panel=Q)] = False,
 ) -> None:
     """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
     with _user_errors():
-        from .commands import run_export
+        from .commands import QuantizeOptions, run_export
+
+        quant = QuantizeOptions(precision=precision, calibration=calibration, calibration_count=calibration_count,
+                                mean=mean, std=std, min_agreement=min_agreement, quantize_all=quantize_all)
 
         try:
             run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),
                        output=output, opset=opset, input_size=input_size, static_batch=static_batch,
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
-                       force=force, as_json=json)
+                       force=force, as_json=json, quant=quant)
         except VerificationError as e:
             _err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 
     from .surgery import Changes
 
-__all__ = ["SurgeryOptions", "run_blocks", "run_export", "run_insert", "run_kinds", "run_summarize"]
+__all__ = ["QuantizeOptions", "SurgeryOptions", "check_quantize_options", "run_blocks", "run_export", "run_insert",
+           "run_kinds", "run_summarize"]
 
 # results (tables) on stdout (render.results_console: made per command, at the terminal's
 # width), messages on stderr
@@ -408,9 +409,22 @@ def run_kinds(*, as_json: bool) -> None:
         print_kinds(results_console())
 
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """export-onnx's precision options: what to convert the float file to, and how to check it."""
+
+    precision: str = "fp32"
+    calibration: Path | None = None
+    calibration_count: int = 300
+    mean: str | None = None
+    std: str | None = None
+    min_agreement: float = 0.9
+    quantize_all: bool = False
+
+
 def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
                static_batch: bool, dynamic_hw: bool, verify: bool, atol: float, keep_failed: bool,
-               force: bool, as_json: bool) -> None:
+               force: bool, as_json: bool, quant: QuantizeOptions | None = None) -> None:
     """Export a checkpoint (``target`` is a file) or a model after surgery to ONNX.
 
     Raises:
@@ -418,6 +432,8 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
             exporter cannot export.
         VerificationError: the file does not match PyTorch (the summary is printed first).
     """
+    quant = quant or QuantizeOptions()
+    images_found = check_quantize_options(quant, verify=verify)  # before torch is imported
     check_export_args(input_size=input_size, opset=opset, atol=atol)
     path = target if target is not None and _is_checkpoint(target, opts, "export-onnx") else None
     if len(opts.recipes) > 1:
@@ -440,9 +456,15 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
                 p = prepare(opts, recipe)
                 model = p.model
                 source = {"source": p.name, "model": p.name, "recipe": p.recipe.to_data(), "weights": p.weights}
-            summary = export_onnx(model, output, input_size=input_size, opset=opset,
-                                  dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=verify,
-                                  atol=atol, keep_failed=keep_failed)
+            if quant.precision == "fp32":
+                summary = export_onnx(model, output, input_size=input_size, opset=opset,
+                                      dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=verify,
+                                      atol=atol, keep_failed=keep_failed)
+            else:
+                summary = _export_quantized(model, source["model"], output, quant, images_found,
+                                            input_size=input_size, opset=opset, static_batch=static_batch,
+                                            dynamic_hw=dynamic_hw, atol=atol, keep_failed=keep_failed,
+                                            show_progress=not as_json or sys.stderr.isatty())
     except VerificationError as e:
         _emit_export({**source, **e.summary}, as_json)
         raise
@@ -451,8 +473,53 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         err.print(f"wrote {show_path(output)}", markup=False, highlight=False)
 
 
+def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path] | None:
+    """Check the precision options and the calibration folder (no torch yet); the images found."""
+    from .calibration import find_images, parse_triple
+    from .quantize import check_quantize_args
+
+    check_quantize_args(precision=quant.precision, calibration=quant.calibration, quantize_all=quant.quantize_all,
+                        min_agreement=quant.min_agreement, count=quant.calibration_count)
+    if quant.precision == "fp32" and (quant.mean is not None or quant.std is not None):
+        raise UsageError("--mean/--std preprocess --calibration images (for --precision int8 or fp16)")
+    if quant.precision != "fp32" and not verify:
+        raise UsageError(f"--no-verify: a {quant.precision} file is always checked against the float model "
+                         "(its agreement is the only evidence it works)")
+    if (quant.mean is not None or quant.std is not None) and quant.calibration is None:
+        raise UsageError("--mean/--std preprocess --calibration images; give --calibration DIR")
+    parse_triple(quant.mean, "--mean")
+    parse_triple(quant.std, "--std")
+    if quant.calibration is None:
+        return None
+    return find_images(quant.calibration, count=quant.calibration_count)
+
+
+def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: QuantizeOptions,
+                      images_found: list[Path] | None, *, input_size: int, opset: int, static_batch: bool,
+                      dynamic_hw: bool, atol: float, keep_failed: bool, show_progress: bool) -> dict[str, Any]:
+    from .calibration import load_images, parse_triple, preprocessing_for, split
+    from .quantize import export_quantized
+
+    images = calibration = None
+    if images_found is not None:
+        prep = preprocessing_for(model_name, input_size=input_size, mean=parse_triple(quant.mean, "--mean"),
+                                 std=parse_triple(quant.std, "--std"))
+        images = load_images(images_found, prep, show_progress=show_progress)
+        n_cal, n_held = split(len(images))
+        calibration = {"folder": str(quant.calibration), "images": len(images_found), "calibrate": n_cal,
+                       "held_out": n_held, "preprocessing": prep.to_data()}
+    return export_quantized(model, output, precision=quant.precision, input_size=input_size, opset=opset,
+                            dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, atol=atol,
+                            calibration=calibration, images=images, quantize_all=quant.quantize_all,
+                            min_agreement=quant.min_agreement, keep_failed=keep_failed, show_progress=show_progress)
+
+
 def _emit_export(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _write_json(data)
+    elif data.get("quantized"):
+        from .quantize import print_quantized_summary
+
+        print_quantized_summary(results_console(), data)
     else:
         print_export_summary(results_console(), data)

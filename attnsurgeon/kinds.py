@@ -220,6 +220,9 @@ def parse_cli_params(items: list[str] | None) -> dict[str, str]:
 
 
 _REDUCTION = Param("reduction", int, 16, "channel reduction ratio of the bottleneck MLP", "r", minimum=1)
+_GATE = Param("gate", str, "sigmoid", "gate activation: 'sigmoid' (the paper's) or 'hard_sigmoid' "
+              "(MobileNetV3's ReLU6(x + 3) / 6; --init preserve is exact)",
+              choices=("sigmoid", "hard_sigmoid"))
 
 register(KindSpec(
     name="se",
@@ -230,8 +233,9 @@ register(KindSpec(
     params=(
         _REDUCTION,
         Param("variant", str, "standard", "'standard' (the paper's SE) or 'effective': eSE, one FC C -> C "
-              "and a hard sigmoid, reduction unused (CenterMask, Lee & Park, CVPR 2020: "
+              "and a hard sigmoid (gate and reduction unused; CenterMask, Lee & Park, CVPR 2020: "
               "https://arxiv.org/abs/1911.06667; timm's 'ese')", choices=("standard", "effective")),
+        _GATE,
     ),
     default_position="standard",
 ))
@@ -320,6 +324,7 @@ register(KindSpec(
               minimum=-64, maximum=64),
         Param("padding", str, "zeros", "padding of the channel axis: 'zeros' (the paper) or 'circular' "
               "(timm's 'ceca', same parameters)", choices=("zeros", "circular")),
+        _GATE,
     ),
     default_position="standard",
     note="k parameters per module; 80 on ResNet-50 (the paper's count)",
@@ -336,6 +341,7 @@ register(KindSpec(
         Param("reduction", int, 32, "reduction ratio of the shared 1x1 conv", "r", minimum=1),
         Param("min_dim", int, 8, "lower bound of the mid width max(min_dim, C // r)", "",
               minimum=1, maximum=4096),
+        _GATE,
     ),
     default_position="standard",
     note="gates along H and along W, from means over one axis each",

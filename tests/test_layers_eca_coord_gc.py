@@ -345,8 +345,8 @@ def test_kinds_lists_the_three_with_params_and_papers(cli) -> None:
     data = json.loads(cli("kinds", "--json").stdout)
     kinds = {k["name"]: k for k in data["kinds"]}
     expected = {
-        "eca": ("1910.03151", {"kernel_size": 0, "gamma": 2.0, "b": 1.0, "padding": "zeros"}),
-        "coord": ("2103.02907", {"reduction": 32, "min_dim": 8}),
+        "eca": ("1910.03151", {"kernel_size": 0, "gamma": 2.0, "b": 1.0, "padding": "zeros", "gate": "sigmoid"}),
+        "coord": ("2103.02907", {"reduction": 32, "min_dim": 8, "gate": "sigmoid"}),
         "gc": ("1904.11492", {"reduction": 16, "fusion": "add"}),
     }
     for name, (arxiv, defaults) in expected.items():

@@ -38,7 +38,9 @@ Departures from the paper:
 * ``--init preserve`` (not in the paper): ``conv_h`` and ``conv_w`` get weight 0 and bias
   ``PRESERVE_LOGIT``, so both gates are ``sigmoid(PRESERVE_LOGIT)`` for every input, in
   train and eval mode (``out = sigmoid(PRESERVE_LOGIT)**2 * x``); the rest keeps its paper
-  initialisation.
+  initialisation;
+* ``gate="hard_sigmoid"`` (not in the paper): MobileNetV3's hard sigmoid for both gates;
+  ``--init preserve`` then makes both exactly 1 (see :mod:`attnsurgeon.layers`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from . import PRESERVE_LOGIT, initialised
+from . import gate_layer, initialised, preserve_logit
 
 __all__ = ["CoordAttention", "build"]
 
@@ -59,9 +61,10 @@ class CoordAttention(nn.Module):
         channels: C, the channels of the feature map it gates.
         reduction: r, the reduction ratio of the shared 1x1 conv (mid = max(min_dim, C // r)).
         min_dim: the lower bound of the mid width (8 in the official code).
+        gate: ``"sigmoid"`` (the paper's) or ``"hard_sigmoid"``.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 32, min_dim: int = 8) -> None:
+    def __init__(self, channels: int, *, reduction: int = 32, min_dim: int = 8, gate: str = "sigmoid") -> None:
         super().__init__()
         if channels < 1 or reduction < 1 or min_dim < 1:
             raise ValueError(
@@ -72,7 +75,7 @@ class CoordAttention(nn.Module):
         self.act = nn.Hardswish()  # delta
         self.conv_h = nn.Conv2d(mid, channels, 1)  # F_h
         self.conv_w = nn.Conv2d(mid, channels, 1)  # F_w
-        self.gate = nn.Sigmoid()
+        self.gate = gate_layer(gate)
         self.reset_parameters()
 
     def _scales(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,11 +109,12 @@ class CoordAttention(nn.Module):
         nn.init.zeros_(self.bn1.bias)
 
     def preserve_(self) -> None:
-        """Both gates sigmoid(PRESERVE_LOGIT) for every input, in train and eval mode."""
+        """Both gates gate(preserve_logit) for every input, in train and eval mode."""
         for conv in (self.conv_h, self.conv_w):
             nn.init.zeros_(conv.weight)
-            nn.init.constant_(conv.bias, PRESERVE_LOGIT)
+            nn.init.constant_(conv.bias, preserve_logit(self.gate))
 
 
-def build(channels: int, *, init: str = "paper", reduction: int = 32, min_dim: int = 8) -> CoordAttention:
-    return initialised(CoordAttention(channels, reduction=reduction, min_dim=min_dim), init)
+def build(channels: int, *, init: str = "paper", reduction: int = 32, min_dim: int = 8,
+          gate: str = "sigmoid") -> CoordAttention:
+    return initialised(CoordAttention(channels, reduction=reduction, min_dim=min_dim, gate=gate), init)

@@ -20,7 +20,9 @@ Departures from the paper:
 * ``kernel_size = 0`` means the adaptive rule; a positive odd value fixes k;
 * the pooled vector is reshaped with ``unsqueeze``/``transpose`` only, so ONNX export keeps
   a dynamic batch;
-* ``--init paper`` is PyTorch's default for ``nn.Conv1d``, as in the reference code.
+* ``--init paper`` is PyTorch's default for ``nn.Conv1d``, as in the reference code;
+* ``gate="hard_sigmoid"`` (not in the paper): MobileNetV3's hard sigmoid instead of the
+  sigmoid; ``--init preserve`` then makes the gate exactly 1 (see :mod:`attnsurgeon.layers`).
 
 ``padding="circular"`` is timm's circular ECA (``CecaModule``): the channel axis wraps
 around instead of being zero-padded; same parameters, same state_dict keys.
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from . import PRESERVE_LOGIT, initialised
+from . import gate_layer, initialised, preserve_logit
 
 __all__ = ["ECA", "PADDINGS", "adaptive_kernel_size", "build", "reference_kernel_size"]
 
@@ -63,12 +65,13 @@ class ECA(nn.Module):
         gamma: gamma of the adaptive rule.
         b: b of the adaptive rule.
         padding: ``"zeros"`` (the paper) or ``"circular"`` (timm's CECA) along the channels.
+        gate: ``"sigmoid"`` (the paper's) or ``"hard_sigmoid"``.
     """
 
     offset: Tensor
 
     def __init__(self, channels: int, *, kernel_size: int = 0, gamma: float = 2.0, b: float = 1.0,
-                 padding: str = "zeros") -> None:
+                 padding: str = "zeros", gate: str = "sigmoid") -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -81,7 +84,7 @@ class ECA(nn.Module):
         k = kernel_size or adaptive_kernel_size(channels, gamma=gamma, b=b)
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False, padding_mode=padding)  # the paper's C1D_k
         self.register_buffer("offset", torch.zeros(()))
-        self.gate = nn.Sigmoid()
+        self.gate = gate_layer(gate)
 
     @property
     def kernel_size(self) -> int:
@@ -105,11 +108,11 @@ class ECA(nn.Module):
         nn.init.zeros_(self.offset)
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: gate = sigmoid(PRESERVE_LOGIT) for every input."""
+        """Start as (almost) the identity: gate(preserve_logit) for every input."""
         nn.init.zeros_(self.conv.weight)
-        nn.init.constant_(self.offset, PRESERVE_LOGIT)
+        nn.init.constant_(self.offset, preserve_logit(self.gate))
 
 
 def build(channels: int, *, init: str = "paper", kernel_size: int = 0, gamma: float = 2.0,
-          b: float = 1.0, padding: str = "zeros") -> ECA:
-    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b, padding=padding), init)
+          b: float = 1.0, padding: str = "zeros", gate: str = "sigmoid") -> ECA:
+    return initialised(ECA(channels, kernel_size=kernel_size, gamma=gamma, b=b, padding=padding, gate=gate), init)

@@ -13,15 +13,18 @@ Departures from the paper:
   and arithmetic as ``nn.Linear``, without the reshapes that complicate ONNX graphs;
 * the hidden width is ``max(1, C // r)``: the paper only uses C divisible by r;
 * ``--init paper`` is PyTorch's default initialisation, as in the reference
-  implementations (timm, torchvision); the paper names none.
+  implementations (timm, torchvision); the paper names none;
+* ``gate="hard_sigmoid"`` (not in the paper) swaps sigma for MobileNetV3's hard sigmoid
+  (Searching for MobileNetV3, Howard et al., ICCV 2019, https://arxiv.org/abs/1905.02244);
+  ``--init preserve`` is then exact (see :mod:`attnsurgeon.layers`).
 
 ``variant="effective"`` is eSE (CenterMask: Real-Time Anchor-Free Instance Segmentation,
 Lee, Park; CVPR 2020, https://arxiv.org/abs/1911.06667; timm's ``EffectiveSEModule``,
 ``--attn ese`` in timm): one FC C -> C with bias, no reduction, and a hard sigmoid
-``relu6(t + 3) / 6``, i.e. C^2 + C parameters. Its ``--init preserve``: weight 0 and bias
-``3 - 6 (1 - sigmoid(PRESERVE_LOGIT))``, so the gate is ``sigmoid(PRESERVE_LOGIT)`` for
-every input, like SE's. A bias of 3 would give exactly 1, but the hard sigmoid's
-gradient is 0 from 3 on, and the module could never learn.
+``relu6(t + 3) / 6`` (always: ``gate`` applies to the standard variant), i.e. C^2 + C
+parameters. Its ``--init preserve`` is exact: weight 0 and bias
+:data:`~attnsurgeon.layers.HARD_PRESERVE_LOGIT`, the largest float32 below 3, where the
+gate is 1.0 and its gradient still 1/6 (from 3 on it is 0 and the module could never learn).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from . import PRESERVE_LOGIT, initialised
+from . import gate_layer, initialised, preserve_logit
 
 __all__ = ["VARIANTS", "EffectiveSqueezeExcite", "SqueezeExcite", "build"]
 
@@ -43,9 +46,10 @@ class SqueezeExcite(nn.Module):
     Args:
         channels: C, the channels of the feature map it gates.
         reduction: r, the ratio of the bottleneck MLP (hidden width C / r).
+        gate: ``"sigmoid"`` (the paper's sigma) or ``"hard_sigmoid"``.
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16) -> None:
+    def __init__(self, channels: int, *, reduction: int = 16, gate: str = "sigmoid") -> None:
         super().__init__()
         if channels < 1 or reduction < 1:
             raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
@@ -53,7 +57,7 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Conv2d(channels, hidden, 1)  # W1 in Eq. 3
         self.act = nn.ReLU(inplace=True)  # delta
         self.fc2 = nn.Conv2d(hidden, channels, 1)  # W2 in Eq. 3
-        self.gate = nn.Sigmoid()  # sigma
+        self.gate = gate_layer(gate)  # sigma
 
     def _scale(self, x: Tensor) -> Tensor:
         """The excitation s of Eq. 3, shape ``(N, C, 1, 1)``."""
@@ -72,9 +76,9 @@ class SqueezeExcite(nn.Module):
         self.fc2.reset_parameters()
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: s = sigmoid(PRESERVE_LOGIT) for every input."""
+        """Start as (almost) the identity: s = gate(preserve_logit) for every input."""
         nn.init.zeros_(self.fc2.weight)
-        nn.init.constant_(self.fc2.bias, PRESERVE_LOGIT)
+        nn.init.constant_(self.fc2.bias, preserve_logit(self.gate))
 
 
 class EffectiveSqueezeExcite(nn.Module):
@@ -105,16 +109,15 @@ class EffectiveSqueezeExcite(nn.Module):
         self.fc.reset_parameters()
 
     def preserve_(self) -> None:
-        """Start as (almost) the identity: gate = sigmoid(PRESERVE_LOGIT) for every input."""
+        """Start as the identity: the gate is exactly 1 for every input (module docstring)."""
         nn.init.zeros_(self.fc.weight)
-        gap = 1 - torch.sigmoid(torch.tensor(PRESERVE_LOGIT)).item()
-        nn.init.constant_(self.fc.bias, 3.0 - 6.0 * gap)
+        nn.init.constant_(self.fc.bias, preserve_logit(self.gate))
 
 
-def build(channels: int, *, init: str = "paper", reduction: int = 16,
-          variant: str = "standard") -> SqueezeExcite | EffectiveSqueezeExcite:
+def build(channels: int, *, init: str = "paper", reduction: int = 16, variant: str = "standard",
+          gate: str = "sigmoid") -> SqueezeExcite | EffectiveSqueezeExcite:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "effective":
         return initialised(EffectiveSqueezeExcite(channels), init)
-    return initialised(SqueezeExcite(channels, reduction=reduction), init)
+    return initialised(SqueezeExcite(channels, reduction=reduction, gate=gate), init)

@@ -1,0 +1,567 @@
+"""Quantized ONNX export (INT8, FP16), verified by agreement with the float PyTorch model.
+
+INT8 is onnxruntime's static post-training quantization (``quantize_static``): QDQ format,
+per-channel symmetric int8 weights, per-tensor uint8 activations whose ranges come from
+calibration images (MinMax). uint8 activations with int8 weights ("U8S8") are what
+onnxruntime's x86 kernels are fastest at; int8 activations ran several times slower than
+float there. FP16 is onnxruntime's own converter (``onnxruntime.transformers.float16``,
+the code ``onnxconverter-common`` ships, maintained in the onnxruntime tree) with
+``keep_io_types``, so the file still takes and returns float32: no new dependency, and
+the converter is tested against the same runtime that verifies the file.
+
+Attention-aware quantization. Gates are where post-training quantization breaks: a
+sigmoid's output crowded near 1, a softmax's small weights, and the multiply of two
+activations that applies them. :func:`attention_nodes` walks the exported graph and finds,
+for every attention module the surgery added (by the exporter's name scopes), its nodes in
+three roles:
+
+* ``gate``: the Sigmoid / HardSigmoid / Softmax that makes the attention weights;
+* ``branch``: the gate and what computes its input back to the pooling (the squeeze's
+  ReduceMean/ReduceMax, the MLP or 1-D conv, CBAM's 7x7 spatial conv, dynamic
+  convolution's kernel-attention MLP, SK's select MLP), including a pooling the block's
+  fused ``addcmul`` moved out of the module's scope;
+* ``apply``: the Mul (or MatMul, for GC's attention pooling) that applies the weights to
+  the feature map, wherever the exporter put it.
+
+A *policy* names the roles kept in float (:data:`POLICIES`); :data:`DEFAULT_POLICY` holds
+each kind's default, chosen by measurement on trained models (``benchmarks/bench_quantize.py``,
+README), and ``quantize_all`` quantizes everything.
+
+Without calibration images INT8 is refused: static quantization fits activation ranges to
+its inputs, and random inputs give ranges real images do not have (a file verified on them
+says nothing about accuracy). FP16 needs no calibration; its agreement check uses the
+held-out images when given, else seeded random inputs (and says so).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    from torch import nn
+
+__all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
+           "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized", "nodes_to_keep_float",
+           "ort_latency", "print_quantized_summary", "quantize_int8"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ROLES = ("gate", "branch", "apply")
+POLICIES: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "gate": ("gate",),
+    "gate+apply": ("gate", "apply"),
+    "branch": ("branch",),
+    "branch+apply": ("branch", "apply"),
+}
+# Each kind's default, as measured on trained models (benchmarks/bench_quantize.py, its rule:
+# highest agreement over the kind's rows, then cosine, then fewer float nodes; README,
+# "Quantized export"). "none" where keeping nodes in float measured no better.
+DEFAULT_POLICY: dict[str, str] = {
+    "se": "branch",
+    "eca": "none",
+    "coord": "branch+apply",
+    "cbam": "none",
+    "gc": "none",
+    "sk": "gate+apply",
+    "dynconv": "none",
+    "afp": "none",
+}
+DEFAULT_MIN_AGREEMENT = 0.9
+LATENCY_THREADS = 2
+LATENCY_ROUNDS = 15
+CALIBRATION_BATCH = 8
+RANDOM_CHECK_IMAGES = 16
+
+_GATE_OPS = {"Sigmoid", "HardSigmoid", "Softmax"}
+_POOL_OPS = {"ReduceMean", "ReduceMax", "ReduceSum", "GlobalAveragePool", "GlobalMaxPool"}
+_SHAPE_OPS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Slice", "Split",
+              "Identity", "Cast"}
+_APPLY_OPS = {"Mul", "MatMul"}
+
+
+def check_quantize_args(*, precision: str, calibration: Path | None, quantize_all: bool,
+                        min_agreement: float, count: int) -> None:
+    """Raise UsageError for options that do not fit together (before torch is imported)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" and calibration is not None:
+        raise UsageError("--calibration is for --precision int8 or fp16 (fp32 is verified against PyTorch "
+                         "on random inputs)")
+    if quantize_all and precision != "int8":
+        raise UsageError("--quantize-all is for --precision int8")
+    if precision == "int8" and calibration is None:
+        raise UsageError("--precision int8 needs --calibration DIR: static quantization fits its activation "
+                         "ranges to real images (random inputs give ranges real images do not have)")
+    if not 0.0 <= min_agreement <= 1.0:  # also rejects NaN
+        raise UsageError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
+    if calibration is not None:
+        from .calibration import MAX_COUNT
+
+        if not 2 <= count <= MAX_COUNT:
+            raise UsageError(f"--calibration-count must be between 2 and {MAX_COUNT}, got {count}")
+
+
+# ---------------------------------------------------------------- graph walk
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            with contextlib.suppress(ValueError, SyntaxError):
+                value = ast.literal_eval(prop.value)
+                if isinstance(value, list):
+                    return [str(v) for v in value]
+    return []
+
+
+def _module_kinds(model: nn.Module) -> dict[str, str]:
+    """Dotted path of each module the surgery added -> its kind (from the registry's builders)."""
+    from .kinds import KINDS
+    from .training import new_modules
+
+    by_module = {spec.builder.partition(":")[0]: name for name, spec in KINDS.items()}
+    return {path: by_module[type(m).__module__] for path, m in new_modules(model)
+            if type(m).__module__ in by_module}
+
+
+def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, str]]:
+    """Every node of an attention module's gate, as ``{"node", "op", "module", "kind", "role"}``.
+
+    ``model`` is the PyTorch module that was exported (its module paths are the exporter's
+    name scopes). Roles are described in the module docstring; a node has one role, the
+    first of gate, apply, branch that fits.
+    """
+    kinds = _module_kinds(model)
+    if not kinds:
+        return []
+    nodes = list(proto.graph.node)
+    producer = {t: n for n in nodes for t in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    owner: dict[str, str] = {}
+    for n in nodes:
+        for scope in reversed(_scopes(n)):
+            path = next((p for p in kinds if scope == p or scope.startswith(p + ".")), None)
+            if path is not None:
+                owner[n.name] = path
+                break
+    found: dict[str, dict[str, str]] = {}
+
+    def add(n: onnx.NodeProto, path: str, role: str) -> None:
+        found.setdefault(n.name, {"node": n.name, "op": n.op_type, "module": path, "kind": kinds[path],
+                                  "role": role})
+
+    for path in kinds:
+        region = [n for n in nodes if owner.get(n.name) == path]
+        gates = [n for n in region if n.op_type in _GATE_OPS]
+        for g in gates:
+            add(g, path, "gate")
+        # apply: from each gate's output through shape ops to the multiply (in the module or in
+        # the block, where a fused addcmul put it)
+        stack = [t for g in gates for t in g.output]
+        seen: set[str] = set()
+        while stack:
+            t = stack.pop()
+            for c in consumers.get(t, []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.op_type in _SHAPE_OPS:
+                    add(c, path, "branch")
+                    stack.extend(c.output)
+                elif c.op_type in _APPLY_OPS:
+                    add(c, path, "apply")
+        # branch: the gate's ancestors inside the module, back to (and including) the pooling,
+        # which may lie outside the module's scope
+        stack = [t for g in gates for t in g.input]
+        seen = set()
+        while stack:
+            t = stack.pop()
+            p = producer.get(t)
+            if p is None or p.name in seen:
+                continue
+            seen.add(p.name)
+            inside = owner.get(p.name) == path
+            if p.op_type in _POOL_OPS and (inside or owner.get(p.name) is None):
+                add(p, path, "branch")  # the squeeze: stop here
+            elif inside and p.op_type not in _APPLY_OPS:
+                add(p, path, "branch")
+                stack.extend(p.input)
+            elif owner.get(p.name) is None and p.op_type in _SHAPE_OPS:
+                stack.extend(p.input)  # a reshape of the fused pooling, outside the scope
+    return [found[n.name] for n in nodes if n.name in found]
+
+
+def nodes_to_keep_float(attn: list[dict[str, str]], *, quantize_all: bool) -> list[dict[str, str]]:
+    """The attention nodes the kinds' default policies keep in float (none with ``quantize_all``)."""
+    if quantize_all:
+        return []
+    keep = []
+    for a in attn:
+        roles = POLICIES[DEFAULT_POLICY.get(a["kind"], "none")]
+        if a["role"] in roles or (a["role"] == "gate" and "branch" in roles):
+            keep.append(a)
+    return keep
+
+
+# ---------------------------------------------------------------- converters
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """onnxruntime.quantization logs advice on the root logger at WARNING; mute it meanwhile."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclude: list[str],
+                  show_progress: bool = True) -> dict[str, Any]:
+    """Static INT8 quantization of ``float_path`` into ``out_path``, calibrated on ``images``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from .calibration import progress_bar
+    from .onnx_export import INPUT_NAME
+
+    batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+
+    start = time.perf_counter()
+    with progress_bar("calibrating", total=len(batches), enabled=show_progress) as advance, _quiet_logs():
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(batches)
+
+            def get_next(self) -> dict[str, Any] | None:
+                batch = next(self._it, None)
+                if batch is None:
+                    return None
+                advance()
+                return {INPUT_NAME: batch}
+
+        quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                        extra_options={"CalibMaxIntermediateOutputs": 4})
+    return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8, per-channel, symmetric",
+            "activations": "uint8, per-tensor", "calibrate_method": "MinMax",
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def convert_fp16(float_path: Path, out_path: Path) -> dict[str, Any]:
+    """FP16 weights and compute, float32 input and output (``keep_io_types``)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    start = time.perf_counter()
+    with _quiet_logs():
+        proto = convert_float_to_float16(onnx.load(str(float_path)), keep_io_types=True)
+    _sort_nodes(proto.graph)  # the converter appends the input casts after their consumers
+    onnx.save(proto, str(out_path))
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put ``graph``'s nodes in topological order (onnx.checker requires it), stable otherwise."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(t in ready for t in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or an input from nowhere: leave the rest as it was
+            ordered.extend(rest)
+            break
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _session(path: Path, *, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_outputs(model: nn.Module, path: Path, images: np.ndarray, *, batch: int = 16) -> dict[str, Any]:
+    """Top-1 agreement and cosine similarity of ``path`` (onnxruntime) with ``model`` (eval).
+
+    Top-1 is the argmax over dim 1 (the class; per pixel for segmentation outputs); the
+    cosine is between one image's whole outputs, flattened.
+    """
+    import numpy as np
+    import torch
+
+    from .onnx_export import INPUT_NAME, OUTPUT_NAME
+
+    session = _session(path)
+    agree = total = 0
+    cosines: list[float] = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).float().numpy()
+        have = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
+        agree += int((want.argmax(1) == have.argmax(1)).sum())
+        total += want.argmax(1).size
+        a, b = want.reshape(len(x), -1).astype(np.float64), have.reshape(len(x), -1).astype(np.float64)
+        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosines.extend((np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)).tolist())
+    return {"images": len(images), "top1_agreement": agree / max(total, 1), "agreeing": agree, "compared": total,
+            "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines))}
+
+
+def ort_latency(paths: list[Path], *, input_size: int, batch: int = 1, threads: int = LATENCY_THREADS,
+                rounds: int = LATENCY_ROUNDS) -> list[float]:
+    """Median onnxruntime CPU latency (ms) of each file, rounds interleaved (ABAB...)."""
+    import numpy as np
+
+    from .onnx_export import INPUT_NAME
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size), dtype=np.float32)
+    sessions = [_session(p, threads=threads) for p in paths]
+    for s in sessions:
+        for _ in range(3):
+            s.run(None, {INPUT_NAME: x})
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            start = time.perf_counter()
+            sessions[i].run(None, {INPUT_NAME: x})
+            times[i].append((time.perf_counter() - start) * 1000)
+    return [float(np.median(t)) for t in times]
+
+
+# ---------------------------------------------------------------- the export
+
+
+def export_quantized(
+    model: nn.Module,
+    path: Path,
+    *,
+    precision: str,
+    input_size: int,
+    opset: int,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+    atol: float = 1e-4,
+    calibration: dict[str, Any] | None = None,
+    images: np.ndarray | None = None,
+    quantize_all: bool = False,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    keep_failed: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Export ``model`` to float ONNX (verified as always), convert it to ``precision``, and
+    verify the converted file by agreement with ``model`` on held-out images.
+
+    ``images`` are the preprocessed calibration images (the first part calibrates, the rest
+    is held out; see :func:`attnsurgeon.calibration.split`); ``calibration`` describes them
+    for the report. The float file is a temp file; only ``path`` is written, atomically.
+
+    Raises:
+        UsageError: as :func:`attnsurgeon.onnx_export.export_onnx`.
+        VerificationError: the float graph fails its check, or the converted file fails the
+            checker, onnxruntime, or agreement below ``min_agreement`` (the file is removed
+            unless ``keep_failed``).
+    """
+    import numpy as np
+    import onnx
+    import torch
+
+    from .calibration import split
+    from .checkpoint import atomic_write
+    from .onnx_export import VerificationError, _one_output, describe_onnx, export_onnx
+    from .torch_state import evaluating
+
+    if precision not in ("fp16", "int8"):
+        raise ValueError(f"precision must be fp16 or int8, got {precision!r}")
+    if precision == "int8" and images is None:
+        raise UsageError("--precision int8 needs --calibration DIR")
+    path = Path(path)
+    model = _one_output(model, input_size=input_size)
+    if images is not None:
+        n_cal, _ = split(len(images))
+        calibrate, held_out = images[:n_cal], images[n_cal:]
+        check_source = "held-out calibration images"
+    else:
+        calibrate = None
+        held_out = torch.randn(RANDOM_CHECK_IMAGES, 3, input_size, input_size,
+                               generator=torch.Generator().manual_seed(2)).numpy()
+        check_source = f"{RANDOM_CHECK_IMAGES} random N(0,1) inputs (no --calibration given)"
+
+    with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp_dir, evaluating(model):
+        float_path = Path(tmp_dir) / f"{path.stem}.fp32.onnx"
+        try:
+            summary = export_onnx(model, float_path, input_size=input_size, opset=opset, dynamic_batch=dynamic_batch,
+                                  dynamic_hw=dynamic_hw, verify=True, atol=atol, keep_failed=False)
+        except VerificationError as e:
+            e.summary["output"] = str(path)
+            raise VerificationError(f"{path.name}: the fp32 graph before conversion failed its check ({e}); "
+                                    "no file written", e.summary, kept=False) from None
+        summary["output"] = str(path)
+        summary["precision"] = precision
+        float_info = {"file_size": summary["file_size"], "nodes": summary["nodes"]}
+        q: dict[str, Any] = {"precision": precision, "calibration": calibration, "float_nodes": [],
+                             "check_images": check_source, "min_agreement": min_agreement}
+        summary["quantized"] = q
+
+        def write(tmp: Path) -> None:
+            if precision == "int8":
+                if calibrate is None:
+                    raise UsageError("--precision int8 needs --calibration DIR")
+                proto = onnx.load(str(float_path), load_external_data=False)
+                attn = attention_nodes(proto, model)
+                keep = nodes_to_keep_float(attn, quantize_all=quantize_all)
+                q["attention_nodes"] = len(attn)
+                q["quantize_all"] = quantize_all
+                q["policies"] = ({} if quantize_all else
+                                 {k: DEFAULT_POLICY.get(k, "none") for k in sorted({a["kind"] for a in attn})})
+                q["float_nodes"] = keep
+                q.update(quantize_int8(float_path, tmp, calibrate, exclude=[a["node"] for a in keep],
+                                       show_progress=show_progress))
+            else:
+                q.update(convert_fp16(float_path, tmp))
+            q.update(describe_onnx(tmp))
+            q["error"] = None
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+                q["agreement"] = compare_outputs(model, tmp, held_out)
+            except Exception as e:  # onnx.checker's ValidationError, onnxruntime's Fail, ...
+                from .onnx_export import _first_sentence
+
+                q["agreement"] = None
+                q["error"] = f"{type(e).__name__}: {_first_sentence(str(e))}"
+            if q["agreement"] is not None:
+                float_ms, quant_ms = ort_latency([float_path, tmp], input_size=input_size)
+                q["latency"] = {"float_ms": float_ms, "quantized_ms": quant_ms, "speedup": float_ms / quant_ms,
+                                "threads": LATENCY_THREADS, "batch": 1, "rounds": LATENCY_ROUNDS,
+                                "provider": "CPUExecutionProvider"}
+            else:
+                q["latency"] = None
+            q["float_file_size"] = float_info["file_size"]
+            q["size_ratio"] = q["file_size"] / float_info["file_size"]
+            agreement = q["agreement"]["top1_agreement"] if q["agreement"] else float("nan")
+            q["passed"] = q["error"] is None and bool(np.isfinite(agreement)) and agreement >= min_agreement
+            summary["file_size"], summary["nodes"] = q["file_size"], q["nodes"]
+            summary["inputs"], summary["outputs"] = q["inputs"], q["outputs"]
+            if not q["passed"] and not keep_failed:
+                raise VerificationError(_failure(path, q, kept=False), summary, kept=False)
+
+        atomic_write(path, write)
+    if not q["passed"]:
+        raise VerificationError(_failure(path, q, kept=True), summary, kept=True)
+    return summary
+
+
+def _failure(path: Path, q: dict[str, Any], *, kept: bool) -> str:
+    fate = f"kept {path} anyway (--keep-failed)" if kept else "no file written"
+    if q["error"]:
+        return f"{path.name} ({q['precision']}) FAILED verification: {q['error']}; {fate}"
+    a = q["agreement"]
+    return (f"{path.name} ({q['precision']}) FAILED verification: top-1 agreement with the float model "
+            f"{a['top1_agreement']:.1%} ({a['agreeing']}/{a['compared']}) < --min-agreement "
+            f"{q['min_agreement']:.1%}; {fate}")
+
+
+def _fmt_size(n: int) -> str:
+    from .render import si
+
+    return si(n, "B")
+
+
+def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
+    """Print the float graph's check (as for fp32) and then the converted file's figures."""
+    from rich.markup import escape
+
+    from .onnx_export import print_export_summary
+
+    q = data["quantized"]
+    float_view = {**data, "output": f"{data['output']} (fp32 graph, before conversion)",
+                  "file_size": q.get("float_file_size", data["file_size"])}
+    print_export_summary(console, float_view)
+
+    def line(text: str, style: str | None = None) -> None:
+        console.print(text, style=style, highlight=False, soft_wrap=True)
+
+    if q["precision"] == "int8":
+        line(f"[bold]int8[/]: {q['method']}, {q['format']}, weights {q['weights']}, activations "
+             f"{q['activations']} ({q['calibrate_method']})")
+    else:
+        line(f"[bold]fp16[/]: {q['method']} (keep_io_types: float32 input and output)")
+    c = q.get("calibration")
+    if c:
+        p = c["preprocessing"]
+        line(f"  calibration: {escape(c['folder'])}: {c['calibrate']} images calibrate, {c['held_out']} held out "
+             f"(of {c['images']} used); resize {p['resize']} -> crop {p['crop']}, mean "
+             f"{escape(str(p['mean']))}, std {escape(str(p['std']))} ({escape(p['source'])})")
+    if q["precision"] == "int8":
+        if q.get("quantize_all"):
+            line("  kept in float: nothing (--quantize-all)")
+        elif q["float_nodes"]:
+            from collections import Counter
+
+            modules = len({a["module"] for a in q["float_nodes"]})
+            ops = ", ".join(f"{op} {n}" for op, n in Counter(a["op"] for a in q["float_nodes"]).most_common())
+            why = "; ".join(f"{k}: {v} ({'+'.join(POLICIES[v]) or 'nothing'})" for k, v in q["policies"].items())
+            line(f"  kept in float: {len(q['float_nodes'])} nodes of {modules} attention modules ({ops}); "
+                 f"attention-aware defaults, measured on trained models: {why}")
+        elif q.get("attention_nodes"):
+            why = "; ".join(f"{k}: {v}" for k, v in q["policies"].items())
+            line(f"  kept in float: nothing (the measured defaults quantize these kinds whole: {why})")
+        else:
+            line("  kept in float: nothing (no attention module in the model)")
+    a = q.get("agreement")
+    if a is not None:
+        verdict = "[bold green]PASSED[/]" if q["passed"] else "[bold red]FAILED[/]"
+        on = "random N(0,1) inputs" if q.get("calibration") is None else "held-out images"
+        line(f"  vs PyTorch float on {a['images']} {on}: "
+             f"top-1 agreement {a['top1_agreement']:.1%} ({a['agreeing']}/{a['compared']}), cosine mean "
+             f"{a['cosine_mean']:.4f}, min {a['cosine_min']:.4f}; --min-agreement {q['min_agreement']:.0%}: {verdict}")
+    if q.get("error"):
+        line(f"  {escape(q['error'])}", style="red")
+    line(f"  size: {_fmt_size(q['float_file_size'])} (fp32) -> {_fmt_size(q['file_size'])} ({q['precision']}), "
+         f"x{q['size_ratio']:.2f}")
+    lat = q.get("latency")
+    if lat:
+        line(f"  CPU latency (onnxruntime, {lat['threads']} threads, batch {lat['batch']}, median of {lat['rounds']} "
+             f"interleaved rounds): fp32 {lat['float_ms']:.2f} ms, {q['precision']} {lat['quantized_ms']:.2f} ms "
+             f"(x{lat['speedup']:.2f})")

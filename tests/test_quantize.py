@@ -1,0 +1,310 @@
+"""export-onnx --precision fp16|int8: the CLI contract, and quantized files of trained models.
+
+The trained models are a quarter-width MobileNetV2 on scikit-learn's digits at 32x32,
+trained once per session; each attention kind is inserted into it with ``init="preserve"``
+and fine-tuned for a few steps, so its gates are trained, not random.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import attnsurgeon
+from attnsurgeon import quantize
+from attnsurgeon.calibration import find_images, load_images, preprocessing_for, split
+from attnsurgeon.checkpoint import save
+from attnsurgeon.recipe import Recipe
+
+SIZE = 32
+MODEL_KWARGS = {"num_classes": 10, "width_mult": 0.25}
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------- data and models, once per session
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Digits as PNGs (all, and a 100-image calibration folder in class subfolders), and the
+    preprocessed arrays the model trains on (the same pipeline the CLI uses)."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from PIL import Image
+
+    data = sklearn.load_digits()
+    root = tmp_path_factory.mktemp("digits")
+    every, calib = root / "all", root / "calib"
+    every.mkdir()
+    for i, (img, label) in enumerate(zip(data.images, data.target, strict=True)):
+        png = Image.fromarray((img * 255 / 16).astype(np.uint8)).convert("RGB")
+        png.save(every / f"{i:04d}.png")
+        if i % 18 == 0:  # 100 images, in ImageFolder's class subfolders
+            (calib / str(label)).mkdir(parents=True, exist_ok=True)
+            png.save(calib / str(label) / f"{i:04d}.png")
+    prep = preprocessing_for("mobilenet_v2", input_size=SIZE)
+    x = load_images(find_images(every, count=len(data.images)), prep, show_progress=False)
+    return {"x": x, "y": data.target.astype(np.int64), "calib": calib, "prep": prep}
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, steps: int, lr: float) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(xt), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def base(digits: dict[str, object]) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(**MODEL_KWARGS)
+    _train(model, digits["x"], digits["y"], steps=200, lr=5e-3)
+    with torch.no_grad():
+        acc = (model(torch.from_numpy(digits["x"])).argmax(1).numpy() == digits["y"]).mean()
+    assert acc > 0.8, f"the base model did not learn the digits (accuracy {acc:.2f})"
+    return model
+
+
+def _with_kind(base: nn.Module, digits: dict[str, object], kind: str, **params: object) -> tuple[nn.Module, Recipe]:
+    model = copy.deepcopy(base)
+    position = "mid" if attnsurgeon.kinds.get_kind(kind).mode == "insert" and kind != "afp" else None
+    attnsurgeon.apply(model, kind, position=position, params=params or None, init="preserve", seed=0)
+    _train(model, digits["x"], digits["y"], steps=20, lr=1e-3)
+    from attnsurgeon.recipe import rule_from_options
+
+    rule = rule_from_options(kind, position=position, layers="all", params={k: str(v) for k, v in params.items()})
+    return model, Recipe(model="mobilenet_v2", rules=(rule,), init="preserve", seed=0)
+
+
+@pytest.fixture(scope="session")
+def coord_checkpoint(base: nn.Module, digits: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, recipe = _with_kind(base, digits, "coord")
+    path = tmp_path_factory.mktemp("ckpt") / "coord.pt"
+    save(path, model, model_name="mobilenet_v2", recipe=recipe, model_kwargs=MODEL_KWARGS)
+    return path
+
+
+# ---------------------------------------------------------------- the CLI contract: bad input
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "int4"], "--precision must be one of fp32, fp16, int8, got 'int4'"),
+    (["--precision", "int8"], "--precision int8 needs --calibration DIR"),
+    (["--calibration", "."], "--calibration is for --precision int8 or fp16"),
+    (["--precision", "fp16", "--quantize-all"], "--quantize-all is for --precision int8"),
+    (["--precision", "fp16", "--min-agreement", "1.5"], "--min-agreement must be between 0 and 1, got 1.5"),
+    (["--precision", "fp16", "--min-agreement", "nan"], "--min-agreement must be between 0 and 1"),
+    (["--precision", "int8", "--calibration", "missing_dir"], "--calibration: missing_dir: no such folder"),
+    (["--precision", "int8", "--calibration", "{empty}"], "no JPEG or PNG image in"),
+    (["--precision", "int8", "--calibration", "{file}"], "is not a folder"),
+    (["--precision", "int8", "--calibration", "{one}"], "only one JPEG or PNG image"),
+    (["--precision", "int8", "--calibration", "{one}", "--calibration-count", "1"],
+     "--calibration-count must be between 2 and"),
+    (["--precision", "int8", "--calibration", "{one}", "--mean", "0.5,0.5"], "--mean must be three"),
+    (["--precision", "int8", "--calibration", "{one}", "--std", "0.5,0,0.5"], "--std values must be > 0"),
+    (["--precision", "fp16", "--mean", "0.5,0.5,0.5"], "--mean/--std preprocess --calibration images"),
+    (["--precision", "fp16", "--no-verify"], "--no-verify: a fp16 file is always checked"),
+])
+def test_bad_options_one_line_exit_2_nothing_written(cli, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.png").write_bytes(b"")
+    (tmp_path / "file").write_text("x")
+    args = [a.format(empty=tmp_path / "empty", file=tmp_path / "file", one=tmp_path / "one") for a in args]
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = cli("export-onnx", "resnet18", "--input-size", "32", "-o", str(out), *args)
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert _listing(out.parent) == []
+
+
+def test_precision_options_are_checked_before_torch_is_imported(tmp_path: Path) -> None:
+    code = ("import sys; from typer.testing import CliRunner; from attnsurgeon.cli import app; "
+            "r = CliRunner().invoke(app, ['export-onnx', 'resnet18', '-o', 'x.onnx', '--precision', 'int8', "
+            "'--calibration', 'missing']); "
+            "assert r.exit_code == 2, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert _listing(tmp_path) == []
+
+
+def test_unreadable_image_is_named_and_nothing_written(cli, tmp_path: Path) -> None:
+    folder = tmp_path / "cal"
+    (folder / "cat").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), "red").save(folder / "cat" / "good.png")
+    (folder / "cat" / "bad.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("export-onnx", "resnet18", "--input-size", "32", "--precision", "int8", "--calibration", str(folder),
+            "-o", str(out / "m.onnx"))
+    assert r.exit_code == 2, r.output
+    assert f"--calibration: cannot read {folder / 'cat' / 'bad.jpg'}: not a readable JPEG or PNG image" in r.output
+    assert _listing(out) == []
+
+
+def test_find_images_flat_and_class_folders_seeded_sample(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for sub in ("", "a", "b"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        for i in range(5):
+            Image.new("L", (4, 4)).save(tmp_path / sub / f"{i}.PNG" if sub == "a" else tmp_path / sub / f"{i}.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert len(find_images(tmp_path, count=100)) == 15
+    sample = find_images(tmp_path, count=6)
+    assert len(sample) == 6 and sample == find_images(tmp_path, count=6)
+    assert split(6) == (5, 1) and split(300) == (240, 60) and split(2) == (1, 1)
+
+
+# ---------------------------------------------------------------- graph walk
+
+
+def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> None:
+    """SE at standard on a ResNet: the block's fused addcmul puts the squeeze's ReduceMean and the
+    gate's Mul outside the module's scope; the walk still finds them, and nothing of the block."""
+    import onnx
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    attnsurgeon.apply(model, "se", layers="layer4.1")
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=False)
+    found = quantize.attention_nodes(onnx.load(str(tmp_path / "m.onnx")), model)
+    ops = sorted((a["role"], a["op"]) for a in found)
+    assert ops == [("apply", "Mul"), ("branch", "Conv"), ("branch", "Conv"), ("branch", "ReduceMean"),
+                   ("branch", "Relu"), ("gate", "Sigmoid")]
+    assert {a["module"] for a in found} == {"layer4.1.attn_standard"} and {a["kind"] for a in found} == {"se"}
+    assert quantize.nodes_to_keep_float(found, quantize_all=True) == []
+
+
+# ---------------------------------------------------------------- trained models through the CLI
+
+
+def test_int8_export_of_trained_coord_model(cli, coord_checkpoint: Path, digits: dict[str, object],
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "ca_int8.onnx"
+    r = cli("export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
+            "--calibration", str(digits["calib"]), "--calibration-count", "100", "--json", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    q = data["quantized"]
+    assert data["precision"] == "int8" and q["passed"]
+    assert q["calibration"]["calibrate"] == 80 and q["calibration"]["held_out"] == 20
+    assert q["calibration"]["preprocessing"]["crop"] == SIZE
+    assert q["agreement"]["images"] == 20 and q["agreement"]["top1_agreement"] >= 0.9
+    assert q["agreement"]["cosine_mean"] > 0.95
+    assert q["float_nodes"] and {a["kind"] for a in q["float_nodes"]} == {"coord"}
+    assert q["policies"] == {"coord": quantize.DEFAULT_POLICY["coord"]}
+    assert q["latency"]["float_ms"] > 0 and q["latency"]["quantized_ms"] > 0
+    assert data["verification"]["passed"]  # the fp32 graph's check, as for fp32 files
+    assert out.stat().st_size == data["file_size"] < q["float_file_size"]
+    assert q["size_ratio"] == pytest.approx(data["file_size"] / q["float_file_size"])
+    assert _listing(tmp_path) == ["ca_int8.onnx"]
+
+
+def test_failed_agreement_exits_1_and_removes_the_file_unless_keep_failed(
+        cli, coord_checkpoint: Path, digits: dict[str, object], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = quantize.compare_outputs
+
+    def half(*args: object, **kwargs: object) -> dict[str, object]:
+        result = real(*args, **kwargs)
+        return {**result, "top1_agreement": 0.5, "agreeing": result["compared"] // 2}
+
+    monkeypatch.setattr(quantize, "compare_outputs", half)
+    out = tmp_path / "m.onnx"
+    args = ["export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
+            "--calibration", str(digits["calib"]), "--calibration-count", "20", "-o", str(out)]
+    r = cli(*args)
+    assert r.exit_code == 1, r.output
+    assert "m.onnx (int8) FAILED verification: top-1 agreement with the float model 50.0% (2/4) < " \
+           "--min-agreement 90.0%; no file written" in r.output
+    assert _listing(tmp_path) == []
+    r = cli(*args, "--keep-failed", "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.stdout)["quantized"]["passed"] is False
+    assert _listing(tmp_path) == ["m.onnx"]
+
+
+def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m16.onnx"
+    r = cli("export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "fp16", "--json",
+            "-o", str(out))
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.stdout)["quantized"]
+    assert q["method"] == "onnxruntime.transformers.float16.convert_float_to_float16"
+    assert q["check_images"].startswith("16 random N(0,1) inputs")
+    import onnx
+
+    proto = onnx.load(str(out))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    assert q["agreement"]["top1_agreement"] == 1.0 and q["agreement"]["cosine_min"] > 0.999
+    assert q["size_ratio"] < 0.8  # weights halve; the exporter's per-node metadata (names, stack traces) does not
+
+
+# ---------------------------------------------------------------- every kind, trained, quantized
+
+
+@pytest.mark.parametrize("kind", [  # coord runs through the CLI above, untagged
+    pytest.param("se", marks=pytest.mark.heavy), pytest.param("cbam", marks=pytest.mark.heavy),
+    pytest.param("eca", marks=pytest.mark.heavy), pytest.param("coord", marks=pytest.mark.heavy),
+    pytest.param("gc", marks=pytest.mark.heavy), pytest.param("sk", marks=pytest.mark.heavy),
+    pytest.param("dynconv", marks=pytest.mark.heavy), pytest.param("afp", marks=pytest.mark.heavy),
+])
+def test_int8_agreement_of_each_trained_kind(kind: str, base: nn.Module, digits: dict[str, object],
+                                             tmp_path: Path) -> None:
+    model, _ = _with_kind(base, digits, kind)
+    images = load_images(find_images(digits["calib"], count=100), digits["prep"], show_progress=False)
+    summary = quantize.export_quantized(model, tmp_path / "m.onnx", precision="int8", input_size=SIZE, opset=20,
+                                        images=images, show_progress=False)
+    q = summary["quantized"]
+    assert q["passed"] and q["agreement"]["top1_agreement"] >= 0.9
+    kept = {a["kind"] for a in q["float_nodes"]}
+    assert kept == ({kind} if quantize.DEFAULT_POLICY[kind] != "none" else set())
+    assert q["attention_nodes"] > 0
+
+
+def test_hard_sigmoid_gate_preserve_is_exact_and_trainable() -> None:
+    from attnsurgeon.layers import coord, eca, squeeze_excite
+
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0))
+    for module in (squeeze_excite.build(16, init="preserve", gate="hard_sigmoid"),
+                   eca.build(16, init="preserve", gate="hard_sigmoid"),
+                   coord.build(16, init="preserve", gate="hard_sigmoid")):
+        module.eval()
+        assert isinstance(module.gate, nn.Hardsigmoid)
+        assert torch.equal(module(x), x)  # exact, not 1 - 1.2e-7
+        module.train()
+        module(x).square().sum().backward()
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert any(g.abs().sum() > 0 for g in grads)  # the gate still learns
