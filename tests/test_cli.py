@@ -104,7 +104,7 @@ def test_insert_summarize_load_round_trip(cli, tmp_path, weights18):
     raw = torch.load(out, weights_only=True)
     assert raw["format"] == "attnsurgeon" and raw["model"] == "resnet18"
     assert raw["recipe"]["insert"] == [{"attn": "se", "layers": "layer3:", "position": "identity",
-                                        "params": {"reduction": 8, "variant": "standard"}}]
+                                        "params": {"reduction": 8, "variant": "standard", "gate": "sigmoid"}}]
     assert set(raw["versions"]) == {"attnsurgeon", "torch", "torchvision"}
     # load() rebuilds the very model: same as doing the surgery by hand
     expected = torchvision.models.resnet18()
