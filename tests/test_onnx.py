@@ -229,7 +229,7 @@ def test_cli_failed_verification_exit_1(cli, tmp_path):
 def test_cli_exporter_failure_is_one_line(cli, tmp_path, monkeypatch):
     from attnsurgeon.layers import squeeze_excite
 
-    monkeypatch.setattr(squeeze_excite, "build", lambda channels, *, init, reduction: Mystery())
+    monkeypatch.setattr(squeeze_excite, "build", lambda channels, *, init, **params: Mystery())
     result = cli("export-onnx", "resnet18", "--attn", "se", "--layers", "layer4.1", "-o", str(tmp_path / "m.onnx"),
                  "--input-size", "32")
     one_line_error(result, 2, "module 'layer4.1.attn_standard' (Mystery), operator attnsurgeon_test.mystery")
