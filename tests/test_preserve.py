@@ -235,13 +235,13 @@ def test_summarize_checkpoint_shows_recipe_and_preservation(inserted) -> None:
     out, data = inserted("se", "standard", {})
     result = runner.invoke(app, ["summarize", str(out), "--input-size", str(SIZE)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "made by resnet18: se at standard on all (reduction=16, variant=standard), init preserve" in result.stderr
+    assert "made by resnet18: se at standard on all (reduction=16, variant=standard, gate=sigmoid), init preserve" in result.stderr
     assert "preservation (preserve init" in result.stdout
     as_json = runner.invoke(app, ["summarize", str(out), "--json", "--input-size", str(SIZE)])
     summary = json.loads(as_json.stdout)
     assert summary["recipe"]["init"] == "preserve"
     assert summary["recipe"]["insert"] == [{"attn": "se", "layers": "all", "position": "standard",
-                                            "params": {"reduction": 16, "variant": "standard"}}]
+                                            "params": {"reduction": 16, "variant": "standard", "gate": "sigmoid"}}]
     assert summary["preservation"] == data["preservation"]
 
 

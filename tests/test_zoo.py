@@ -104,7 +104,10 @@ def test_pretrained_segmentation_and_detection_round_trip(cli, torch_home, tmp_p
     assert inserted.exit_code == 0, inserted.output
     summarized = cli("summarize", str(out), "--input-size", "64", "--json")
     assert summarized.exit_code == 0, summarized.output
-    assert json.loads(summarized.stdout)["total"] == json.loads(inserted.stdout)["total"]
+    total_s, total_i = json.loads(summarized.stdout)["total"], json.loads(inserted.stdout)["total"]
+    if name.startswith("fasterrcnn"):  # a detector's head MACs follow how many boxes its random weights
+        total_s, total_i = ({k: v for k, v in t.items() if not k.startswith("macs")} for t in (total_s, total_i))
+    assert total_s == total_i
     model = attnsurgeon.load(out)
     saved = torch.load(out, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
