@@ -209,6 +209,7 @@ def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> 
 # ---------------------------------------------------------------- trained models through the CLI
 
 
+@pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
 def test_int8_export_of_trained_coord_model(cli, coord_checkpoint: Path, digits: dict[str, object],
                                             tmp_path: Path) -> None:
     out = tmp_path / "ca_int8.onnx"
@@ -231,6 +232,7 @@ def test_int8_export_of_trained_coord_model(cli, coord_checkpoint: Path, digits:
     assert _listing(tmp_path) == ["ca_int8.onnx"]
 
 
+@pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
 def test_failed_agreement_exits_1_and_removes_the_file_unless_keep_failed(
         cli, coord_checkpoint: Path, digits: dict[str, object], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +257,7 @@ def test_failed_agreement_exits_1_and_removes_the_file_unless_keep_failed(
     assert _listing(tmp_path) == ["m.onnx"]
 
 
+@pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
 def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "m16.onnx"
     r = cli("export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "fp16", "--json",
