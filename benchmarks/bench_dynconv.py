@@ -8,7 +8,7 @@ Variants, side by side at batch 32, float32, CPU:
 * ``ours``: :class:`attnsurgeon.layers.dynamic_conv.DynamicConv2d` (eager picks the
   per-sample or stacked form per layer; the table says which);
 * ``ours:per-sample`` / ``ours:stacked``: the same module forced to one form;
-* ``seed``: the grouped-conv ``Dynamic_conv2d`` of seed 004 (kaijieshi7's
+* ``seed``: the grouped-conv ``Dynamic_conv2d`` of a blog post's code (kaijieshi7's
   Dynamic-convolution-Pytorch), re-implemented below with its typos fixed;
 * ``timm-condconv``: ``timm.layers.CondConv2d`` with a GAP -> Linear -> sigmoid router
   as in timm's EfficientNet. Its routing differs (sigmoid, no temperature): a reference.

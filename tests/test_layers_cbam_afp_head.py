@@ -73,7 +73,7 @@ def test_dual_pool_maps_to_pooled_vector(training: bool) -> None:
 
 
 def test_cbam_honours_reduction_and_kernel_size() -> None:
-    # seed 003's MLP hard-codes // 16 and ignores its ratio argument
+    # the CBAM blog post's MLP hard-codes // 16 and ignores its ratio argument
     module = build_cbam(64, reduction=8, kernel_size=3)
     assert module.channel.fc1.out_channels == 8
     assert module.spatial.conv.kernel_size == (3, 3)

@@ -87,7 +87,7 @@ def test_recipe_header_cites_its_source(path: Path) -> None:
     lines = path.read_text().splitlines()
     header = "\n".join(line for line in lines if line.startswith("#"))
     assert lines[0].startswith("# "), "a recipe opens with a comment citing its source"
-    assert ("table" in header.lower() and "arxiv.org" in header) or "seed 00" in header
+    assert ("table" in header.lower() and "arxiv.org" in header) or "blog post" in header
     cited_params(header)  # raises without a '# params:' line
 
 
