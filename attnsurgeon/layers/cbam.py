@@ -123,10 +123,11 @@ class SpatialAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * self._scale(x)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, *, gamma: float = 0.0) -> None:
+        """The official code's init: kaiming-normal conv, BN scale ``gamma`` (0 for CBAM)."""
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")
         self.bn.reset_running_stats()
-        nn.init.zeros_(self.bn.weight)
+        nn.init.constant_(self.bn.weight, gamma)
         nn.init.zeros_(self.bn.bias)
 
     def preserve_(self) -> None:

@@ -28,36 +28,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PRESERVE_LOGIT, initialised
+from . import initialised
+from .cbam import SpatialAttention
 
 __all__ = ["TripletAttention", "ZPoolGate", "build"]
 
 
-class ZPoolGate(nn.Module):
-    """One branch: gate a map by ``sigmoid(BN(conv([max; mean] over dim 1)))``."""
+class ZPoolGate(SpatialAttention):
+    """One branch: CBAM's spatial gate over ``[max; mean]`` (the authors' channel order, so
+    their weights load), i.e. ``x * sigmoid(BN(conv(ZPool(x))))``."""
 
-    def __init__(self, *, kernel_size: int = 7) -> None:
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, momentum=0.01)
-
-    def forward(self, x: Tensor) -> Tensor:
+    def _scale(self, x: Tensor) -> Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(pooled)))
-
-    def reset_parameters(self, *, gamma: float) -> None:
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")
-        self.bn.reset_running_stats()
-        nn.init.constant_(self.bn.weight, gamma)
-        nn.init.zeros_(self.bn.bias)
-
-    def preserve_(self) -> None:
-        nn.init.zeros_(self.conv.weight)
-        self.bn.reset_running_stats()
-        nn.init.ones_(self.bn.weight)
-        nn.init.constant_(self.bn.bias, PRESERVE_LOGIT)
+        return self.gate(self.bn(self.conv(pooled)))
 
 
 class TripletAttention(nn.Module):
