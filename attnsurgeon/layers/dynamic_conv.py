@@ -396,6 +396,8 @@ def _channels_last(t: Tensor) -> bool:
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype a conv of ``x`` by ``weight`` runs in: autocast's, else the weight's."""
+    if isinstance(x, torch.fx.Proxy):  # fx tracing: no device, no autocast
+        return weight.dtype
     device = x.device.type  # a meta tensor (a shape-only trace) has no autocast; asking raises
     if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
             and weight.is_floating_point()):

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conv import replace_conv
-from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _pair, _Size
+from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _pair, _Size
 
 __all__ = ["ODConv2d", "OmniAttention", "from_conv"]
 
@@ -88,17 +88,6 @@ __all__ = ["ODConv2d", "OmniAttention", "from_conv"]
 def _tracing(x: Tensor) -> bool:
     """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
-
-
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype a conv of ``x`` by ``weight`` runs in: autocast's, else the weight's."""
-    if isinstance(x, torch.fx.Proxy):  # fx tracing: no device, no autocast
-        return weight.dtype
-    device = x.device.type
-    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            and weight.is_floating_point()):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
 
 
 class OmniAttention(nn.Module):
