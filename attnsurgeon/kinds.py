@@ -441,10 +441,15 @@ register(KindSpec(
               choices=(1, 3, 5, 7, 9, 11, 13, 15)),
         Param("groups", int, 1, "GroupNorm groups (timm: 1); reduced to a divisor of C", "",
               minimum=1, maximum=4096),
+        Param("variant", str, "timm", "'timm' (timm's form, with the kernel_size and groups above) or the "
+              "paper's ELA-T, B, S, L in the authors' form (they set k and the groups themselves)",
+              choices=("timm", "T", "B", "S", "L")),
     ),
     default_position="standard",
     note="timm's EfficientLocalAttn: H and W strips -> depthwise 1-D conv -> GroupNorm -> SiLU -> "
-    "sigmoid; 2(k + 2)C parameters",
+    "sigmoid; 2(k + 2)C parameters. variant=T|B|S|L: the authors' ELA (one conv and GroupNorm "
+    "shared by both strips, no SiLU); T: k 5, depthwise, GN 32; B: k 7, depthwise, GN 16; "
+    "S: k 5, C/8 conv groups, GN 16; L: k 7, C/8 conv groups, GN 16",
 ))
 
 register(KindSpec(

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -23,7 +24,8 @@ from attnsurgeon.recipe import Recipe, make_rule
 from attnsurgeon.surgery import apply, apply_recipe
 
 NEW = ("ema", "simam", "nl", "triplet", "ela")
-VARIANTS = [("se", {"variant": "effective"}), ("eca", {"padding": "circular"}), ("cbam", {"variant": "light"})]
+VARIANTS = [("se", {"variant": "effective"}), ("eca", {"padding": "circular"}), ("cbam", {"variant": "light"}),
+            ("ela", {"variant": "B"}), ("ela", {"variant": "L"})]
 POSITIONS = ("standard", "pre", "mid", "post", "identity")
 EXACT = {"simam", "nl"}  # preserve is exactly the identity
 
@@ -189,6 +191,41 @@ def test_parameter_counts_match_the_papers(model, kind, position, expected):
     assert round(expected / 1e6, 2) in (25.56, 3.55)
 
 
+def test_non_local_counts_match_the_papers_relative_figures():
+    """The non-local paper's counts are relative to its ResNet-101 C2D video baseline (400
+    classes, 43.2M): the 5-block model is 1.2x (Table 2e); the 5-block ResNet-50 is ~70% of
+    the ResNet-101 baseline (Section 5.1). Its 1x1x1 convs have the parameters of 1x1 ones."""
+    five = "layer2.1,layer2.3,layer3.1,layer3.3,layer3.5"
+    r101 = torchvision.models.resnet101(num_classes=400)
+    base = _count(r101)
+    affine = sum(_count(m) for m in r101.modules() if isinstance(m, nn.BatchNorm2d))
+    assert round((base - affine) / 1e6, 1) == 43.2  # the paper counts no norm parameters
+    apply(r101, "nl", position="post", layers=five)
+    assert round(_count(r101) / base, 1) == 1.2
+    r50 = torchvision.models.resnet50(num_classes=400)
+    apply(r50, "nl", position="post", layers=five)
+    assert 0.65 <= _count(r50) / base <= 0.75
+
+
+def test_ela_paper_versions_are_the_authors_module():
+    """variant=T|B|S|L: one conv and GroupNorm shared by both strips, no SiLU; the versions'
+    k, conv groups and GroupNorm groups as the authors' code sets them."""
+    c = 96
+    for version, (k, per_group, norm_groups) in {"T": (5, 1, 32), "B": (7, 1, 16), "S": (5, 8, 16),
+                                                 "L": (7, 8, 16)}.items():
+        m = ela.build(c, variant=version)
+        assert (m.conv.kernel_size, m.conv.groups, m.norm.num_groups) == ((k,), c // per_group, norm_groups)
+        assert _count(m) == k * c * per_group + 2 * c
+    m = ela.build(c, variant="L").eval()
+    nn.init.normal_(m.norm.weight), nn.init.normal_(m.norm.bias)
+    x = _x(c=c, size=9)[..., :7]
+    pool_h, pool_w = x.mean(3), x.mean(2)
+    gate = [torch.sigmoid(F.group_norm(F.conv1d(p, m.conv.weight, padding=3, groups=c // 8), 16,
+                                       m.norm.weight, m.norm.bias)) for p in (pool_h, pool_w)]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), x * gate[0].unsqueeze(3) * gate[1].unsqueeze(2))
+
+
 # ---- --init preserve at every position; the paper init changes the function -------
 
 CASES = [(k, p, {}) for k in NEW for p in POSITIONS] + [(k, "standard", params) for k, params in VARIANTS]
@@ -280,9 +317,10 @@ def test_checkpoint_round_trip_both_inits(cli, tmp_path):
 
 
 def _zoo_recipe() -> Recipe:
-    """resnet18 with every new kind and variant on its late blocks (one each, preserve)."""
-    slots = [(f"layer{3 + i // 4}.{i // 2 % 2}", POSITIONS[i % 4]) for i in range(8)]
+    """resnet18 with every new kind and variant, two a block from layer3 on (one each, preserve)."""
     kinds = [(k, {}) for k in NEW] + VARIANTS
+    blocks = [f"layer{stage}.{b}" for stage in (3, 4, 2, 1) for b in (0, 1)]  # two kinds a block
+    slots = [(blocks[i // 2], POSITIONS[i % 4]) for i in range(len(kinds))]
     rules = tuple(make_rule(kind, layers=layers, position=position, params=params, where="test")
                   for (layers, position), (kind, params) in zip(slots, kinds, strict=True))
     return Recipe(model="resnet18", rules=rules, init="preserve", seed=0)
@@ -327,7 +365,7 @@ def test_channels_last_and_bf16_autocast():
 def test_new_modules_are_new_for_training():
     model = _zoo_model()
     names = [n for n, _ in attnsurgeon.new_modules(model)]
-    assert len(names) == 8 and all(".attn_" in n for n in names)
+    assert len(names) == len(NEW) + len(VARIANTS) and all(".attn_" in n for n in names)
 
 
 def test_nl_warns_where_it_costs_more_than_its_stage(cli):
