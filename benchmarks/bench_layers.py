@@ -476,6 +476,8 @@ def zoo_cases(cases: list[Case], shape: Shape, want: Callable[[str], bool]) -> N
             "ours": lambda c=c: ela.build(c),
             "timm": lambda c=c: EfficientLocalAttn(c),
         }, notes={"seed": "no seed code"}))
+        cases.append(Case("ELA-L (authors' form)", shape, {"ours": lambda c=c: ela.build(c, variant="L")},
+                          notes=no_timm))
     if want("ese"):
         cases.append(Case("SE effective", shape, {
             "ours": lambda c=c: squeeze_excite.build(c, variant="effective"),

@@ -79,6 +79,14 @@ def test_ema_matches_the_authors_code_and_picks_a_dividing_group_count():
     m = ema.build(256)
     x = _x(2, 256, 9)
     torch.testing.assert_close(m(x), _authors_ema(m, x))
+    # the 3x3 branch runs as one grouped conv: its gradients are the authors' form's too
+    grads = []
+    for forward in (m, lambda x: _authors_ema(m, x)):
+        m.zero_grad()
+        forward(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5 * theirs.abs().max().item())
     assert m.groups == 32 and _count(m) == 10 * 8**2 + 4 * 8
     assert ema.EMA(96).groups == 32 and ema.EMA(24).groups == 24 and ema.EMA(40).groups == 20
 
