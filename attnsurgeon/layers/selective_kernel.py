@@ -18,40 +18,24 @@ resnext50_32x4d this is SKNet-50: 27,479,784 parameters, the paper's 27.5M (Tabl
 Departures from the paper, and why:
 
 * Path 1 keeps the replaced conv's geometry (kernel, stride, padding, dilation, groups,
-  bias). On ResNeXt (groups 32) that is exactly the paper's 3x3 G=32 path; on plain
-  ResNets it is the original dense conv, the one pretrained weights fit (the paper only
-  builds SK on ResNeXt). Path m = 2..M has the replaced conv's kernel and stride and m
-  times its dilation: on a 3x3 conv that is the paper's 3x3 with dilation m, its
-  approximation of a (2m+1)x(2m+1) kernel (Sec. 3.1, "Split"); on the 5x5 and 7x7
-  depthwise convs of MobileNetV3, EfficientNet and ConvNeXt it keeps the idea (each path
-  sees a wider field than the one before) without shrinking the kernel; on a dilated
-  backbone (segmentation) it stays wider than path 1.
-* Groups of paths 2..M: G when G divides both channel counts, else the largest divisor
-  of gcd(C_in, C_out) that is <= G (e.g. G=48 on 64 channels gives 32). The paper only
-  uses channel counts divisible by G; this keeps any ``--param groups`` valid. On a
-  depthwise conv (MobileNet, EfficientNet, MNASNet, ConvNeXt) every path is depthwise:
-  a grouped path there would cost more than the whole block.
-* Each path's norm and activation are those of the replaced conv (the paper's BN and
-  ReLU on ResNets; BN and ReLU6/Hardswish/SiLU on mobile nets, FrozenBatchNorm2d in
-  detection backbones, none on ConvNeXt, whose depthwise conv has a bias and is
-  followed by a channels-last LayerNorm that stays in the block). Where the activation
-  belongs to the conv alone the surgery removes it from the block (SK applies it per
-  path); ResNet's shared ``relu`` stays (see the last point).
-* The FCs are bias-free 1x1 convs on the pooled ``(N, C, 1, 1)`` tensor, as in timm's
-  ``SelectiveKernel``; the paper writes them as matrices.
-* ``--init paper`` is PyTorch's default initialisation (BN weight 1, bias 0), as in the
-  reference implementations (timm); the paper names none.
-* ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and its norm, the
-  fuse BN outputs exactly 1 (gamma 0, beta 1) and the select FC puts a logit gap of
-  :data:`~attnsurgeon.layers.PRESERVE_LOGIT` between path 1 and the others, so
-  ``V = (1 - e) act(norm(conv(x))) + e * (other paths)`` with
-  ``e = (M-1) exp(-PRESERVE_LOGIT)`` (1.1e-7 for M=2): the block computes its old
-  function to ~1e-6 relative. It trains: the fuse BN's gamma and the select FC get
-  non-zero gradients (the softmax gradient is small, ~e, and adaptive optimisers rescale
-  it); the fuse FC follows once gamma leaves 0, and the other paths get gradients scaled
-  by their weight ``a_m`` (~e).
-* The block's own ReLU still runs after V; V is a convex mix of ReLU outputs, so it is
-  already non-negative and that ReLU changes nothing.
+  bias): on ResNeXt that is the paper's 3x3 G=32 path, elsewhere the conv pretrained
+  weights fit. Path m = 2..M has its kernel and stride and m times its dilation (the
+  paper's dilated 3x3 standing for a (2m+1)x(2m+1) kernel; on 5x5 and 7x7 depthwise convs
+  each path still sees a wider field than the one before).
+* Groups of paths 2..M: G where G divides both channel counts, else the largest divisor
+  of gcd(C_in, C_out) not above G, so any ``--param groups`` is valid; on a depthwise conv
+  every path is depthwise (a grouped path would cost more than the whole block).
+* Each path's norm and activation are the replaced conv's (BN/ReLU on ResNets,
+  ReLU6/Hardswish/SiLU on mobile nets, FrozenBatchNorm2d in detectors, none on ConvNeXt).
+  An activation that belongs to the conv alone moves into the paths; ResNet's shared
+  ``relu`` stays after V, where it changes nothing (V mixes ReLU outputs convexly).
+* The FCs are bias-free 1x1 convs on the pooled tensor, as in timm's ``SelectiveKernel``.
+* ``--init paper`` is PyTorch's default initialisation, as in timm; the paper names none.
+* ``--init preserve`` (see :func:`from_conv`): path 1 is the replaced conv and norm, the
+  fuse BN outputs exactly 1 and the select FC puts a logit gap of
+  :data:`~attnsurgeon.layers.PRESERVE_LOGIT` between path 1 and the others, so the block
+  keeps its function to ~1e-6 relative and still trains (the fuse BN's gamma and the
+  select FC get gradients at once, the fuse FC once gamma leaves 0).
 """
 
 from __future__ import annotations
