@@ -16,7 +16,7 @@ DY-R18       dynconv target=all on resnet18 (K=4)   (none)
 EMA          ema on torchvision resnet50            (none)
 SimAM        simam on torchvision resnet50          (none)
 triplet      triplet on torchvision resnet50        (none)
-NL-c4        nl on resnet50's layer3 (res4)         (none: timm puts it in every block)
+NL-5         nl: the paper's 5 blocks on resnet50   (none: timm puts it in every block)
 ELA          ela on torchvision resnet50            resnet50 + block_args attn_layer=ela
 eSE          se variant=effective on resnet50       resnet50 + block_args attn_layer=ese
 CECA         eca padding=circular on resnet50       resnet50 + block_args attn_layer=ceca
@@ -102,7 +102,7 @@ ROWS = (
     Row("EMA", "resnet50", "ema", {}, None, None),
     Row("SimAM", "resnet50", "simam", {}, None, None),
     Row("triplet", "resnet50", "triplet", {}, None, None),
-    Row("NL-c4", "resnet50", "nl", {}, None, None, layers="layer3"),
+    Row("NL-5", "resnet50", "nl", {}, None, None, layers="layer2.1,layer2.3,layer3.1,layer3.3,layer3.5"),
     Row("ELA", "resnet50", "ela", {}, ("resnet50", {}), _timm_attn("ela")),
     Row("eSE", "resnet50", "se", {"variant": "effective"}, ("resnet50", {}), _timm_attn("ese")),
     Row("CECA", "resnet50", "eca", {"padding": "circular"}, ("resnet50", {}), _timm_attn("ceca")),
@@ -363,7 +363,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="CPU: also a training step")
-    parser.add_argument("--only", default="", help="comma list of rows (SE,CBAM,SK,ECA,DY-R18,EMA,SimAM,triplet,NL-c4,"
+    parser.add_argument("--only", default="", help="comma list of rows (SE,CBAM,SK,ECA,DY-R18,EMA,SimAM,triplet,NL-5,"
                         "ELA,eSE,CECA,LCBAM); with --quick, words of row names (resnet-50, mobilenet, compile)")
     parser.add_argument("--quick", action="store_true", help="the fused-kernel table (see the docstring)")
     parser.add_argument("--no-compile", action="store_true", help="--quick without its torch.compile row")

@@ -14,7 +14,9 @@ in ``MODELS/resnet.py``, i.e. ``standard``) has 25,561,832: the paper's 25.56M.
 Departures from the authors' code (github.com/landskape-ai/triplet-attention):
 
 * the rotations are ``transpose`` and the pools ``amax``/``mean`` over one axis (ONNX
-  keeps a dynamic batch, H and W); the function is the same;
+  keeps a dynamic batch, H and W), and the mean of the three gated maps is computed as x
+  times the mean of the three gates, broadcast from their views: the same function (up
+  to float rounding), without writing three rotated maps;
 * ``--init paper`` is the authors' ResNet initialisation: convs Kaiming-normal (fan-out),
   BN gamma 1 in the two rotated branches and 0 in the spatial one (their init zeroes BN
   weights under a ``SpatialGate`` name), betas 0; BN momentum 0.01 as in their code;
@@ -39,7 +41,11 @@ class ZPoolGate(SpatialAttention):
     their weights load), i.e. ``x * sigmoid(BN(conv(ZPool(x))))``."""
 
     def _scale(self, x: Tensor) -> Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return self.zpool_scale(x.amax(1, keepdim=True), x.mean(1, keepdim=True))
+
+    def zpool_scale(self, peak: Tensor, mean: Tensor) -> Tensor:
+        """The gate from the max and the mean over the view's first axis, each ``(N, 1, A, B)``."""
+        pooled = torch.cat([peak, mean], dim=1).contiguous()  # (views' strides would pick a slow conv)
         return self.gate(self.bn(self.conv(pooled)))
 
 
@@ -58,9 +64,15 @@ class TripletAttention(nn.Module):
         self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        by_h = self.gate_h(x.transpose(1, 2)).transpose(1, 2)
-        by_w = self.gate_w(x.transpose(1, 3)).transpose(1, 3)
-        return (by_h + by_w + self.gate_c(x)) / 3
+        # the mean of the three gated maps is x times the mean of the three gates: each gate
+        # pools x in place and is broadcast back, so no rotated copy of x is written
+        s_h = self.gate_h.zpool_scale(x.amax(2).unsqueeze(1), x.mean(2).unsqueeze(1))  # (N, 1, C, W)
+        by_w = x.transpose(2, 3)  # the (H, C) view pools over W; its maps are (N, 1, H, C)
+        s_w = self.gate_w.zpool_scale(by_w.amax(2).unsqueeze(1).transpose(2, 3),
+                                      by_w.mean(2).unsqueeze(1).transpose(2, 3))
+        s_c = self.gate_c._scale(x)  # (N, 1, H, W)
+        gate = s_h.transpose(1, 2).contiguous() + s_w.permute(0, 3, 2, 1).contiguous()  # (N, C, H, W)
+        return x * gate.add_(s_c).div_(3)
 
     def reset_parameters(self) -> None:
         self.gate_h.reset_parameters(gamma=1.0)
