@@ -113,7 +113,7 @@ def check_ops(dtype: torch.dtype) -> None:
     """Every dispatch function, both layouts, odd sizes, batch 1 and 2, with and without
     the shortcut and the ReLU, against the plain form; ties at the max (a channel of
     zeros, a zero gate) split the gradient as ``amax`` does."""
-    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6  # several blocks on every axis
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS, ops.CONTEXT_TILE = 64, 8, 6, 64  # several blocks on every axis
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     gen = torch.Generator().manual_seed(0)
 
@@ -158,6 +158,8 @@ def check_ops(dtype: torch.dtype) -> None:
             compare(f"spatial_pool {tag}", kernels.spatial_pool, [relu_x, s], tol=tol,
                     needs=("spatial_pool", "spatial_pool_bwd"))
             compare(f"coord_pool {tag}", kernels.coord_pool, [x], tol=tol, needs=("coord_pool", "coord_pool_bwd"))
+            compare(f"context_pool {tag}", kernels.context_pool, [x, rand(1, c, 1, 1), rand(1)], tol=tol,
+                    needs=("context_fwd", "context_bwd"))
     # the shortcut in the other layout, and a gradient that arrives broadcast (stride 0)
     x = rand(2, 9, 4, 6, fmt=torch.channels_last)
     s = rand(2, 9, 1, 1, low=0.0)
@@ -213,9 +215,10 @@ def check_model() -> None:
             results.append((out, xi.grad, {n: p.grad for n, p in model.named_parameters()},
                             sum(LAUNCHES.values()) - before))
         (out, gx, grads, runs), (ref, ref_gx, ref_grads, plain_runs) = results
-        # one launch per kernel each way: SE, ECA, GC x2, SE at mid, ECA: 2 each; CBAM x2: 6
-        # each (two pools and the apply); coordinate attention x2: 4 each (pool, apply)
-        if plain_runs or runs != 6 * 2 + 2 * 6 + 2 * 4:
+        # one launch per kernel each way: SE, ECA, SE at mid, ECA: 2 each (the apply); GC x2:
+        # 4 each (the context pool and the apply); CBAM x2: 6 each (two pools and the apply);
+        # coordinate attention x2: 4 each (pool, apply)
+        if plain_runs or runs != 4 * 2 + 2 * 4 + 2 * 6 + 2 * 4:
             raise AssertionError(f"model {fmt_name}: {runs} fused and {plain_runs} plain launches")
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
@@ -229,7 +232,7 @@ def check_model() -> None:
                                        msg=lambda m, where=f"{fmt_name} {name}": f"{where}: {m}")
         print(f"ok model {fmt_name} ({runs} launches, {time.perf_counter() - start:.1f} s)", flush=True)
     expected = {"apply_fwd", "apply_bwd", "coord_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool",
-                "spatial_pool_bwd", "coord_pool", "coord_pool_bwd"}
+                "spatial_pool_bwd", "coord_pool", "coord_pool_bwd", "context_fwd", "context_bwd"}
     if missing := expected - set(LAUNCHES):
         raise AssertionError(f"model: never launched {sorted(missing)}")
 
@@ -237,7 +240,7 @@ def check_model() -> None:
 def check_opcheck() -> None:
     """``torch.library.opcheck`` on every op: schema, fake (meta) implementation, autograd
     registration and AOT dispatch, as ``torch.compile`` uses them."""
-    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS, ops.CONTEXT_TILE = 64, 8, 6, 16
     gen = torch.Generator().manual_seed(0)
     n, c, h, w = 2, 5, 3, 4
 
@@ -255,6 +258,7 @@ def check_opcheck() -> None:
         "mean_max_hw": (ops.mean_max_hw, (x,)),
         "spatial_pool": (ops.spatial_pool, (x, s)),
         "coord_pool": (ops.coord_pool, (x,)),
+        "context_pool": (ops.context_pool, (x, leaf(c), leaf(1))),
     }
     for name, (op, args) in cases.items():
         start = time.perf_counter()

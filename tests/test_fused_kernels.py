@@ -141,6 +141,31 @@ def test_what_the_kernels_do_not_take_runs_plain(monkeypatch):
     assert torch.equal(kernels.scale_hw(x, g_h, g_w), x * g_h * g_w)
 
 
+def test_gc_context_pool_dispatch(monkeypatch):
+    """GC's pooling: on the CPU the plain form, bit for bit the layer's own; where the kernels
+    run, the kernel path, except with a hook on the logits' conv (its forward must run)."""
+
+    class NoKernels:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"the kernel path ran: {name}")
+
+    torch.manual_seed(0)
+    gc = GlobalContext(8, reduction=4)
+    x = _cpu_map()
+    plain = kernels.context_pool(x, gc.conv_mask.weight, gc.conv_mask.bias)
+    assert torch.equal(plain, gc._context(x))
+    monkeypatch.setattr(kernels, "_interpret", True)
+    monkeypatch.setattr(kernels, "_load", NoKernels)
+    with pytest.raises(AssertionError, match="kernel path ran: context_pool"):
+        gc._context(x)
+    weights = torch.nn.functional.conv2d(x, gc.conv_mask.weight).flatten(2).softmax(-1)
+    unbiased = kernels.context_pool(x, gc.conv_mask.weight, None)  # no bias: the plain form
+    assert torch.equal(unbiased, (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1))
+    seen = []
+    gc.conv_mask.register_forward_hook(lambda *args: seen.append(1))
+    assert torch.equal(gc._context(x), plain) and seen == [1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may load the kernels")
 def test_cpu_models_never_load_the_kernels():
     code = ("import sys, torch, torchvision, attnsurgeon\n"

@@ -34,10 +34,11 @@ from contextlib import contextmanager
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "active", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "scale", "scale_hw", "scale_spatial",
+    "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "scale", "scale_hw", "scale_spatial",
     "set_enabled", "shift", "spatial_pool", "use_fused",
 ]
 
@@ -45,6 +46,7 @@ MODES = ("off", "eager", "compile")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_C = 65535  # grid limits of the launches (channels and positions per sample)
 _MAX_P = 1 << 20
+_MAX_CONTEXT_C = 4096  # GC's pooling kernel holds all channels of a block of positions at once
 
 
 def _parse(mode: bool | str) -> str:
@@ -154,6 +156,11 @@ def _gate_ok(g: object, x: Tensor, *ones: int) -> bool:
     return isinstance(g, Tensor) and tuple(g.shape) == shape and _tensor_ok(g, x)
 
 
+def _small_ok(t: object, x: Tensor, shape: tuple[int, ...]) -> bool:
+    """``t`` is a tensor of ``shape`` (a parameter), on x's device, in a kernel dtype."""
+    return isinstance(t, Tensor) and tuple(t.shape) == shape and _tensor_ok(t, x)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule has forward hooks (a fused path would skip them)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
@@ -234,3 +241,16 @@ def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
         z_h, z_w = _ops_loaded().coord_pool(x)
         return z_h.view(n, c, h, 1), z_w.view(n, c, 1, w)
     return x.mean(3, keepdim=True), x.mean(2, keepdim=True)
+
+
+def context_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """GC's attention pooling, (N, C, 1, 1): ``sum_p softmax_p(conv(x))[p] * x[:, :, p]``
+    with ``conv`` the 1x1 conv C -> 1 of ``weight`` (1, C, 1, 1) and ``bias`` (1,). The
+    kernels read x once (a streaming softmax over the positions) where the plain form
+    reads it for the logits and again for the weighted sum."""
+    c = x.shape[1] if isinstance(x, Tensor) and x.dim() == 4 else 0
+    if active(x) and c <= _MAX_CONTEXT_C and _small_ok(weight, x, (1, c, 1, 1)) and _small_ok(bias, x, (1,)):
+        context, _ = _ops_loaded().context_pool(x, weight.reshape(c), bias)
+        return context.to(x.dtype).view(x.shape[0], c, 1, 1)
+    weights = F.conv2d(x, weight, bias).flatten(2).softmax(-1)  # (N, 1, HW)
+    return (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1)

@@ -17,13 +17,14 @@ from torch import Tensor
 
 from . import _triton as K
 
-__all__ = ["coord_pool", "gate_apply", "mean_max_hw", "spatial_pool"]
+__all__ = ["context_pool", "coord_pool", "gate_apply", "mean_max_hw", "spatial_pool"]
 
 # Tile sizes (elements per program and the cap on a block's channels / columns) and how
 # many programs a split reduction aims at; module globals so tests can shrink them.
 TILE = 2048
 BLOCK_MAX = 64
 PROGRAMS = 1024
+CONTEXT_TILE = 8192  # GC's pooling holds all channels of a block of positions in one tile
 
 _Strides = tuple[int, int, int]
 _ROUND = {torch.bfloat16: 1, torch.float16: 2}  # the spatial max is taken over x * s in its dtype
@@ -374,3 +375,74 @@ def _coord_pool_backward(ctx: Any, gh: Tensor | None, gw: Tensor | None) -> Tens
 
 
 coord_pool.register_autograd(_coord_pool_backward, setup_context=_coord_pool_setup)
+
+
+# --- GC's attention pooling: softmax over the positions of w . x + b, then the weighted sum
+
+def _context_grid(x: Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, splits, positions per split) of the context kernels."""
+    n, c, h, w = x.shape
+    bc = _np2(c)
+    bp = min(_np2(h * w), max(1, CONTEXT_TILE // bc))
+    return (bp, bc, *_splits(n, h * w, bp))
+
+
+@torch.library.custom_op("attnsurgeon::context_pool", mutates_args=())
+def context_pool(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(context (N, C), lse (N,)), float32: ``context[n, c] = sum_p softmax_p(l) x[n, c, p]``
+    with ``l[p] = w . x[n, :, p] + b`` (w: (C,), b: (1,)), and ``lse = logsumexp_p l``."""
+    n, c, h, wd = x.shape
+    bp, bc, splits, per = _context_grid(x)
+    x, xs = _flat(x)
+    m = torch.empty(n, splits, device=x.device, dtype=torch.float32)
+    z = torch.empty_like(m)
+    acc = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    K.context_fwd[(n, splits)](x, w.contiguous(), b.contiguous(), m, z, acc, c, h * wd, per, *xs,
+                               BLOCK_P=bp, BLOCK_C=bc)
+    top = m.amax(1, keepdim=True)
+    scale = torch.exp(m - top)  # each split's partials rescaled to the common max
+    total = (z * scale).sum(1)
+    return (acc * scale.unsqueeze(2)).sum(1) / total.unsqueeze(1), top.squeeze(1) + total.log()
+
+
+@context_pool.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[:2]
+    return x.new_empty(n, c, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnsurgeon::context_pool_bwd", mutates_args=())
+def context_pool_bwd(x: Tensor, w: Tensor, b: Tensor, lse: Tensor, g: Tensor,
+                     gd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(gx, dw, db) of :func:`context_pool`; ``g`` (N, C) the gradient of the context and
+    ``gd = (g * context).sum(1)``, float32."""
+    n, c, h, wd = x.shape
+    bp, bc, splits, per = _context_grid(x)
+    gx = torch.empty_like(x)
+    x, xs = _flat(x)
+    gx_, ds_ = _flat(gx)
+    pw = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    pb = torch.empty(n, splits, device=x.device, dtype=torch.float32)
+    K.context_bwd[(n, splits)](x, w.contiguous(), b.contiguous(), lse.contiguous(), g.contiguous(),
+                               gd.contiguous(), gx_, pw, pb, c, h * wd, per, *xs, *ds_, BLOCK_P=bp, BLOCK_C=bc)
+    return gx, pw.sum((0, 1)), pb.sum().reshape(1)
+
+
+@context_pool_bwd.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor, lse: Tensor, g: Tensor, gd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(1, dtype=torch.float32)
+
+
+def _context_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _context_backward(ctx: Any, g: Tensor | None, _: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    x, w, b, out, lse = ctx.saved_tensors
+    g = torch.zeros_like(out) if g is None else g.float()
+    gx, dw, db = context_pool_bwd(x, w, b, lse, g, (g * out).sum(1))
+    return gx, dw.to(w.dtype), db.to(b.dtype)
+
+
+context_pool.register_autograd(_context_backward, setup_context=_context_setup)

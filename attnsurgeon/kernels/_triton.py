@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "apply_bwd", "apply_fwd", "coord_bwd", "coord_pool", "coord_pool_bwd", "mean_max_bwd", "mean_max_hw",
-    "spatial_pool", "spatial_pool_bwd",
+    "apply_bwd", "apply_fwd", "context_bwd", "context_fwd", "coord_bwd", "coord_pool", "coord_pool_bwd",
+    "mean_max_bwd", "mean_max_hw", "spatial_pool", "spatial_pool_bwd",
 ]
 
 
@@ -317,3 +317,84 @@ def spatial_pool_bwd(
         tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, (g * s).to(gx_ptr.dtype.element_ty), mask=mask)
         acc += tl.sum(g * x, axis=0)
     tl.store(ps_ptr + (n * tl.num_programs(2) + split) * C + c1, acc, mask=c1 < C)
+
+
+@triton.jit
+def _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C: tl.constexpr):
+    """What a context program needs first: (n, split, channels, w, b, its positions' range)."""
+    c1 = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + c1[None, :], mask=c1[None, :] < C, other=0.0).to(tl.float32)
+    start = tl.program_id(1) * P_SPLIT
+    return (tl.program_id(0).to(tl.int64), tl.program_id(1), c1, w, tl.load(b_ptr).to(tl.float32),
+            start, tl.minimum(start + P_SPLIT, P))
+
+
+@triton.jit
+def _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One block of positions from ``p0``: its mask, all channels of x (float32) and the
+    logits ``w . x[:, p] + b`` (-inf past ``end``)."""
+    p1 = p0 + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)[None, :]
+    mask = (p1[:, None] < end) & (c < C)
+    x = tl.load(x_ptr + n * sxn + c * sxc + p1[:, None] * sxp, mask=mask, other=0.0).to(tl.float32)
+    return mask, x, tl.where(p1 < end, tl.sum(x * w, axis=1) + b, float("-inf"))
+
+
+@triton.jit
+def context_fwd(
+    x_ptr, w_ptr, b_ptr, m_ptr, z_ptr, acc_ptr, C, P, P_SPLIT, sxn, sxc, sxp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GC's attention pooling, streaming softmax over the positions of one split:
+    ``l[p] = w . x[:, p] + b``, and with ``m`` the split's max logit, ``z = sum_p exp(l - m)``
+    and ``acc[c] = sum_p exp(l - m) x[c, p]`` (float32 partials per (n, split), which the
+    caller rescales to a common max and sums). All C channels of a block of positions are
+    one tile (BLOCK_C >= C), so x is read once. Grid ``(N, splits)``."""
+    n, split, c1, w, b, start, end = _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C)
+    m = tl.full([], float("-inf"), tl.float32)
+    z = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        _, x, logit = _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P, BLOCK_C)
+        m_new = tl.maximum(m, tl.max(logit, axis=0))  # finite: position p0 is in the split
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(logit - m_new)
+        z = z * alpha + tl.sum(e, axis=0)
+        acc = acc * alpha + tl.sum(x * e[:, None], axis=0)
+        m = m_new
+    row = n * tl.num_programs(1) + split
+    tl.store(m_ptr + row, m)
+    tl.store(z_ptr + row, z)
+    tl.store(acc_ptr + row * C + c1, acc, mask=c1 < C)
+
+
+@triton.jit
+def context_bwd(
+    x_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, gd_ptr, gx_ptr, pw_ptr, pb_ptr,
+    C, P, P_SPLIT, sxn, sxc, sxp, sdn, sdc, sdp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of :func:`context_fwd` (``out[c] = sum_p a[p] x[c, p]``, ``a = softmax(l)``),
+    recomputing ``a`` from x and the per-sample log-sum-exp ``lse``: with ``g`` the
+    gradient of out and ``gd = g . out``, ``dl[p] = a[p] (g . x[:, p] - gd)``,
+    ``gx[c, p] = a[p] g[c] + dl[p] w[c]``, and float32 partials of
+    ``dw[c] = sum_p dl[p] x[c, p]`` (``pw[n, split, c]``) and ``db = sum_p dl[p]``
+    (``pb[n, split]``). One read of x, one write of gx. Grid ``(N, splits)``."""
+    n, split, c1, w, b, start, end = _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C)
+    lse = tl.load(lse_ptr + n)
+    g = tl.load(g_ptr + n * C + c1[None, :], mask=c1[None, :] < C, other=0.0).to(tl.float32)
+    gd = tl.load(gd_ptr + n)
+    acc_w = tl.zeros([BLOCK_C], tl.float32)
+    acc_b = tl.zeros([], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        mask, x, logit = _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P, BLOCK_C)
+        a = tl.exp(logit - lse)  # 0 past the end
+        dl = a * (tl.sum(x * g, axis=1) - gd)
+        gx = a[:, None] * g + dl[:, None] * w
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        tl.store(gx_ptr + n * sdn + c1[None, :] * sdc + p * sdp, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        acc_w += tl.sum(x * dl[:, None], axis=0)
+        acc_b += tl.sum(dl, axis=0)
+    row = n * tl.num_programs(1) + split
+    tl.store(pw_ptr + row * C + c1, acc_w, mask=c1 < C)
+    tl.store(pb_ptr + row, acc_b)
