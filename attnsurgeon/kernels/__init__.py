@@ -31,15 +31,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "scale", "scale_hw", "scale_spatial",
-    "set_enabled", "shift", "spatial_pool", "use_fused",
+    "NormAct", "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "norm_act_mean",
+    "scale", "scale_hw", "scale_spatial", "set_enabled", "shift", "spatial_pool", "use_fused",
 ]
 
 MODES = ("off", "eager", "compile")
@@ -166,15 +168,66 @@ def has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+_ACTS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+_PRE_CODES = {"identity": 1, "relu": 2, "relu6": 3, "silu": 4, "hardswish": 5}  # PRE of _triton._prologue
+_ACT_FNS = {"identity": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+
+
+@dataclass(frozen=True)
+class NormAct:
+    """A block's eval-mode BatchNorm as the per-channel affine ``y * scale + shift`` (float32,
+    (C,)) and the activation after it: what the kernels apply to a map as they read it, so
+    that a gate at ``mid`` pools and gates ``act(norm(y))`` without it being written."""
+
+    scale: Tensor
+    shift: Tensor
+    act: str  # identity, relu, relu6, silu or hardswish
+
+    @staticmethod
+    def of(norm: nn.Module, act: nn.Module | None) -> NormAct | None:
+        """``norm`` (a BatchNorm2d in eval mode with running statistics, or a FrozenBatchNorm2d)
+        and ``act`` (None, ReLU, ReLU6, SiLU or Hardswish) as a NormAct; None for other pairs."""
+        if type(norm) not in (nn.BatchNorm2d, FrozenBatchNorm2d) or norm.training and type(norm) is nn.BatchNorm2d:
+            return None
+        name = "identity" if act is None else _ACTS.get(type(act))
+        weight, bias, mean, var, eps = (getattr(norm, k) for k in ("weight", "bias", "running_mean",
+                                                                   "running_var", "eps"))
+        if name is None or not isinstance(mean, Tensor) or not isinstance(var, Tensor):
+            return None  # a BatchNorm without running statistics normalises by the batch's
+        scale = torch.rsqrt(var.float() + eps)
+        if isinstance(weight, Tensor):
+            scale = scale * weight.float()
+        shift = -mean.float() * scale
+        return NormAct(scale, shift + bias.float() if isinstance(bias, Tensor) else shift, name)
+
+    def __call__(self, y: Tensor) -> Tensor:
+        """The plain form: ``act(y * scale + shift)``, computed in float32, in y's dtype."""
+        z = torch.addcmul(self.shift.view(-1, 1, 1), y.float(), self.scale.view(-1, 1, 1))
+        return _ACT_FNS[self.act](z).to(y.dtype)
+
+    def takes(self, y: Tensor) -> bool:
+        """Whether the kernels take this prologue on ``y`` (one value per channel, y's device)."""
+        shape = (y.shape[1],)
+        return self.scale.shape == self.shift.shape == shape and self.scale.device == self.shift.device == y.device
+
+    def args(self) -> tuple[Tensor, Tensor, int]:
+        return self.scale, self.shift, _PRE_CODES[self.act]
+
+
 def _finish(out: Tensor, identity: Tensor | None, relu: bool) -> Tensor:
     if identity is not None:
         out = out + identity
     return torch.relu(out) if relu else out
 
 
-def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
+def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False,
+          pre: NormAct | None = None) -> Tensor:
     """``x * s``, plus ``identity``, then ReLU: a channel gate ``s`` (N, C, 1, 1) applied
-    (SE, ECA, GC with fusion scale, CBAM's channel gate)."""
+    (SE, ECA, GC with fusion scale, CBAM's channel gate); with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(s, x, 2, 3):
+            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(x.shape[:2]), None, None)
+        x = pre(x)
     if active(x, identity) and _gate_ok(s, x, 2, 3):
         n, c = x.shape[:2]
         return _ops_loaded().gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
@@ -205,9 +258,15 @@ def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = Non
 
 
 def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None, *,
-             relu: bool = False) -> Tensor:
+             relu: bool = False, pre: NormAct | None = None) -> Tensor:
     """``x * g_h * g_w``, plus ``identity``, then ReLU: coordinate attention's gates
-    ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass."""
+    ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass; with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(g_h, x, 3) \
+                and _gate_ok(g_w, x, 2):
+            n, c, h, w = x.shape
+            return _ops_loaded().norm_act_apply(x, *pre.args(), None, g_h.reshape(n, c, h), g_w.reshape(n, c, w))
+        x = pre(x)
     if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
         n, c, h, w = x.shape
         return _ops_loaded().gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
@@ -234,13 +293,26 @@ def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     return xs.mean(1, keepdim=True), xs.amax(1, keepdim=True)
 
 
-def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read."""
-    if active(x):
+def coord_pool(x: Tensor, *, pre: NormAct | None = None) -> tuple[Tensor, Tensor]:
+    """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read; with ``pre``, of
+    ``pre(x)``, which is not written."""
+    if active(x) and (pre is None or pre.takes(x)):
         n, c, h, w = x.shape
-        z_h, z_w = _ops_loaded().coord_pool(x)
+        impl = _ops_loaded()
+        z_h, z_w = impl.coord_pool(x) if pre is None else impl.norm_act_coord_pool(x, *pre.args())
         return z_h.view(n, c, h, 1), z_w.view(n, c, 1, w)
+    if pre is not None:
+        x = pre(x)
     return x.mean(3, keepdim=True), x.mean(2, keepdim=True)
+
+
+def norm_act_mean(y: Tensor, pre: NormAct) -> Tensor:
+    """Mean over H and W of ``pre(y)``, (N, C, 1, 1), without writing ``pre(y)`` (SE's and
+    ECA's squeeze at ``mid``)."""
+    if active(y) and pre.takes(y):
+        mean, _ = _ops_loaded().norm_act_mean_max(y, *pre.args())
+        return mean.view(*y.shape[:2], 1, 1)
+    return pre(y).mean((2, 3), keepdim=True)
 
 
 def context_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -17,7 +17,10 @@ from torch import Tensor
 
 from . import _triton as K
 
-__all__ = ["context_pool", "coord_pool", "gate_apply", "mean_max_hw", "spatial_pool"]
+__all__ = [
+    "context_pool", "coord_pool", "gate_apply", "mean_max_hw", "norm_act_apply", "norm_act_coord_pool",
+    "norm_act_mean_max", "spatial_pool",
+]
 
 # Tile sizes (elements per program and the cap on a block's channels / columns) and how
 # many programs a split reduction aims at; module globals so tests can shrink them.
@@ -27,6 +30,7 @@ PROGRAMS = 1024
 CONTEXT_TILE = 8192  # GC's pooling holds all channels of a block of positions in one tile
 
 _Strides = tuple[int, int, int]
+_Pre = tuple[Tensor, Tensor, int] | None  # (scale (C,), shift (C,), PRE code): see _triton._prologue
 _ROUND = {torch.bfloat16: 1, torch.float16: 2}  # the spatial max is taken over x * s in its dtype
 
 
@@ -80,6 +84,11 @@ def _small(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _pre_args(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, int]:
+    """The prologue's (scale, shift) pointers and PRE code (0, and x as a dummy pointer: none)."""
+    return (x, x, 0) if pre is None else (pre[0].contiguous(), pre[1].contiguous(), pre[2])
+
+
 # --- act(x * s * sp * ah * aw + t + identity) -------------------------------------------
 
 @torch.library.custom_op("attnsurgeon::gate_apply", mutates_args=())
@@ -87,6 +96,11 @@ def gate_apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None,
                aw: Tensor | None, identity: Tensor | None, relu: bool) -> Tensor:
     """``act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + identity)`` in one pass;
     every operand but x optional; s, t (N, C), sp (N, H*W), ah (N, C, H), aw (N, C, W)."""
+    return _apply(x, s, t, sp, ah, aw, identity, relu, None)
+
+
+def _apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None, ah: Tensor | None,
+           aw: Tensor | None, identity: Tensor | None, relu: bool, pre: _Pre) -> Tensor:
     n, c, h, w = x.shape
     p = h * w
     out = torch.empty_like(x, dtype=_promote(x, s, t, sp, ah, aw, identity))
@@ -94,12 +108,13 @@ def gate_apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None,
     out, os_ = _flat(out)
     ident, is_ = _flat(identity) if identity is not None else (x, xs)
     s, t, sp, ah, aw = (_small(v) for v in (s, t, sp, ah, aw))
+    pa, pb, code = _pre_args(x, pre)
     bp, bc = _tile(xs, c, p)
     K.apply_fwd[(n, triton.cdiv(p, bp), triton.cdiv(c, bc))](
         x, ident, out, x if s is None else s, x if t is None else t, x if sp is None else sp,
-        x if ah is None else ah, x if aw is None else aw, c, p, h, w, *xs, *is_, *os_,
+        x if ah is None else ah, x if aw is None else aw, pa, pb, c, p, h, w, *xs, *is_, *os_,
         HAS_S=s is not None, HAS_T=t is not None, HAS_SP=sp is not None, HAS_HW=ah is not None,
-        HAS_ID=identity is not None, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+        HAS_ID=identity is not None, RELU=relu, PRE=code, BLOCK_P=bp, BLOCK_C=bc)
     return out
 
 
@@ -211,13 +226,18 @@ gate_apply.register_autograd(_apply_backward, setup_context=_apply_setup)
 @torch.library.custom_op("attnsurgeon::mean_max_hw", mutates_args=())
 def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, ties) over H and W, each (N, C); ties (int32) is how many positions reach the max."""
+    return _mean_max(x, None)
+
+
+def _mean_max(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = x.shape
     p = h * w
     mean, top = x.new_empty(n, c), x.new_empty(n, c)
     ties = torch.empty(n, c, device=x.device, dtype=torch.int32)
     x, xs = _flat(x)
     bp, bc = _tile(xs, c, p)
-    K.mean_max_hw[(n, triton.cdiv(c, bc))](x, mean, top, ties, c, p, *xs, BLOCK_P=bp, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.mean_max_hw[(n, triton.cdiv(c, bc))](x, pa, pb, mean, top, ties, c, p, *xs, PRE=code, BLOCK_P=bp, BLOCK_C=bc)
     return mean, top, ties
 
 
@@ -328,6 +348,10 @@ spatial_pool.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 @torch.library.custom_op("attnsurgeon::coord_pool", mutates_args=())
 def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean over W: (N, C, H), mean over H: (N, C, W)) in one read."""
+    return _coord_pool(x, None)
+
+
+def _coord_pool(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor]:
     n, c, h, w = x.shape
     x, xs = _flat(x)
     bw = min(_np2(w), BLOCK_MAX)
@@ -335,7 +359,8 @@ def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     nwb = triton.cdiv(w, bw)
     pzh = torch.empty(n, nwb, c, h, device=x.device, dtype=torch.float32)
     zw = torch.empty(n, c, w, device=x.device, dtype=torch.float32)
-    K.coord_pool[(n, triton.cdiv(c, bc), nwb)](x, pzh, zw, c, h, w, *xs, BLOCK_W=bw, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.coord_pool[(n, triton.cdiv(c, bc), nwb)](x, pa, pb, pzh, zw, c, h, w, *xs, PRE=code, BLOCK_W=bw, BLOCK_C=bc)
     return (pzh.sum(1) / w).to(x.dtype), zw.to(x.dtype)
 
 
@@ -446,3 +471,44 @@ def _context_backward(ctx: Any, g: Tensor | None, _: Tensor | None) -> tuple[Ten
 
 
 context_pool.register_autograd(_context_backward, setup_context=_context_setup)
+
+
+# --- the same with the block's eval-mode norm and activation applied as the map is read --
+# Inference only (no autograd registration): ``pre(y) = act(y * a + b)``, a and b (C,)
+# float32, ``code`` the PRE of _triton._prologue; the blocks call these without autograd.
+
+@torch.library.custom_op("attnsurgeon::norm_act_mean_max", mutates_args=())
+def norm_act_mean_max(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    """(mean, max) over H and W of ``pre(y)``, each (N, C), without writing ``pre(y)``."""
+    mean, top, _ = _mean_max(y, (a, b, code))
+    return mean, top
+
+
+@norm_act_mean_max.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    return y.new_empty(y.shape[:2]), y.new_empty(y.shape[:2])
+
+
+@torch.library.custom_op("attnsurgeon::norm_act_coord_pool", mutates_args=())
+def norm_act_coord_pool(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    """:func:`coord_pool` of ``pre(y)``, without writing ``pre(y)``."""
+    return _coord_pool(y, (a, b, code))
+
+
+@norm_act_coord_pool.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    n, c, h, w = y.shape
+    return y.new_empty(n, c, h), y.new_empty(n, c, w)
+
+
+@torch.library.custom_op("attnsurgeon::norm_act_apply", mutates_args=())
+def norm_act_apply(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, ah: Tensor | None,
+                   aw: Tensor | None) -> Tensor:
+    """``pre(y) * s[n,c] * ah[n,c,h] * aw[n,c,w]`` in one pass (s, or ah and aw)."""
+    return _apply(y, s, None, None, ah, aw, None, False, (a, b, code))
+
+
+@norm_act_apply.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, ah: Tensor | None,
+      aw: Tensor | None) -> Tensor:
+    return torch.empty_like(y, dtype=_promote(y, s, ah, aw))

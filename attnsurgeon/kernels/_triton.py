@@ -22,14 +22,34 @@ __all__ = [
 
 
 @triton.jit
+def _prologue(x, a_ptr, b_ptr, c, cm, mask, PRE: tl.constexpr):
+    """``act(x * a[c] + b[c])`` where masked, 0 elsewhere: an eval-mode BatchNorm (a per-channel
+    affine) and the activation after it, applied as a map is read. PRE: 0 none (x as it is),
+    1 the affine alone, then with 2 ReLU, 3 ReLU6, 4 SiLU, 5 Hardswish."""
+    if PRE > 0:
+        x = x * tl.load(a_ptr + c, mask=cm, other=0.0) + tl.load(b_ptr + c, mask=cm, other=0.0)
+        if PRE == 2:
+            x = tl.maximum(x, 0.0)
+        elif PRE == 3:
+            x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        elif PRE == 4:
+            x = x * tl.sigmoid(x)
+        elif PRE == 5:
+            x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = tl.where(mask, x, 0.0)
+    return x
+
+
+@triton.jit
 def apply_fwd(
-    x_ptr, id_ptr, out_ptr, s_ptr, t_ptr, sp_ptr, ah_ptr, aw_ptr,
+    x_ptr, id_ptr, out_ptr, s_ptr, t_ptr, sp_ptr, ah_ptr, aw_ptr, pa_ptr, pb_ptr,
     C, P, H, W,
     sxn, sxc, sxp, sin, sic, sip, son, soc, sop,
     HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_SP: tl.constexpr, HAS_HW: tl.constexpr,
-    HAS_ID: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ID: tl.constexpr, RELU: tl.constexpr, PRE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out = act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + id)``, each factor optional."""
+    """``out = act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + id)``, each factor
+    optional; with PRE, x is first ``pre(x)`` (:func:`_prologue`, a norm and activation)."""
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
@@ -37,6 +57,7 @@ def apply_fwd(
     pm = p < P
     mask = pm & cm
     y = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+    y = _prologue(y, pa_ptr, pb_ptr, c, cm, mask, PRE)
     if HAS_S:
         y = y * tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
     if HAS_SP:
@@ -152,11 +173,12 @@ def coord_bwd(
 
 @triton.jit
 def coord_pool(
-    x_ptr, pzh_ptr, zw_ptr, C, H, W, sxn, sxc, sxp,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pa_ptr, pb_ptr, pzh_ptr, zw_ptr, C, H, W, sxn, sxc, sxp,
+    PRE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Both directional sums in one read: ``zw[n,c,w] = mean_h x`` and partials
-    ``pzh[n, wblock, c, h]`` of ``sum_w x`` (float32). Grid ``(N, C blocks, W blocks)``."""
+    ``pzh[n, wblock, c, h]`` of ``sum_w x`` (float32), of ``pre(x)`` with PRE
+    (:func:`_prologue`). Grid ``(N, C blocks, W blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     wb = tl.program_id(2)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -166,6 +188,7 @@ def coord_pool(
     acc_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     for h in range(0, H):
         x = tl.load(x_ptr + n * sxn + c * sxc + (h * W + w) * sxp, mask=mask, other=0.0).to(tl.float32)
+        x = _prologue(x, pa_ptr, pb_ptr, c, c < C, mask, PRE)
         acc_w += x
         tl.store(pzh_ptr + ((n * tl.num_programs(2) + wb) * C + c1) * H + h, tl.sum(x, axis=0), mask=c1 < C)
     tl.store(zw_ptr + (n * C + c) * W + w, acc_w / H, mask=mask)
@@ -190,12 +213,12 @@ def coord_pool_bwd(
 
 @triton.jit
 def mean_max_hw(
-    x_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pa_ptr, pb_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    PRE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Mean and max over the positions per (n, c) in one read, and how many positions
-    reach the max (the backward splits the gradient among ties, as ``amax``'s does).
-    Grid ``(N, C blocks)``."""
+    reach the max (the backward splits the gradient among ties, as ``amax``'s does); of
+    ``pre(x)`` with PRE (:func:`_prologue`). Grid ``(N, C blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[None, :]
@@ -206,6 +229,7 @@ def mean_max_hw(
         p = p0 + tl.arange(0, BLOCK_P)[:, None]
         mask = (p < P) & (c < C)
         x = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        x = _prologue(x, pa_ptr, pb_ptr, c, c < C, mask, PRE)
         acc += tl.sum(x, axis=0)
         xm = tl.where(mask, x, float("-inf"))
         top = tl.max(xm, axis=0)
