@@ -267,8 +267,10 @@ def check_opcheck() -> None:
     inference = {  # no autograd: the blocks call these only without it
         "norm_act_mean_max": (ops.norm_act_mean_max, (y, scale, shift, 5)),
         "norm_act_coord_pool": (ops.norm_act_coord_pool, (y, scale, shift, 4)),
-        "norm_act_apply se": (ops.norm_act_apply, (y, scale, shift, 3, s_, None, None)),
-        "norm_act_apply coord": (ops.norm_act_apply, (y, scale, shift, 2, None, ah_, aw_)),
+        "norm_act_spatial_pool": (ops.norm_act_spatial_pool, (y, scale, shift, 2, s_)),
+        "norm_act_apply se": (ops.norm_act_apply, (y, scale, shift, 3, s_, None, None, None)),
+        "norm_act_apply cbam": (ops.norm_act_apply, (y, scale, shift, 3, s_, sp.detach(), None, None)),
+        "norm_act_apply coord": (ops.norm_act_apply, (y, scale, shift, 2, None, None, ah_, aw_)),
     }
     for name, (op, args) in cases.items():
         start = time.perf_counter()
@@ -290,14 +292,19 @@ def _eval_norm(c: int, gen: torch.Generator) -> torch.nn.BatchNorm2d:
     return bn
 
 
+_PASSES = {"SqueezeExcite": 2, "ECA": 2, "CoordAttention": 2, "CBAM": 3}  # launches with the norm per gate
+
+
 def _pre_launches() -> int:
     return sum(v for k, v in LAUNCHES.items() if k.endswith("+pre"))
 
 
 def check_mid_ops(dtype: torch.dtype) -> None:
-    """Each gate with ``gate_norm_act`` (SE, ECA, coordinate attention) on ``act(bn(y))``,
-    bn in eval mode, every activation the families use (and none): the fused two passes
-    over y against the modules one after the other. Inference only, as the blocks use it."""
+    """Each gate with ``gate_norm_act`` (SE, ECA, coordinate attention, CBAM) on
+    ``act(bn(y))``, bn in eval mode, every activation the families use (and none): the
+    fused passes over y (two; CBAM three) against the modules one after the other.
+    Inference only, as the blocks use it."""
+    from attnsurgeon.layers.cbam import CBAM
     from attnsurgeon.layers.coord import CoordAttention
     from attnsurgeon.layers.eca import ECA
     from attnsurgeon.layers.squeeze_excite import SqueezeExcite
@@ -307,7 +314,7 @@ def check_mid_ops(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     gates = {"se": lambda c: SqueezeExcite(c, reduction=4), "eca": lambda c: ECA(c, kernel_size=3),
-             "coord": lambda c: CoordAttention(c, reduction=4, min_dim=4)}
+             "coord": lambda c: CoordAttention(c, reduction=4, min_dim=4), "cbam": lambda c: CBAM(c, reduction=4)}
     acts = [torch.nn.ReLU(), torch.nn.ReLU6(), torch.nn.SiLU(), torch.nn.Hardswish(), None]
     i = 0
     for fmt_name, fmt in FORMATS.items():
@@ -325,8 +332,8 @@ def check_mid_ops(dtype: torch.dtype) -> None:
                     got = gate.gate_norm_act(y, pre)
                 with torch.no_grad(), kernels.use_fused(False):
                     ref = gate(bn(y) if act is None else act(bn(y)))
-                if _pre_launches() - before != 2:
-                    raise AssertionError(f"{name}: {_pre_launches() - before} launches with the norm, not 2")
+                if _pre_launches() - before != _PASSES[type(gate).__name__]:
+                    raise AssertionError(f"{name}: {_pre_launches() - before} launches with the norm")
                 if got.dtype != ref.dtype or got.stride() != ref.stride():
                     raise AssertionError(f"{name}: {got.dtype} {got.stride()}, plain {ref.dtype} {ref.stride()}")
                 torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
@@ -336,7 +343,7 @@ def check_mid_ops(dtype: torch.dtype) -> None:
 def _mid_models() -> dict[str, torch.nn.Module]:
     """A model of each family whose ``mid`` follows a BatchNorm and an activation: ResNet
     (BasicBlock, Bottleneck: ReLU), MobileNetV2 (ReLU6), MobileNetV3 (ReLU, Hardswish),
-    EfficientNet (SiLU), RegNet (ReLU); SE, ECA and coordinate attention at ``mid``."""
+    EfficientNet (SiLU), RegNet (ReLU); SE, ECA, coordinate attention and CBAM at ``mid``."""
     def build(name: str, rules: list[tuple[str, str]]) -> torch.nn.Module:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10)
@@ -353,7 +360,7 @@ def _mid_models() -> dict[str, torch.nn.Module]:
         "resnet18": build("resnet18", [("se", "layer1.0"), ("coord", "layer2.0"), ("eca", "layer3.1")]),
         "resnet50": build("resnet50", [("se", "layer1.0"), ("coord", "layer2.0")]),
         "mobilenet_v2": build("mobilenet_v2", [("coord", "features.2"), ("se", "features.5")]),
-        "mobilenet_v3_small": build("mobilenet_v3_small", [("eca", "features.1"), ("se", "features.4")]),
+        "mobilenet_v3_small": build("mobilenet_v3_small", [("eca", "features.1"), ("cbam", "features.4")]),
         "efficientnet_b0": build("efficientnet_b0", [("se", "features.2.0")]),
         "regnet_y_400mf": build("regnet_y_400mf", [("eca", "trunk_output.block1.block1-0")]),
     }
@@ -364,7 +371,9 @@ def check_mid_models() -> None:
     turns: two launches with the norm per gate at ``mid``; training mode, or autograd on,
     launch none."""
     for i, (name, model) in enumerate(_mid_models().items()):
-        gates = sum(hasattr(getattr(m, "attn_mid", None), "gate_norm_act") for m in model.modules())
+        mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
+        gates = sum(kind in _PASSES for kind in mids)
+        passes = sum(_PASSES.get(kind, 0) for kind in mids)
         for fmt_name, fmt in list(FORMATS.items())[i % 2:][:1]:
             start = time.perf_counter()
             model = model.to(DEVICE, memory_format=fmt)
@@ -376,7 +385,7 @@ def check_mid_models() -> None:
             launched = _pre_launches() - before
             with torch.no_grad(), kernels.use_fused(False):
                 ref = model(x)
-            if not gates or launched != 2 * gates:
+            if not gates or launched != passes:
                 raise AssertionError(f"{name} {fmt_name}: {launched} launches with the norm for {gates} gates")
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
             print(f"ok mid {name} {fmt_name} ({gates} gates, {time.perf_counter() - start:.1f} s)", flush=True)

@@ -203,8 +203,8 @@ class Slotted(nn.Module):
         """``attn_mid(act(norm(y)))``, ``y`` the main conv's output.
 
         In eval mode without autograd, where the kernels run and the gate offers
-        ``gate_norm_act`` (SE, ECA, coordinate attention), the norm (an eval-mode BatchNorm is
-        a per-channel affine) and the activation join the gate's two passes over ``y``, and
+        ``gate_norm_act`` (SE, ECA, coordinate attention, CBAM), the norm (an eval-mode BatchNorm
+        is a per-channel affine) and the activation join the gate's passes over ``y``, and
         ``act(norm(y))`` is never written: the same function, to float rounding. Training,
         other norms or activations, and hooks keep this plain path.
         """

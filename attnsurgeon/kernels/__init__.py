@@ -7,7 +7,9 @@ not the MACs, are the cost. The functions here compute one step of a gate each, 
 :func:`scale` is ``act(x * s + identity)``; on CUDA tensors they run Triton kernels (one
 read of each input and one write, backward included: see :mod:`attnsurgeon.kernels._ops`)
 and everywhere else the plain form below, which is the reference the kernels are tested
-against (on the CPU, in Triton's interpreter).
+against (on the CPU, in Triton's interpreter). A :class:`NormAct` (a block's eval-mode
+BatchNorm and activation) passed as ``pre`` is applied as the kernels read the map, so a
+gate at ``mid`` never writes ``act(bn(y))``; those paths are for inference (no autograd).
 
 When the kernels run (:func:`active`): CUDA tensors of float32, bfloat16 or float16, 4-D,
 in contiguous or channels_last layout (others are copied), at most 2**31 elements; never
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "NormAct", "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "norm_act_mean",
+    "NormAct", "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "norm_act_mean_max",
     "scale", "scale_hw", "scale_spatial", "set_enabled", "shift", "spatial_pool", "use_fused",
 ]
 
@@ -226,7 +228,7 @@ def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = 
     (SE, ECA, GC with fusion scale, CBAM's channel gate); with ``pre``, of ``pre(x)``."""
     if pre is not None:
         if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(s, x, 2, 3):
-            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(x.shape[:2]), None, None)
+            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(x.shape[:2]), None, None, None)
         x = pre(x)
     if active(x, identity) and _gate_ok(s, x, 2, 3):
         n, c = x.shape[:2]
@@ -245,9 +247,15 @@ def shift(x: Tensor, t: Tensor, identity: Tensor | None = None, *, relu: bool = 
 
 
 def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = None, *,
-                  relu: bool = False) -> Tensor:
+                  relu: bool = False, pre: NormAct | None = None) -> Tensor:
     """``x * s * g``, plus ``identity``, then ReLU: CBAM's channel gate ``s`` (N, C, 1, 1)
-    and spatial gate ``g`` (N, 1, H, W) in one pass."""
+    and spatial gate ``g`` (N, 1, H, W) in one pass; with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(s, x, 2, 3) \
+                and _gate_ok(g, x, 1):
+            n, c, h, w = x.shape
+            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(n, c), g.reshape(n, h * w), None, None)
+        x = pre(x)
     if active(x, identity) and _gate_ok(s, x, 2, 3) and _gate_ok(g, x, 1):
         n, c, h, w = x.shape
         return _ops_loaded().gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
@@ -265,7 +273,8 @@ def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None
         if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(g_h, x, 3) \
                 and _gate_ok(g_w, x, 2):
             n, c, h, w = x.shape
-            return _ops_loaded().norm_act_apply(x, *pre.args(), None, g_h.reshape(n, c, h), g_w.reshape(n, c, w))
+            return _ops_loaded().norm_act_apply(x, *pre.args(), None, None, g_h.reshape(n, c, h),
+                                                g_w.reshape(n, c, w))
         x = pre(x)
     if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
         n, c, h, w = x.shape
@@ -282,14 +291,18 @@ def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
 
 
-def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def spatial_pool(x: Tensor, s: Tensor, *, pre: NormAct | None = None) -> tuple[Tensor, Tensor]:
     """Mean and max over the channels of ``x * s``, each (N, 1, H, W), without writing
-    ``x * s`` (CBAM's spatial pooling of the channel-gated map)."""
-    if active(x) and _gate_ok(s, x, 2, 3):
+    ``x * s`` (CBAM's spatial pooling of the channel-gated map); with ``pre``, of ``pre(x) * s``."""
+    if active(x) and _gate_ok(s, x, 2, 3) and (pre is None or pre.takes(x)):
         n, c, h, w = x.shape
-        mean, top, _ = _ops_loaded().spatial_pool(x, s.reshape(n, c))
+        impl = _ops_loaded()
+        if pre is None:
+            mean, top, _ = impl.spatial_pool(x, s.reshape(n, c))
+        else:
+            mean, top = impl.norm_act_spatial_pool(x, *pre.args(), s.reshape(n, c))
         return mean.view(n, 1, h, w), top.view(n, 1, h, w)
-    xs = x * s
+    xs = (x if pre is None else pre(x)) * s
     return xs.mean(1, keepdim=True), xs.amax(1, keepdim=True)
 
 
@@ -306,13 +319,15 @@ def coord_pool(x: Tensor, *, pre: NormAct | None = None) -> tuple[Tensor, Tensor
     return x.mean(3, keepdim=True), x.mean(2, keepdim=True)
 
 
-def norm_act_mean(y: Tensor, pre: NormAct) -> Tensor:
-    """Mean over H and W of ``pre(y)``, (N, C, 1, 1), without writing ``pre(y)`` (SE's and
-    ECA's squeeze at ``mid``)."""
+def norm_act_mean_max(y: Tensor, pre: NormAct) -> tuple[Tensor, Tensor]:
+    """Mean and max over H and W of ``pre(y)``, each (N, C, 1, 1), in one read, without
+    writing ``pre(y)`` (the squeeze of SE, ECA and CBAM's channel gate at ``mid``)."""
     if active(y) and pre.takes(y):
-        mean, _ = _ops_loaded().norm_act_mean_max(y, *pre.args())
-        return mean.view(*y.shape[:2], 1, 1)
-    return pre(y).mean((2, 3), keepdim=True)
+        n, c = y.shape[:2]
+        mean, top = _ops_loaded().norm_act_mean_max(y, *pre.args())
+        return mean.view(n, c, 1, 1), top.view(n, c, 1, 1)
+    z = pre(y)
+    return z.mean((2, 3), keepdim=True), z.amax((2, 3), keepdim=True)
 
 
 def context_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -19,7 +19,7 @@ from . import _triton as K
 
 __all__ = [
     "context_pool", "coord_pool", "gate_apply", "mean_max_hw", "norm_act_apply", "norm_act_coord_pool",
-    "norm_act_mean_max", "spatial_pool",
+    "norm_act_mean_max", "norm_act_spatial_pool", "spatial_pool",
 ]
 
 # Tile sizes (elements per program and the cap on a block's channels / columns) and how
@@ -284,6 +284,10 @@ mean_max_hw.register_autograd(_mean_max_backward, setup_context=_mean_max_setup)
 @torch.library.custom_op("attnsurgeon::spatial_pool", mutates_args=())
 def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, ties) over the channels of ``x * s`` (s: (N, C)), each (N, H*W)."""
+    return _spatial_pool(x, s, None)
+
+
+def _spatial_pool(x: Tensor, s: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = x.shape
     p = h * w
     dtype = _promote(x, s)
@@ -291,8 +295,9 @@ def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ties = torch.empty(n, p, device=x.device, dtype=torch.int32)
     x, xs = _flat(x)
     bp, bc = _tile(xs, c, p)
-    K.spatial_pool[(n, triton.cdiv(p, bp))](x, s.contiguous(), mean, top, ties, c, p, *xs,
-                                            ROUND=_ROUND.get(dtype, 0), BLOCK_P=bp, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.spatial_pool[(n, triton.cdiv(p, bp))](x, s.contiguous(), pa, pb, mean, top, ties, c, p, *xs,
+                                            PRE=code, ROUND=_ROUND.get(dtype, 0), BLOCK_P=bp, BLOCK_C=bc)
     return mean, top, ties
 
 
@@ -501,14 +506,28 @@ def _(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
     return y.new_empty(n, c, h), y.new_empty(n, c, w)
 
 
+@torch.library.custom_op("attnsurgeon::norm_act_spatial_pool", mutates_args=())
+def norm_act_spatial_pool(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`spatial_pool` (mean, max) of ``pre(y)``, without writing ``pre(y)`` or ``pre(y) * s``."""
+    mean, top, _ = _spatial_pool(y, s, (a, b, code))
+    return mean, top
+
+
+@norm_act_spatial_pool.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    n, _, h, w = y.shape
+    dtype = _promote(y, s)
+    return y.new_empty(n, h * w, dtype=dtype), y.new_empty(n, h * w, dtype=dtype)
+
+
 @torch.library.custom_op("attnsurgeon::norm_act_apply", mutates_args=())
-def norm_act_apply(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, ah: Tensor | None,
-                   aw: Tensor | None) -> Tensor:
-    """``pre(y) * s[n,c] * ah[n,c,h] * aw[n,c,w]`` in one pass (s, or ah and aw)."""
-    return _apply(y, s, None, None, ah, aw, None, False, (a, b, code))
+def norm_act_apply(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, sp: Tensor | None,
+                   ah: Tensor | None, aw: Tensor | None) -> Tensor:
+    """``pre(y) * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w]`` in one pass, each factor optional."""
+    return _apply(y, s, None, sp, ah, aw, None, False, (a, b, code))
 
 
 @norm_act_apply.register_fake
-def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, ah: Tensor | None,
-      aw: Tensor | None) -> Tensor:
-    return torch.empty_like(y, dtype=_promote(y, s, ah, aw))
+def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, sp: Tensor | None,
+      ah: Tensor | None, aw: Tensor | None) -> Tensor:
+    return torch.empty_like(y, dtype=_promote(y, s, sp, ah, aw))

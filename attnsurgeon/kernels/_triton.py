@@ -277,13 +277,13 @@ def _rounded(v, ROUND: tl.constexpr):
 
 @triton.jit
 def spatial_pool(
-    x_ptr, s_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
-    ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, s_ptr, pa_ptr, pb_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    PRE: tl.constexpr, ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Mean and max over the channels of ``x * s[n, c]`` per (n, p), without writing
     ``x * s``, and the count of channels reaching the max. The max is taken over ``x * s``
     rounded to the output dtype, as the plain form (which stores ``x * s``) does, so ties
-    match. Grid ``(N, P blocks)``."""
+    match. With PRE, of ``pre(x) * s`` (:func:`_prologue`). Grid ``(N, P blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     p1 = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p = p1[:, None]
@@ -295,7 +295,8 @@ def spatial_pool(
         cm = c < C
         mask = (p < P) & cm
         s = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
-        xs = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32) * s
+        xs = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        xs = _prologue(xs, pa_ptr, pb_ptr, c, cm, mask, PRE) * s
         acc += tl.sum(xs, axis=1)
         xm = tl.where(mask, _rounded(xs, ROUND), float("-inf"))
         top = tl.max(xm, axis=1)

@@ -109,7 +109,7 @@ class ECA(nn.Module):
     def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
         """``forward(pre(y))``, ``pre`` the block's eval-mode norm and activation before the
         gate: on a GPU two reads of y and one write, ``pre(y)`` never written."""
-        return kernels.scale(y, self._excite(kernels.norm_act_mean(y, pre).flatten(1)), pre=pre)
+        return kernels.scale(y, self._excite(kernels.norm_act_mean_max(y, pre)[0].flatten(1)), pre=pre)
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()
