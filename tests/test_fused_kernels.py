@@ -164,6 +164,8 @@ def test_gc_context_pool_dispatch(monkeypatch):
     weights = torch.nn.functional.conv2d(x, gc.conv_mask.weight).flatten(2).softmax(-1)
     unbiased = kernels.context_pool(x, gc.conv_mask.weight, None)  # no bias: the plain form
     assert torch.equal(unbiased, (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1))
+    wide = torch.randn(1, kernels._MAX_CONTEXT_C + 1, 1, 2)  # more channels than a tile holds: plain
+    assert kernels.context_pool(wide, torch.ones(1, wide.shape[1], 1, 1), torch.zeros(1)).shape == (1, wide.shape[1], 1, 1)
     seen = []
     gc.conv_mask.register_forward_hook(lambda *args: seen.append(1))
     assert torch.equal(gc._context(x), plain) and seen == [1]
