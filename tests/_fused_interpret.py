@@ -3,7 +3,7 @@
 Run as a script in its own process (``tests/test_fused_kernels.py`` does), because
 ``TRITON_INTERPRET=1`` must be set before Triton is imported::
 
-    python tests/_fused_interpret.py ops|ops-fp16|model|opcheck [--cuda]
+    python tests/_fused_interpret.py ops|ops-fp16|model|mid|opcheck [--cuda]
 
 ``--cuda`` runs the same checks on a CUDA device, compiled, without the interpreter.
 
@@ -52,6 +52,8 @@ class _Counted:
 
         def run(*args: object, **kwargs: object) -> object:
             LAUNCHES[self.name] += 1
+            if kwargs.get("PRE"):  # with a norm and activation applied as the map is read
+                LAUNCHES[f"{self.name}+pre"] += 1
             return launch(*args, **kwargs)
 
         return run
@@ -113,7 +115,7 @@ def check_ops(dtype: torch.dtype) -> None:
     """Every dispatch function, both layouts, odd sizes, batch 1 and 2, with and without
     the shortcut and the ReLU, against the plain form; ties at the max (a channel of
     zeros, a zero gate) split the gradient as ``amax`` does."""
-    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6  # several blocks on every axis
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS, ops.CONTEXT_TILE = 64, 8, 6, 64  # several blocks on every axis
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     gen = torch.Generator().manual_seed(0)
 
@@ -158,6 +160,8 @@ def check_ops(dtype: torch.dtype) -> None:
             compare(f"spatial_pool {tag}", kernels.spatial_pool, [relu_x, s], tol=tol,
                     needs=("spatial_pool", "spatial_pool_bwd"))
             compare(f"coord_pool {tag}", kernels.coord_pool, [x], tol=tol, needs=("coord_pool", "coord_pool_bwd"))
+            compare(f"context_pool {tag}", kernels.context_pool, [x, rand(1, c, 1, 1), rand(1)], tol=tol,
+                    needs=("context_fwd", "context_bwd"))
     # the shortcut in the other layout, and a gradient that arrives broadcast (stride 0)
     x = rand(2, 9, 4, 6, fmt=torch.channels_last)
     s = rand(2, 9, 1, 1, low=0.0)
@@ -213,9 +217,10 @@ def check_model() -> None:
             results.append((out, xi.grad, {n: p.grad for n, p in model.named_parameters()},
                             sum(LAUNCHES.values()) - before))
         (out, gx, grads, runs), (ref, ref_gx, ref_grads, plain_runs) = results
-        # one launch per kernel each way: SE, ECA, GC x2, SE at mid, ECA: 2 each; CBAM x2: 6
-        # each (two pools and the apply); coordinate attention x2: 4 each (pool, apply)
-        if plain_runs or runs != 6 * 2 + 2 * 6 + 2 * 4:
+        # one launch per kernel each way: SE, ECA, SE at mid, ECA: 2 each (the apply); GC x2:
+        # 4 each (the context pool and the apply); CBAM x2: 6 each (two pools and the apply);
+        # coordinate attention x2: 4 each (pool, apply)
+        if plain_runs or runs != 4 * 2 + 2 * 4 + 2 * 6 + 2 * 4:
             raise AssertionError(f"model {fmt_name}: {runs} fused and {plain_runs} plain launches")
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
@@ -229,7 +234,7 @@ def check_model() -> None:
                                        msg=lambda m, where=f"{fmt_name} {name}": f"{where}: {m}")
         print(f"ok model {fmt_name} ({runs} launches, {time.perf_counter() - start:.1f} s)", flush=True)
     expected = {"apply_fwd", "apply_bwd", "coord_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool",
-                "spatial_pool_bwd", "coord_pool", "coord_pool_bwd"}
+                "spatial_pool_bwd", "coord_pool", "coord_pool_bwd", "context_fwd", "context_bwd"}
     if missing := expected - set(LAUNCHES):
         raise AssertionError(f"model: never launched {sorted(missing)}")
 
@@ -237,7 +242,7 @@ def check_model() -> None:
 def check_opcheck() -> None:
     """``torch.library.opcheck`` on every op: schema, fake (meta) implementation, autograd
     registration and AOT dispatch, as ``torch.compile`` uses them."""
-    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS, ops.CONTEXT_TILE = 64, 8, 6, 16
     gen = torch.Generator().manual_seed(0)
     n, c, h, w = 2, 5, 3, 4
 
@@ -255,18 +260,150 @@ def check_opcheck() -> None:
         "mean_max_hw": (ops.mean_max_hw, (x,)),
         "spatial_pool": (ops.spatial_pool, (x, s)),
         "coord_pool": (ops.coord_pool, (x,)),
+        "context_pool": (ops.context_pool, (x, leaf(c), leaf(1))),
+    }
+    scale, shift = torch.rand(c, generator=gen).to(DEVICE), torch.rand(c, generator=gen).to(DEVICE)
+    y, s_, ah_, aw_ = (t.detach() for t in (x, s, ah, aw))
+    inference = {  # no autograd: the blocks call these only without it
+        "norm_act_mean_max": (ops.norm_act_mean_max, (y, scale, shift, 5)),
+        "norm_act_coord_pool": (ops.norm_act_coord_pool, (y, scale, shift, 4)),
+        "norm_act_spatial_pool": (ops.norm_act_spatial_pool, (y, scale, shift, 2, s_)),
+        "norm_act_apply se": (ops.norm_act_apply, (y, scale, shift, 3, s_, None, None, None)),
+        "norm_act_apply cbam": (ops.norm_act_apply, (y, scale, shift, 3, s_, sp.detach(), None, None)),
+        "norm_act_apply coord": (ops.norm_act_apply, (y, scale, shift, 2, None, None, ah_, aw_)),
     }
     for name, (op, args) in cases.items():
         start = time.perf_counter()
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                                     "test_aot_dispatch_dynamic"))
         print(f"ok opcheck {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+    for name, (op, args) in inference.items():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        print(f"ok opcheck {name}", flush=True)
+
+
+def _eval_norm(c: int, gen: torch.Generator) -> torch.nn.BatchNorm2d:
+    """An eval-mode BatchNorm with running statistics and an affine away from the defaults."""
+    bn = torch.nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        for t, low, high in ((bn.running_mean, -0.5, 0.5), (bn.running_var, 0.5, 2.0), (bn.weight, 0.5, 1.5),
+                             (bn.bias, -0.5, 0.5)):
+            t.copy_(torch.rand(c, generator=gen) * (high - low) + low)
+    return bn
+
+
+_PASSES = {"SqueezeExcite": 2, "ECA": 2, "CoordAttention": 2, "CBAM": 3}  # launches with the norm per gate
+
+
+def _pre_launches() -> int:
+    return sum(v for k, v in LAUNCHES.items() if k.endswith("+pre"))
+
+
+def check_mid_ops(dtype: torch.dtype) -> None:
+    """Each gate with ``gate_norm_act`` (SE, ECA, coordinate attention, CBAM) on
+    ``act(bn(y))``, bn in eval mode, every activation the families use (and none): the
+    fused passes over y (two; CBAM three) against the modules one after the other.
+    Inference only, as the blocks use it."""
+    from attnsurgeon.layers.cbam import CBAM
+    from attnsurgeon.layers.coord import CoordAttention
+    from attnsurgeon.layers.eca import ECA
+    from attnsurgeon.layers.squeeze_excite import SqueezeExcite
+
+    ops.TILE, ops.BLOCK_MAX, ops.PROGRAMS = 64, 8, 6
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    gates = {"se": lambda c: SqueezeExcite(c, reduction=4), "eca": lambda c: ECA(c, kernel_size=3),
+             "coord": lambda c: CoordAttention(c, reduction=4, min_dim=4), "cbam": lambda c: CBAM(c, reduction=4)}
+    acts = [torch.nn.ReLU(), torch.nn.ReLU6(), torch.nn.SiLU(), torch.nn.Hardswish(), None]
+    i = 0
+    for fmt_name, fmt in FORMATS.items():
+        for n, c, h, w in ((2, 19, 5, 7), (1, 13, 3, 11)):
+            for kind, make in gates.items():
+                act = acts[i % len(acts)]
+                i += 1
+                bn, gate = _eval_norm(c, gen).to(DEVICE, dtype), make(c).eval().to(DEVICE, dtype)
+                y = (torch.randn(n, c, h, w, generator=gen) * 2).contiguous(memory_format=fmt).to(DEVICE, dtype)
+                pre = kernels.NormAct.of(bn, act)
+                assert pre is not None
+                name = f"{kind} after bn+{type(act).__name__} {dtype} {fmt_name} {n}x{c}x{h}x{w}"
+                before = _pre_launches()
+                with torch.no_grad(), kernels.use_fused(True):
+                    got = gate.gate_norm_act(y, pre)
+                with torch.no_grad(), kernels.use_fused(False):
+                    ref = gate(bn(y) if act is None else act(bn(y)))
+                if _pre_launches() - before != _PASSES[type(gate).__name__]:
+                    raise AssertionError(f"{name}: {_pre_launches() - before} launches with the norm")
+                if got.dtype != ref.dtype or got.stride() != ref.stride():
+                    raise AssertionError(f"{name}: {got.dtype} {got.stride()}, plain {ref.dtype} {ref.stride()}")
+                torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+                print(f"ok {name}", flush=True)
+
+
+def _mid_models() -> dict[str, torch.nn.Module]:
+    """A model of each family whose ``mid`` follows a BatchNorm and an activation: ResNet
+    (BasicBlock, Bottleneck: ReLU), MobileNetV2 (ReLU6), MobileNetV3 (ReLU, Hardswish),
+    EfficientNet (SiLU), RegNet (ReLU); SE, ECA, coordinate attention and CBAM at ``mid``."""
+    def build(name: str, rules: list[tuple[str, str]]) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10)
+        recipe = Recipe(rules=tuple(make_rule(kind, layers=layers, position="mid", where="test")
+                                    for kind, layers in rules), init="paper", seed=0)
+        apply_recipe(model, recipe)
+        gen = torch.Generator().manual_seed(1)
+        for m in model.modules():  # running statistics away from 0 and 1
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.load_state_dict(_eval_norm(m.num_features, gen).state_dict())
+        return model.eval()
+
+    return {
+        "resnet18": build("resnet18", [("se", "layer1.0"), ("coord", "layer2.0"), ("eca", "layer3.1")]),
+        "resnet50": build("resnet50", [("se", "layer1.0"), ("coord", "layer2.0")]),
+        "mobilenet_v2": build("mobilenet_v2", [("coord", "features.2"), ("se", "features.5")]),
+        "mobilenet_v3_small": build("mobilenet_v3_small", [("eca", "features.1"), ("cbam", "features.4")]),
+        "efficientnet_b0": build("efficientnet_b0", [("se", "features.2.0")]),
+        "regnet_y_400mf": build("regnet_y_400mf", [("eca", "trunk_output.block1.block1-0")]),
+    }
+
+
+def check_mid_models() -> None:
+    """Whole models in eval mode without autograd, fused against plain, the layouts taking
+    turns: two launches with the norm per gate at ``mid``; training mode, or autograd on,
+    launch none."""
+    for i, (name, model) in enumerate(_mid_models().items()):
+        mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
+        gates = sum(kind in _PASSES for kind in mids)
+        passes = sum(_PASSES.get(kind, 0) for kind in mids)
+        for fmt_name, fmt in list(FORMATS.items())[i % 2:][:1]:
+            start = time.perf_counter()
+            model = model.to(DEVICE, memory_format=fmt)
+            x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
+            x = x.to(DEVICE)
+            before = _pre_launches()
+            with torch.no_grad(), kernels.use_fused(True):
+                got = model(x)
+            launched = _pre_launches() - before
+            with torch.no_grad(), kernels.use_fused(False):
+                ref = model(x)
+            if not gates or launched != passes:
+                raise AssertionError(f"{name} {fmt_name}: {launched} launches with the norm for {gates} gates")
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            print(f"ok mid {name} {fmt_name} ({gates} gates, {time.perf_counter() - start:.1f} s)", flush=True)
+    before = _pre_launches()
+    with kernels.use_fused(True):
+        model(x)  # eval, autograd on
+        with torch.no_grad():
+            model.train()(x)
+    if _pre_launches() != before:
+        raise AssertionError("the norm was fused with autograd on or in training mode")
+    print("ok mid: none fused in training mode or with autograd", flush=True)
 
 
 GROUPS = {
     "ops": lambda: (check_ops(torch.float32), check_ops(torch.bfloat16)),
     "ops-fp16": lambda: check_ops(torch.float16),
     "model": check_model,
+    "mid": lambda: (check_mid_ops(torch.float32), check_mid_ops(torch.bfloat16), check_mid_models()),
     "opcheck": check_opcheck,
 }
 

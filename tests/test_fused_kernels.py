@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnsurgeon import kernels
 from attnsurgeon.blocks import _takes_relu
@@ -38,18 +39,20 @@ def _run_script(group: str, *extra: str, env: dict[str, str] | None = None) -> s
     return result.stdout
 
 
-@pytest.mark.parametrize("group", ["ops", "model", pytest.param("opcheck", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("group", ["ops", "model", "mid", pytest.param("opcheck", marks=pytest.mark.heavy)])
 def test_kernels_in_the_interpreter_match_the_plain_form(group):
     """Every kernel, forward and backward, through the models' dispatch, against the plain
     form: both layouts, odd sizes, batch 1, fp32 and bf16 (ops); a ResNet-18 carrying SE,
     ECA, CBAM, coordinate attention and GC at standard, mid, post and pre (model); the
-    custom ops' schema, fake and autograd registrations, as torch.compile uses them (opcheck)."""
+    gates at ``mid`` with the block's eval-mode norm and activation fused in, inference
+    only, alone and in a model of each family (mid); the custom ops' schema, fake and
+    autograd registrations, as torch.compile uses them (opcheck)."""
     out = _run_script(group)
     assert out.startswith("ok ") and "\nlaunches: {" in out  # the checks ran and the kernels launched
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("group", ["ops", "ops-fp16", "model", "opcheck"])
+@pytest.mark.parametrize("group", ["ops", "ops-fp16", "model", "mid", "opcheck"])
 def test_kernels_on_cuda_match_the_plain_form(group):
     """The same checks, compiled for the GPU (and float16)."""
     _run_script(group, "--cuda")
@@ -139,6 +142,75 @@ def test_what_the_kernels_do_not_take_runs_plain(monkeypatch):
     assert not kernels.active(x, wide)
     g_h, g_w = torch.rand(2, 8, 5, 1), torch.rand(1, 8, 1, 5)
     assert torch.equal(kernels.scale_hw(x, g_h, g_w), x * g_h * g_w)
+
+
+def test_gc_context_pool_dispatch(monkeypatch):
+    """GC's pooling: on the CPU the plain form, bit for bit the layer's own; where the kernels
+    run, the kernel path, except with a hook on the logits' conv (its forward must run)."""
+
+    class NoKernels:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"the kernel path ran: {name}")
+
+    torch.manual_seed(0)
+    gc = GlobalContext(8, reduction=4)
+    x = _cpu_map()
+    plain = kernels.context_pool(x, gc.conv_mask.weight, gc.conv_mask.bias)
+    assert torch.equal(plain, gc._context(x))
+    monkeypatch.setattr(kernels, "_interpret", True)
+    monkeypatch.setattr(kernels, "_load", NoKernels)
+    with pytest.raises(AssertionError, match="kernel path ran: context_pool"):
+        gc._context(x)
+    weights = torch.nn.functional.conv2d(x, gc.conv_mask.weight).flatten(2).softmax(-1)
+    unbiased = kernels.context_pool(x, gc.conv_mask.weight, None)  # no bias: the plain form
+    assert torch.equal(unbiased, (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1))
+    wide = torch.randn(1, kernels._MAX_CONTEXT_C + 1, 1, 2)  # more channels than a tile holds: plain
+    assert kernels.context_pool(wide, torch.ones(1, wide.shape[1], 1, 1), torch.zeros(1)).shape == (1, wide.shape[1], 1, 1)
+    seen = []
+    gc.conv_mask.register_forward_hook(lambda *args: seen.append(1))
+    assert torch.equal(gc._context(x), plain) and seen == [1]
+
+
+def test_norm_act_takes_eval_batchnorm_and_the_families_activations():
+    """The norm and activation a gate at ``mid`` may fuse: an eval-mode BatchNorm with running
+    statistics (or a frozen one) and ReLU, ReLU6, SiLU, Hardswish or none; its plain form is
+    ``act(bn(y))``. Anything else (training mode, batch statistics, GELU) is not taken."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    y = torch.randn(2, 6, 3, 4)
+    assert kernels.NormAct.of(bn, nn.ReLU()) is None  # training mode: batch statistics
+    bn.eval()
+    frozen = FrozenBatchNorm2d(6)
+    frozen.load_state_dict(bn.state_dict(), strict=False)
+    for act in (nn.ReLU(), nn.ReLU6(), nn.SiLU(), nn.Hardswish(), None):
+        for norm in (bn, frozen):
+            pre = kernels.NormAct.of(norm, act)
+            assert pre is not None
+            ref = norm(y) if act is None else act(norm(y))
+            torch.testing.assert_close(pre(y), ref, rtol=1e-6, atol=1e-6)
+    assert kernels.NormAct.of(bn, nn.GELU()) is None
+    assert kernels.NormAct.of(nn.BatchNorm2d(6, track_running_stats=False).eval(), nn.ReLU()) is None
+    assert kernels.NormAct.of(nn.GroupNorm(2, 6), nn.ReLU()) is None
+
+
+def test_mid_split_keeps_the_cpu_function():
+    """With a gate at ``mid`` the block runs its (conv, norm, activation) one child at a time
+    (where the GPU kernels may fuse the last two with the gate); on the CPU that is still
+    the Sequential's forward, bit for bit, in eval mode without autograd."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    apply(model, "se", position="mid", layers="features.2:features.4")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        split = model(x)
+        for i in (2, 3, 4):  # a hook on the Sequential: it runs as itself
+            model.features[i].conv[1].register_forward_hook(lambda *args: None)
+        whole = model(x)
+    assert torch.equal(split, whole)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may load the kernels")

@@ -199,13 +199,35 @@ class Slotted(nn.Module):
             out = gate(out) + identity
         return out if act is None else act(out)
 
+    def _gate_mid(self, y: Tensor, norm: nn.Module, act: nn.Module | None) -> Tensor:
+        """``attn_mid(act(norm(y)))``, ``y`` the main conv's output.
+
+        In eval mode without autograd, where the kernels run and the gate offers
+        ``gate_norm_act`` (SE, ECA, coordinate attention, CBAM), the norm (an eval-mode BatchNorm
+        is a per-channel affine) and the activation join the gate's passes over ``y``, and
+        ``act(norm(y))`` is never written: the same function, to float rounding. Training,
+        other norms or activations, and hooks keep this plain path.
+        """
+        gate = self.attn_mid
+        fused = getattr(gate, "gate_norm_act", None)
+        if fused is not None and not torch.is_grad_enabled() and kernels.active(y) \
+                and not any(kernels.has_hooks(m) for m in (gate, norm, act) if m is not None):
+            pre = kernels.NormAct.of(norm, act)
+            if pre is not None:
+                return fused(y, pre)
+        out = norm(y)
+        return gate(out if act is None else act(out))
+
     def _body_out(self, x: Tensor) -> Tensor:
         """``pre``, then the body with ``mid`` after child ``_mid``: the branch up to ``standard``."""
         out = self.attn_pre(x)
         for i, layer in enumerate(getattr(self, self._body)):
-            out = layer(out)
-            if i == self._mid:
-                out = self.attn_mid(out)
+            if i != self._mid:
+                out = layer(out)
+            elif _conv_norm_act(layer) and hasattr(self.attn_mid, "gate_norm_act"):
+                out = self._gate_mid(layer[0](out), layer[1], layer[2])  # see _gate_mid
+            else:
+                out = self.attn_mid(layer(out))
         return out
 
 
@@ -229,6 +251,13 @@ class SlottedInverted(Slotted):
 
     def _drop_path(self, out: Tensor) -> Tensor:
         return out
+
+
+def _conv_norm_act(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a plain (conv, norm, activation) Sequential without hooks of its
+    own (torchvision's ``Conv2dNormActivation``), which may run one child at a time."""
+    return isinstance(layer, nn.Sequential) and type(layer).forward is nn.Sequential.forward \
+        and len(layer) == 3 and not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
 @functools.cache

@@ -32,7 +32,7 @@ class SlottedBasicBlock(Slotted, BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)
-        out = self.attn_mid(self.relu(self.bn1(self.conv1(self.attn_pre(x)))))
+        out = self._gate_mid(self.conv1(self.attn_pre(x)), self.bn1, self.relu)
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(identity)
@@ -45,7 +45,7 @@ class SlottedBottleneck(Slotted, Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         identity = self.attn_identity(x)
         out = self.relu(self.bn1(self.conv1(self.attn_pre(x))))
-        out = self.attn_mid(self.relu(self.bn2(self.conv2(out))))
+        out = self._gate_mid(self.conv2(out), self.bn2, self.relu)
         out = self.bn3(self.conv3(out))
         if self.downsample is not None:
             identity = self.downsample(identity)

@@ -7,7 +7,9 @@ not the MACs, are the cost. The functions here compute one step of a gate each, 
 :func:`scale` is ``act(x * s + identity)``; on CUDA tensors they run Triton kernels (one
 read of each input and one write, backward included: see :mod:`attnsurgeon.kernels._ops`)
 and everywhere else the plain form below, which is the reference the kernels are tested
-against (on the CPU, in Triton's interpreter).
+against (on the CPU, in Triton's interpreter). A :class:`NormAct` (a block's eval-mode
+BatchNorm and activation) passed as ``pre`` is applied as the kernels read the map, so a
+gate at ``mid`` never writes ``act(bn(y))``; those paths are for inference (no autograd).
 
 When the kernels run (:func:`active`): CUDA tensors of float32, bfloat16 or float16, 4-D,
 in contiguous or channels_last layout (others are copied), at most 2**31 elements; never
@@ -31,20 +33,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "active", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "scale", "scale_hw", "scale_spatial",
-    "set_enabled", "shift", "spatial_pool", "use_fused",
+    "NormAct", "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "norm_act_mean_max",
+    "scale", "scale_hw", "scale_spatial", "set_enabled", "shift", "spatial_pool", "use_fused",
 ]
 
 MODES = ("off", "eager", "compile")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_C = 65535  # grid limits of the launches (channels and positions per sample)
 _MAX_P = 1 << 20
+_MAX_CONTEXT_C = 4096  # GC's pooling kernel holds all channels of a block of positions at once
 
 
 def _parse(mode: bool | str) -> str:
@@ -154,9 +160,60 @@ def _gate_ok(g: object, x: Tensor, *ones: int) -> bool:
     return isinstance(g, Tensor) and tuple(g.shape) == shape and _tensor_ok(g, x)
 
 
+def _small_ok(t: object, x: Tensor, shape: tuple[int, ...]) -> bool:
+    """``t`` is a tensor of ``shape`` (a parameter), on x's device, in a kernel dtype."""
+    return isinstance(t, Tensor) and tuple(t.shape) == shape and _tensor_ok(t, x)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule has forward hooks (a fused path would skip them)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+_ACTS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+_PRE_CODES = {"identity": 1, "relu": 2, "relu6": 3, "silu": 4, "hardswish": 5}  # PRE of _triton._prologue
+_ACT_FNS = {"identity": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+
+
+@dataclass(frozen=True)
+class NormAct:
+    """A block's eval-mode BatchNorm as the per-channel affine ``y * scale + shift`` (float32,
+    (C,)) and the activation after it: what the kernels apply to a map as they read it, so
+    that a gate at ``mid`` pools and gates ``act(norm(y))`` without it being written."""
+
+    scale: Tensor
+    shift: Tensor
+    act: str  # identity, relu, relu6, silu or hardswish
+
+    @staticmethod
+    def of(norm: nn.Module, act: nn.Module | None) -> NormAct | None:
+        """``norm`` (a BatchNorm2d in eval mode with running statistics, or a FrozenBatchNorm2d)
+        and ``act`` (None, ReLU, ReLU6, SiLU or Hardswish) as a NormAct; None for other pairs."""
+        if type(norm) not in (nn.BatchNorm2d, FrozenBatchNorm2d) or norm.training and type(norm) is nn.BatchNorm2d:
+            return None
+        name = "identity" if act is None else _ACTS.get(type(act))
+        weight, bias, mean, var, eps = (getattr(norm, k) for k in ("weight", "bias", "running_mean",
+                                                                   "running_var", "eps"))
+        if name is None or not isinstance(mean, Tensor) or not isinstance(var, Tensor):
+            return None  # a BatchNorm without running statistics normalises by the batch's
+        scale = torch.rsqrt(var.float() + eps)
+        if isinstance(weight, Tensor):
+            scale = scale * weight.float()
+        shift = -mean.float() * scale
+        return NormAct(scale, shift + bias.float() if isinstance(bias, Tensor) else shift, name)
+
+    def __call__(self, y: Tensor) -> Tensor:
+        """The plain form: ``act(y * scale + shift)``, computed in float32, in y's dtype."""
+        z = torch.addcmul(self.shift.view(-1, 1, 1), y.float(), self.scale.view(-1, 1, 1))
+        return _ACT_FNS[self.act](z).to(y.dtype)
+
+    def takes(self, y: Tensor) -> bool:
+        """Whether the kernels take this prologue on ``y`` (one value per channel, y's device)."""
+        shape = (y.shape[1],)
+        return self.scale.shape == self.shift.shape == shape and self.scale.device == self.shift.device == y.device
+
+    def args(self) -> tuple[Tensor, Tensor, int]:
+        return self.scale, self.shift, _PRE_CODES[self.act]
 
 
 def _finish(out: Tensor, identity: Tensor | None, relu: bool) -> Tensor:
@@ -165,9 +222,14 @@ def _finish(out: Tensor, identity: Tensor | None, relu: bool) -> Tensor:
     return torch.relu(out) if relu else out
 
 
-def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False) -> Tensor:
+def scale(x: Tensor, s: Tensor, identity: Tensor | None = None, *, relu: bool = False,
+          pre: NormAct | None = None) -> Tensor:
     """``x * s``, plus ``identity``, then ReLU: a channel gate ``s`` (N, C, 1, 1) applied
-    (SE, ECA, GC with fusion scale, CBAM's channel gate)."""
+    (SE, ECA, GC with fusion scale, CBAM's channel gate); with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(s, x, 2, 3):
+            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(x.shape[:2]), None, None, None)
+        x = pre(x)
     if active(x, identity) and _gate_ok(s, x, 2, 3):
         n, c = x.shape[:2]
         return _ops_loaded().gate_apply(x, s.reshape(n, c), None, None, None, None, identity, relu)
@@ -185,9 +247,15 @@ def shift(x: Tensor, t: Tensor, identity: Tensor | None = None, *, relu: bool = 
 
 
 def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = None, *,
-                  relu: bool = False) -> Tensor:
+                  relu: bool = False, pre: NormAct | None = None) -> Tensor:
     """``x * s * g``, plus ``identity``, then ReLU: CBAM's channel gate ``s`` (N, C, 1, 1)
-    and spatial gate ``g`` (N, 1, H, W) in one pass."""
+    and spatial gate ``g`` (N, 1, H, W) in one pass; with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(s, x, 2, 3) \
+                and _gate_ok(g, x, 1):
+            n, c, h, w = x.shape
+            return _ops_loaded().norm_act_apply(x, *pre.args(), s.reshape(n, c), g.reshape(n, h * w), None, None)
+        x = pre(x)
     if active(x, identity) and _gate_ok(s, x, 2, 3) and _gate_ok(g, x, 1):
         n, c, h, w = x.shape
         return _ops_loaded().gate_apply(x, s.reshape(n, c), None, g.reshape(n, h * w), None, None, identity, relu)
@@ -198,9 +266,16 @@ def scale_spatial(x: Tensor, s: Tensor, g: Tensor, identity: Tensor | None = Non
 
 
 def scale_hw(x: Tensor, g_h: Tensor, g_w: Tensor, identity: Tensor | None = None, *,
-             relu: bool = False) -> Tensor:
+             relu: bool = False, pre: NormAct | None = None) -> Tensor:
     """``x * g_h * g_w``, plus ``identity``, then ReLU: coordinate attention's gates
-    ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass."""
+    ``g_h`` (N, C, H, 1) and ``g_w`` (N, C, 1, W) in one pass; with ``pre``, of ``pre(x)``."""
+    if pre is not None:
+        if identity is None and not relu and active(x) and pre.takes(x) and _gate_ok(g_h, x, 3) \
+                and _gate_ok(g_w, x, 2):
+            n, c, h, w = x.shape
+            return _ops_loaded().norm_act_apply(x, *pre.args(), None, None, g_h.reshape(n, c, h),
+                                                g_w.reshape(n, c, w))
+        x = pre(x)
     if active(x, identity) and _gate_ok(g_h, x, 3) and _gate_ok(g_w, x, 2):
         n, c, h, w = x.shape
         return _ops_loaded().gate_apply(x, None, None, None, g_h.reshape(n, c, h), g_w.reshape(n, c, w), identity, relu)
@@ -216,21 +291,53 @@ def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
 
 
-def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+def spatial_pool(x: Tensor, s: Tensor, *, pre: NormAct | None = None) -> tuple[Tensor, Tensor]:
     """Mean and max over the channels of ``x * s``, each (N, 1, H, W), without writing
-    ``x * s`` (CBAM's spatial pooling of the channel-gated map)."""
-    if active(x) and _gate_ok(s, x, 2, 3):
+    ``x * s`` (CBAM's spatial pooling of the channel-gated map); with ``pre``, of ``pre(x) * s``."""
+    if active(x) and _gate_ok(s, x, 2, 3) and (pre is None or pre.takes(x)):
         n, c, h, w = x.shape
-        mean, top, _ = _ops_loaded().spatial_pool(x, s.reshape(n, c))
+        impl = _ops_loaded()
+        if pre is None:
+            mean, top, _ = impl.spatial_pool(x, s.reshape(n, c))
+        else:
+            mean, top = impl.norm_act_spatial_pool(x, *pre.args(), s.reshape(n, c))
         return mean.view(n, 1, h, w), top.view(n, 1, h, w)
-    xs = x * s
+    xs = (x if pre is None else pre(x)) * s
     return xs.mean(1, keepdim=True), xs.amax(1, keepdim=True)
 
 
-def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read."""
-    if active(x):
+def coord_pool(x: Tensor, *, pre: NormAct | None = None) -> tuple[Tensor, Tensor]:
+    """Mean over W (N, C, H, 1) and mean over H (N, C, 1, W), in one read; with ``pre``, of
+    ``pre(x)``, which is not written."""
+    if active(x) and (pre is None or pre.takes(x)):
         n, c, h, w = x.shape
-        z_h, z_w = _ops_loaded().coord_pool(x)
+        impl = _ops_loaded()
+        z_h, z_w = impl.coord_pool(x) if pre is None else impl.norm_act_coord_pool(x, *pre.args())
         return z_h.view(n, c, h, 1), z_w.view(n, c, 1, w)
+    if pre is not None:
+        x = pre(x)
     return x.mean(3, keepdim=True), x.mean(2, keepdim=True)
+
+
+def norm_act_mean_max(y: Tensor, pre: NormAct) -> tuple[Tensor, Tensor]:
+    """Mean and max over H and W of ``pre(y)``, each (N, C, 1, 1), in one read, without
+    writing ``pre(y)`` (the squeeze of SE, ECA and CBAM's channel gate at ``mid``)."""
+    if active(y) and pre.takes(y):
+        n, c = y.shape[:2]
+        mean, top = _ops_loaded().norm_act_mean_max(y, *pre.args())
+        return mean.view(n, c, 1, 1), top.view(n, c, 1, 1)
+    z = pre(y)
+    return z.mean((2, 3), keepdim=True), z.amax((2, 3), keepdim=True)
+
+
+def context_pool(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """GC's attention pooling, (N, C, 1, 1): ``sum_p softmax_p(conv(x))[p] * x[:, :, p]``
+    with ``conv`` the 1x1 conv C -> 1 of ``weight`` (1, C, 1, 1) and ``bias`` (1,). The
+    kernels read x once (a streaming softmax over the positions) where the plain form
+    reads it for the logits and again for the weighted sum."""
+    c = x.shape[1] if isinstance(x, Tensor) and x.dim() == 4 else 0
+    if active(x) and c <= _MAX_CONTEXT_C and _small_ok(weight, x, (1, c, 1, 1)) and _small_ok(bias, x, (1,)):
+        context, _ = _ops_loaded().context_pool(x, weight.reshape(c), bias)
+        return context.to(x.dtype).view(x.shape[0], c, 1, 1)
+    weights = F.conv2d(x, weight, bias).flatten(2).softmax(-1)  # (N, 1, HW)
+    return (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1)

@@ -17,15 +17,20 @@ from torch import Tensor
 
 from . import _triton as K
 
-__all__ = ["coord_pool", "gate_apply", "mean_max_hw", "spatial_pool"]
+__all__ = [
+    "context_pool", "coord_pool", "gate_apply", "mean_max_hw", "norm_act_apply", "norm_act_coord_pool",
+    "norm_act_mean_max", "norm_act_spatial_pool", "spatial_pool",
+]
 
 # Tile sizes (elements per program and the cap on a block's channels / columns) and how
 # many programs a split reduction aims at; module globals so tests can shrink them.
 TILE = 2048
 BLOCK_MAX = 64
 PROGRAMS = 1024
+CONTEXT_TILE = 8192  # GC's pooling holds all channels of a block of positions in one tile
 
 _Strides = tuple[int, int, int]
+_Pre = tuple[Tensor, Tensor, int] | None  # (scale (C,), shift (C,), PRE code): see _triton._prologue
 _ROUND = {torch.bfloat16: 1, torch.float16: 2}  # the spatial max is taken over x * s in its dtype
 
 
@@ -79,6 +84,11 @@ def _small(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _pre_args(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, int]:
+    """The prologue's (scale, shift) pointers and PRE code (0, and x as a dummy pointer: none)."""
+    return (x, x, 0) if pre is None else (pre[0].contiguous(), pre[1].contiguous(), pre[2])
+
+
 # --- act(x * s * sp * ah * aw + t + identity) -------------------------------------------
 
 @torch.library.custom_op("attnsurgeon::gate_apply", mutates_args=())
@@ -86,6 +96,11 @@ def gate_apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None,
                aw: Tensor | None, identity: Tensor | None, relu: bool) -> Tensor:
     """``act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + identity)`` in one pass;
     every operand but x optional; s, t (N, C), sp (N, H*W), ah (N, C, H), aw (N, C, W)."""
+    return _apply(x, s, t, sp, ah, aw, identity, relu, None)
+
+
+def _apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None, ah: Tensor | None,
+           aw: Tensor | None, identity: Tensor | None, relu: bool, pre: _Pre) -> Tensor:
     n, c, h, w = x.shape
     p = h * w
     out = torch.empty_like(x, dtype=_promote(x, s, t, sp, ah, aw, identity))
@@ -93,12 +108,13 @@ def gate_apply(x: Tensor, s: Tensor | None, t: Tensor | None, sp: Tensor | None,
     out, os_ = _flat(out)
     ident, is_ = _flat(identity) if identity is not None else (x, xs)
     s, t, sp, ah, aw = (_small(v) for v in (s, t, sp, ah, aw))
+    pa, pb, code = _pre_args(x, pre)
     bp, bc = _tile(xs, c, p)
     K.apply_fwd[(n, triton.cdiv(p, bp), triton.cdiv(c, bc))](
         x, ident, out, x if s is None else s, x if t is None else t, x if sp is None else sp,
-        x if ah is None else ah, x if aw is None else aw, c, p, h, w, *xs, *is_, *os_,
+        x if ah is None else ah, x if aw is None else aw, pa, pb, c, p, h, w, *xs, *is_, *os_,
         HAS_S=s is not None, HAS_T=t is not None, HAS_SP=sp is not None, HAS_HW=ah is not None,
-        HAS_ID=identity is not None, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+        HAS_ID=identity is not None, RELU=relu, PRE=code, BLOCK_P=bp, BLOCK_C=bc)
     return out
 
 
@@ -210,13 +226,18 @@ gate_apply.register_autograd(_apply_backward, setup_context=_apply_setup)
 @torch.library.custom_op("attnsurgeon::mean_max_hw", mutates_args=())
 def mean_max_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, ties) over H and W, each (N, C); ties (int32) is how many positions reach the max."""
+    return _mean_max(x, None)
+
+
+def _mean_max(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = x.shape
     p = h * w
     mean, top = x.new_empty(n, c), x.new_empty(n, c)
     ties = torch.empty(n, c, device=x.device, dtype=torch.int32)
     x, xs = _flat(x)
     bp, bc = _tile(xs, c, p)
-    K.mean_max_hw[(n, triton.cdiv(c, bc))](x, mean, top, ties, c, p, *xs, BLOCK_P=bp, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.mean_max_hw[(n, triton.cdiv(c, bc))](x, pa, pb, mean, top, ties, c, p, *xs, PRE=code, BLOCK_P=bp, BLOCK_C=bc)
     return mean, top, ties
 
 
@@ -263,6 +284,10 @@ mean_max_hw.register_autograd(_mean_max_backward, setup_context=_mean_max_setup)
 @torch.library.custom_op("attnsurgeon::spatial_pool", mutates_args=())
 def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, ties) over the channels of ``x * s`` (s: (N, C)), each (N, H*W)."""
+    return _spatial_pool(x, s, None)
+
+
+def _spatial_pool(x: Tensor, s: Tensor, pre: _Pre) -> tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = x.shape
     p = h * w
     dtype = _promote(x, s)
@@ -270,8 +295,9 @@ def spatial_pool(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ties = torch.empty(n, p, device=x.device, dtype=torch.int32)
     x, xs = _flat(x)
     bp, bc = _tile(xs, c, p)
-    K.spatial_pool[(n, triton.cdiv(p, bp))](x, s.contiguous(), mean, top, ties, c, p, *xs,
-                                            ROUND=_ROUND.get(dtype, 0), BLOCK_P=bp, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.spatial_pool[(n, triton.cdiv(p, bp))](x, s.contiguous(), pa, pb, mean, top, ties, c, p, *xs,
+                                            PRE=code, ROUND=_ROUND.get(dtype, 0), BLOCK_P=bp, BLOCK_C=bc)
     return mean, top, ties
 
 
@@ -327,6 +353,10 @@ spatial_pool.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 @torch.library.custom_op("attnsurgeon::coord_pool", mutates_args=())
 def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean over W: (N, C, H), mean over H: (N, C, W)) in one read."""
+    return _coord_pool(x, None)
+
+
+def _coord_pool(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor]:
     n, c, h, w = x.shape
     x, xs = _flat(x)
     bw = min(_np2(w), BLOCK_MAX)
@@ -334,7 +364,8 @@ def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     nwb = triton.cdiv(w, bw)
     pzh = torch.empty(n, nwb, c, h, device=x.device, dtype=torch.float32)
     zw = torch.empty(n, c, w, device=x.device, dtype=torch.float32)
-    K.coord_pool[(n, triton.cdiv(c, bc), nwb)](x, pzh, zw, c, h, w, *xs, BLOCK_W=bw, BLOCK_C=bc)
+    pa, pb, code = _pre_args(x, pre)
+    K.coord_pool[(n, triton.cdiv(c, bc), nwb)](x, pa, pb, pzh, zw, c, h, w, *xs, PRE=code, BLOCK_W=bw, BLOCK_C=bc)
     return (pzh.sum(1) / w).to(x.dtype), zw.to(x.dtype)
 
 
@@ -374,3 +405,129 @@ def _coord_pool_backward(ctx: Any, gh: Tensor | None, gw: Tensor | None) -> Tens
 
 
 coord_pool.register_autograd(_coord_pool_backward, setup_context=_coord_pool_setup)
+
+
+# --- GC's attention pooling: softmax over the positions of w . x + b, then the weighted sum
+
+def _context_grid(x: Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, splits, positions per split) of the context kernels."""
+    n, c, h, w = x.shape
+    bc = _np2(c)
+    bp = min(_np2(h * w), max(1, CONTEXT_TILE // bc))
+    return (bp, bc, *_splits(n, h * w, bp))
+
+
+@torch.library.custom_op("attnsurgeon::context_pool", mutates_args=())
+def context_pool(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(context (N, C), lse (N,)), float32: ``context[n, c] = sum_p softmax_p(l) x[n, c, p]``
+    with ``l[p] = w . x[n, :, p] + b`` (w: (C,), b: (1,)), and ``lse = logsumexp_p l``."""
+    n, c, h, wd = x.shape
+    bp, bc, splits, per = _context_grid(x)
+    x, xs = _flat(x)
+    m = torch.empty(n, splits, device=x.device, dtype=torch.float32)
+    z = torch.empty_like(m)
+    acc = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    K.context_fwd[(n, splits)](x, w.contiguous(), b.contiguous(), m, z, acc, c, h * wd, per, *xs,
+                               BLOCK_P=bp, BLOCK_C=bc)
+    top = m.amax(1, keepdim=True)
+    scale = torch.exp(m - top)  # each split's partials rescaled to the common max
+    total = (z * scale).sum(1)
+    return (acc * scale.unsqueeze(2)).sum(1) / total.unsqueeze(1), top.squeeze(1) + total.log()
+
+
+@context_pool.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[:2]
+    return x.new_empty(n, c, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnsurgeon::context_pool_bwd", mutates_args=())
+def context_pool_bwd(x: Tensor, w: Tensor, b: Tensor, lse: Tensor, g: Tensor,
+                     gd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(gx, dw, db) of :func:`context_pool`; ``g`` (N, C) the gradient of the context and
+    ``gd = (g * context).sum(1)``, float32."""
+    n, c, h, wd = x.shape
+    bp, bc, splits, per = _context_grid(x)
+    gx = torch.empty_like(x)
+    x, xs = _flat(x)
+    gx_, ds_ = _flat(gx)
+    pw = torch.empty(n, splits, c, device=x.device, dtype=torch.float32)
+    pb = torch.empty(n, splits, device=x.device, dtype=torch.float32)
+    K.context_bwd[(n, splits)](x, w.contiguous(), b.contiguous(), lse.contiguous(), g.contiguous(),
+                               gd.contiguous(), gx_, pw, pb, c, h * wd, per, *xs, *ds_, BLOCK_P=bp, BLOCK_C=bc)
+    return gx, pw.sum((0, 1)), pb.sum().reshape(1)
+
+
+@context_pool_bwd.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor, lse: Tensor, g: Tensor, gd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(1, dtype=torch.float32)
+
+
+def _context_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _context_backward(ctx: Any, g: Tensor | None, _: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    x, w, b, out, lse = ctx.saved_tensors
+    g = torch.zeros_like(out) if g is None else g.float()
+    gx, dw, db = context_pool_bwd(x, w, b, lse, g, (g * out).sum(1))
+    return gx, dw.to(w.dtype), db.to(b.dtype)
+
+
+context_pool.register_autograd(_context_backward, setup_context=_context_setup)
+
+
+# --- the same with the block's eval-mode norm and activation applied as the map is read --
+# Inference only (no autograd registration): ``pre(y) = act(y * a + b)``, a and b (C,)
+# float32, ``code`` the PRE of _triton._prologue; the blocks call these without autograd.
+
+@torch.library.custom_op("attnsurgeon::norm_act_mean_max", mutates_args=())
+def norm_act_mean_max(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    """(mean, max) over H and W of ``pre(y)``, each (N, C), without writing ``pre(y)``."""
+    mean, top, _ = _mean_max(y, (a, b, code))
+    return mean, top
+
+
+@norm_act_mean_max.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    return y.new_empty(y.shape[:2]), y.new_empty(y.shape[:2])
+
+
+@torch.library.custom_op("attnsurgeon::norm_act_coord_pool", mutates_args=())
+def norm_act_coord_pool(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    """:func:`coord_pool` of ``pre(y)``, without writing ``pre(y)``."""
+    return _coord_pool(y, (a, b, code))
+
+
+@norm_act_coord_pool.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int) -> tuple[Tensor, Tensor]:
+    n, c, h, w = y.shape
+    return y.new_empty(n, c, h), y.new_empty(n, c, w)
+
+
+@torch.library.custom_op("attnsurgeon::norm_act_spatial_pool", mutates_args=())
+def norm_act_spatial_pool(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`spatial_pool` (mean, max) of ``pre(y)``, without writing ``pre(y)`` or ``pre(y) * s``."""
+    mean, top, _ = _spatial_pool(y, s, (a, b, code))
+    return mean, top
+
+
+@norm_act_spatial_pool.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor) -> tuple[Tensor, Tensor]:
+    n, _, h, w = y.shape
+    dtype = _promote(y, s)
+    return y.new_empty(n, h * w, dtype=dtype), y.new_empty(n, h * w, dtype=dtype)
+
+
+@torch.library.custom_op("attnsurgeon::norm_act_apply", mutates_args=())
+def norm_act_apply(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, sp: Tensor | None,
+                   ah: Tensor | None, aw: Tensor | None) -> Tensor:
+    """``pre(y) * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w]`` in one pass, each factor optional."""
+    return _apply(y, s, None, sp, ah, aw, None, False, (a, b, code))
+
+
+@norm_act_apply.register_fake
+def _(y: Tensor, a: Tensor, b: Tensor, code: int, s: Tensor | None, sp: Tensor | None,
+      ah: Tensor | None, aw: Tensor | None) -> Tensor:
+    return torch.empty_like(y, dtype=_promote(y, s, sp, ah, aw))

@@ -16,20 +16,40 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "apply_bwd", "apply_fwd", "coord_bwd", "coord_pool", "coord_pool_bwd", "mean_max_bwd", "mean_max_hw",
-    "spatial_pool", "spatial_pool_bwd",
+    "apply_bwd", "apply_fwd", "context_bwd", "context_fwd", "coord_bwd", "coord_pool", "coord_pool_bwd",
+    "mean_max_bwd", "mean_max_hw", "spatial_pool", "spatial_pool_bwd",
 ]
 
 
 @triton.jit
+def _prologue(x, a_ptr, b_ptr, c, cm, mask, PRE: tl.constexpr):
+    """``act(x * a[c] + b[c])`` where masked, 0 elsewhere: an eval-mode BatchNorm (a per-channel
+    affine) and the activation after it, applied as a map is read. PRE: 0 none (x as it is),
+    1 the affine alone, then with 2 ReLU, 3 ReLU6, 4 SiLU, 5 Hardswish."""
+    if PRE > 0:
+        x = x * tl.load(a_ptr + c, mask=cm, other=0.0) + tl.load(b_ptr + c, mask=cm, other=0.0)
+        if PRE == 2:
+            x = tl.maximum(x, 0.0)
+        elif PRE == 3:
+            x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        elif PRE == 4:
+            x = x * tl.sigmoid(x)
+        elif PRE == 5:
+            x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+        x = tl.where(mask, x, 0.0)
+    return x
+
+
+@triton.jit
 def apply_fwd(
-    x_ptr, id_ptr, out_ptr, s_ptr, t_ptr, sp_ptr, ah_ptr, aw_ptr,
+    x_ptr, id_ptr, out_ptr, s_ptr, t_ptr, sp_ptr, ah_ptr, aw_ptr, pa_ptr, pb_ptr,
     C, P, H, W,
     sxn, sxc, sxp, sin, sic, sip, son, soc, sop,
     HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_SP: tl.constexpr, HAS_HW: tl.constexpr,
-    HAS_ID: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ID: tl.constexpr, RELU: tl.constexpr, PRE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out = act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + id)``, each factor optional."""
+    """``out = act(x * s[n,c] * sp[n,p] * ah[n,c,h] * aw[n,c,w] + t[n,c] + id)``, each factor
+    optional; with PRE, x is first ``pre(x)`` (:func:`_prologue`, a norm and activation)."""
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
@@ -37,6 +57,7 @@ def apply_fwd(
     pm = p < P
     mask = pm & cm
     y = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+    y = _prologue(y, pa_ptr, pb_ptr, c, cm, mask, PRE)
     if HAS_S:
         y = y * tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
     if HAS_SP:
@@ -152,11 +173,12 @@ def coord_bwd(
 
 @triton.jit
 def coord_pool(
-    x_ptr, pzh_ptr, zw_ptr, C, H, W, sxn, sxc, sxp,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pa_ptr, pb_ptr, pzh_ptr, zw_ptr, C, H, W, sxn, sxc, sxp,
+    PRE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Both directional sums in one read: ``zw[n,c,w] = mean_h x`` and partials
-    ``pzh[n, wblock, c, h]`` of ``sum_w x`` (float32). Grid ``(N, C blocks, W blocks)``."""
+    ``pzh[n, wblock, c, h]`` of ``sum_w x`` (float32), of ``pre(x)`` with PRE
+    (:func:`_prologue`). Grid ``(N, C blocks, W blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     wb = tl.program_id(2)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -166,6 +188,7 @@ def coord_pool(
     acc_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     for h in range(0, H):
         x = tl.load(x_ptr + n * sxn + c * sxc + (h * W + w) * sxp, mask=mask, other=0.0).to(tl.float32)
+        x = _prologue(x, pa_ptr, pb_ptr, c, c < C, mask, PRE)
         acc_w += x
         tl.store(pzh_ptr + ((n * tl.num_programs(2) + wb) * C + c1) * H + h, tl.sum(x, axis=0), mask=c1 < C)
     tl.store(zw_ptr + (n * C + c) * W + w, acc_w / H, mask=mask)
@@ -190,12 +213,12 @@ def coord_pool_bwd(
 
 @triton.jit
 def mean_max_hw(
-    x_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, pa_ptr, pb_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    PRE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Mean and max over the positions per (n, c) in one read, and how many positions
-    reach the max (the backward splits the gradient among ties, as ``amax``'s does).
-    Grid ``(N, C blocks)``."""
+    reach the max (the backward splits the gradient among ties, as ``amax``'s does); of
+    ``pre(x)`` with PRE (:func:`_prologue`). Grid ``(N, C blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[None, :]
@@ -206,6 +229,7 @@ def mean_max_hw(
         p = p0 + tl.arange(0, BLOCK_P)[:, None]
         mask = (p < P) & (c < C)
         x = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        x = _prologue(x, pa_ptr, pb_ptr, c, c < C, mask, PRE)
         acc += tl.sum(x, axis=0)
         xm = tl.where(mask, x, float("-inf"))
         top = tl.max(xm, axis=0)
@@ -253,13 +277,13 @@ def _rounded(v, ROUND: tl.constexpr):
 
 @triton.jit
 def spatial_pool(
-    x_ptr, s_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
-    ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, s_ptr, pa_ptr, pb_ptr, mean_ptr, max_ptr, cnt_ptr, C, P, sxn, sxc, sxp,
+    PRE: tl.constexpr, ROUND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Mean and max over the channels of ``x * s[n, c]`` per (n, p), without writing
     ``x * s``, and the count of channels reaching the max. The max is taken over ``x * s``
     rounded to the output dtype, as the plain form (which stores ``x * s``) does, so ties
-    match. Grid ``(N, P blocks)``."""
+    match. With PRE, of ``pre(x) * s`` (:func:`_prologue`). Grid ``(N, P blocks)``."""
     n = tl.program_id(0).to(tl.int64)
     p1 = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p = p1[:, None]
@@ -271,7 +295,8 @@ def spatial_pool(
         cm = c < C
         mask = (p < P) & cm
         s = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
-        xs = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32) * s
+        xs = tl.load(x_ptr + n * sxn + c * sxc + p * sxp, mask=mask, other=0.0).to(tl.float32)
+        xs = _prologue(xs, pa_ptr, pb_ptr, c, cm, mask, PRE) * s
         acc += tl.sum(xs, axis=1)
         xm = tl.where(mask, _rounded(xs, ROUND), float("-inf"))
         top = tl.max(xm, axis=1)
@@ -317,3 +342,84 @@ def spatial_pool_bwd(
         tl.store(gx_ptr + n * sdn + c * sdc + p * sdp, (g * s).to(gx_ptr.dtype.element_ty), mask=mask)
         acc += tl.sum(g * x, axis=0)
     tl.store(ps_ptr + (n * tl.num_programs(2) + split) * C + c1, acc, mask=c1 < C)
+
+
+@triton.jit
+def _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C: tl.constexpr):
+    """What a context program needs first: (n, split, channels, w, b, its positions' range)."""
+    c1 = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + c1[None, :], mask=c1[None, :] < C, other=0.0).to(tl.float32)
+    start = tl.program_id(1) * P_SPLIT
+    return (tl.program_id(0).to(tl.int64), tl.program_id(1), c1, w, tl.load(b_ptr).to(tl.float32),
+            start, tl.minimum(start + P_SPLIT, P))
+
+
+@triton.jit
+def _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One block of positions from ``p0``: its mask, all channels of x (float32) and the
+    logits ``w . x[:, p] + b`` (-inf past ``end``)."""
+    p1 = p0 + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)[None, :]
+    mask = (p1[:, None] < end) & (c < C)
+    x = tl.load(x_ptr + n * sxn + c * sxc + p1[:, None] * sxp, mask=mask, other=0.0).to(tl.float32)
+    return mask, x, tl.where(p1 < end, tl.sum(x * w, axis=1) + b, float("-inf"))
+
+
+@triton.jit
+def context_fwd(
+    x_ptr, w_ptr, b_ptr, m_ptr, z_ptr, acc_ptr, C, P, P_SPLIT, sxn, sxc, sxp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GC's attention pooling, streaming softmax over the positions of one split:
+    ``l[p] = w . x[:, p] + b``, and with ``m`` the split's max logit, ``z = sum_p exp(l - m)``
+    and ``acc[c] = sum_p exp(l - m) x[c, p]`` (float32 partials per (n, split), which the
+    caller rescales to a common max and sums). All C channels of a block of positions are
+    one tile (BLOCK_C >= C), so x is read once. Grid ``(N, splits)``."""
+    n, split, c1, w, b, start, end = _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C)
+    m = tl.full([], float("-inf"), tl.float32)
+    z = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        _, x, logit = _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P, BLOCK_C)
+        m_new = tl.maximum(m, tl.max(logit, axis=0))  # finite: position p0 is in the split
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(logit - m_new)
+        z = z * alpha + tl.sum(e, axis=0)
+        acc = acc * alpha + tl.sum(x * e[:, None], axis=0)
+        m = m_new
+    row = n * tl.num_programs(1) + split
+    tl.store(m_ptr + row, m)
+    tl.store(z_ptr + row, z)
+    tl.store(acc_ptr + row * C + c1, acc, mask=c1 < C)
+
+
+@triton.jit
+def context_bwd(
+    x_ptr, w_ptr, b_ptr, lse_ptr, g_ptr, gd_ptr, gx_ptr, pw_ptr, pb_ptr,
+    C, P, P_SPLIT, sxn, sxc, sxp, sdn, sdc, sdp,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of :func:`context_fwd` (``out[c] = sum_p a[p] x[c, p]``, ``a = softmax(l)``),
+    recomputing ``a`` from x and the per-sample log-sum-exp ``lse``: with ``g`` the
+    gradient of out and ``gd = g . out``, ``dl[p] = a[p] (g . x[:, p] - gd)``,
+    ``gx[c, p] = a[p] g[c] + dl[p] w[c]``, and float32 partials of
+    ``dw[c] = sum_p dl[p] x[c, p]`` (``pw[n, split, c]``) and ``db = sum_p dl[p]``
+    (``pb[n, split]``). One read of x, one write of gx. Grid ``(N, splits)``."""
+    n, split, c1, w, b, start, end = _context_start(w_ptr, b_ptr, C, P, P_SPLIT, BLOCK_C)
+    lse = tl.load(lse_ptr + n)
+    g = tl.load(g_ptr + n * C + c1[None, :], mask=c1[None, :] < C, other=0.0).to(tl.float32)
+    gd = tl.load(gd_ptr + n)
+    acc_w = tl.zeros([BLOCK_C], tl.float32)
+    acc_b = tl.zeros([], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        mask, x, logit = _context_block(x_ptr, w, b, n, p0, end, C, sxn, sxc, sxp, BLOCK_P, BLOCK_C)
+        a = tl.exp(logit - lse)  # 0 past the end
+        dl = a * (tl.sum(x * g, axis=1) - gd)
+        gx = a[:, None] * g + dl[:, None] * w
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        tl.store(gx_ptr + n * sdn + c1[None, :] * sdc + p * sdp, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        acc_w += tl.sum(x * dl[:, None], axis=0)
+        acc_b += tl.sum(dl, axis=0)
+    row = n * tl.num_programs(1) + split
+    tl.store(pw_ptr + row * C + c1, acc_w, mask=c1 < C)
+    tl.store(pb_ptr + row, acc_b)

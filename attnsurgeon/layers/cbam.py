@@ -77,10 +77,17 @@ class ChannelAttention(SqueezeExcite):
 
     def _scale(self, x: Tensor) -> Tensor:
         """M_c of Eq. 2, shape ``(N, C, 1, 1)``."""
-        avg, peak = kernels.mean_max_hw(x)  # x.mean((2, 3)), x.amax((2, 3)), in one read on a GPU
+        return self._pooled(*kernels.mean_max_hw(x))  # x.mean((2, 3)), x.amax((2, 3)), one read on a GPU
+
+    def _pooled(self, avg: Tensor, peak: Tensor) -> Tensor:
+        """M_c from the mean and the max over the positions, each ``(N, C, 1, 1)``."""
         if self.light:
             return self.gate(self._mlp(0.5 * avg + 0.5 * peak))
         return self.gate(self._mlp(avg) + self._mlp(peak))
+
+    def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
+        """``forward(pre(y))`` (see :meth:`SqueezeExcite.gate_norm_act`), with both pools."""
+        return kernels.scale(y, self._pooled(*kernels.norm_act_mean_max(y, pre)), pre=pre)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -169,6 +176,14 @@ class CBAM(nn.Module):
         x = self.channel(x)
         out = torch.addcmul(identity, x, self.spatial._scale(x))
         return torch.relu(out) if relu else out
+
+    def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
+        """``forward(pre(y))``, ``pre`` the block's eval-mode norm and activation before the
+        gate: on a GPU three reads of y (two pools, the apply) and one write, ``pre(y)`` and
+        ``pre(y) * M_c`` never written."""
+        s = self.channel._pooled(*kernels.norm_act_mean_max(y, pre))
+        g = self.spatial._pooled_scale(*kernels.spatial_pool(y, s, pre=pre))
+        return kernels.scale_spatial(y, s, g, pre=pre)
 
     def _fused(self, x: Tensor, identity: Tensor | None, *, relu: bool) -> Tensor:
         """GPU kernels: ``x * M_c`` is never written; both pools and the last pass read ``x``."""

@@ -78,10 +78,10 @@ class CoordAttention(nn.Module):
         self.gate = gate_layer(gate)
         self.reset_parameters()
 
-    def _scales(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The gates (g_h, g_w), shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""
+    def _scales(self, x: Tensor, pre: kernels.NormAct | None = None) -> tuple[Tensor, Tensor]:
+        """The gates (g_h, g_w) of ``x`` (or of ``pre(x)``), shapes ``(N, C, H, 1)`` and ``(N, C, 1, W)``."""
         h = x.shape[2]
-        z_h, z_w = kernels.coord_pool(x)  # pool along W: x.mean(3); along H: x.mean(2); one read on a GPU
+        z_h, z_w = kernels.coord_pool(x, pre=pre)  # pool along W: x.mean(3); along H: x.mean(2); one read on a GPU
         z_w = z_w.transpose(2, 3)  # as (N, C, W, 1)
         f = self.act(self.bn1(self.conv1(torch.cat([z_h, z_w], dim=2))))
         g_h = self.gate(self.conv_h(f[:, :, :h]))
@@ -99,6 +99,12 @@ class CoordAttention(nn.Module):
             return torch.relu(out) if relu else out
         g_h, g_w = self._scales(x)
         return kernels.scale_hw(x, g_h, g_w, identity, relu=relu)
+
+    def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
+        """``forward(pre(y))``, ``pre`` the block's eval-mode norm and activation before the
+        gate: on a GPU two reads of y and one write, ``pre(y)`` never written."""
+        g_h, g_w = self._scales(y, pre)
+        return kernels.scale_hw(y, g_h, g_w, pre=pre)
 
     def reset_parameters(self) -> None:
         for conv in (self.conv1, self.conv_h, self.conv_w):

@@ -92,8 +92,11 @@ class ECA(nn.Module):
 
     def _scale(self, x: Tensor) -> Tensor:
         """The channel weights, shape ``(N, C, 1, 1)``."""
-        y = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C)
-        s = self.gate(self.conv(y) + self.offset)
+        return self._excite(x.mean((2, 3)))
+
+    def _excite(self, z: Tensor) -> Tensor:
+        """The channel weights from the pooled ``z`` (N, C)."""
+        s = self.gate(self.conv(z.unsqueeze(1)) + self.offset)  # conv over (N, 1, C)
         return s.transpose(1, 2).unsqueeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,6 +105,11 @@ class ECA(nn.Module):
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity`` in one pass, then ReLU if ``relu`` (see :mod:`attnsurgeon.layers`)."""
         return kernels.scale(x, self._scale(x), identity, relu=relu)
+
+    def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
+        """``forward(pre(y))``, ``pre`` the block's eval-mode norm and activation before the
+        gate: on a GPU two reads of y and one write, ``pre(y)`` never written."""
+        return kernels.scale(y, self._excite(kernels.norm_act_mean_max(y, pre)[0].flatten(1)), pre=pre)
 
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()

@@ -20,7 +20,9 @@ Departures from the paper:
 * the hidden width is ``max(1, C // r)``; mmcv computes ``int(C * ratio)``, the same for
   the paper's channel counts;
 * attention pooling is one batched matmul ``x.flatten(2) @ softmax(...)``, as in mmcv; no
-  size-bound reshapes, so the ONNX export keeps a dynamic batch and dynamic H, W;
+  size-bound reshapes, so the ONNX export keeps a dynamic batch and dynamic H, W; where
+  the fused GPU kernels run, one pass over x with a streaming softmax instead
+  (:func:`attnsurgeon.kernels.context_pool`), the same function to float rounding;
 * ``--init paper`` is mmcv's: ``W_k`` Kaiming-normal (fan-in, ReLU gain) with bias 0, the
   transform's last conv weight and bias 0 (so an ``add`` block is exactly the identity
   at initialisation, by design; a ``scale`` block starts at a constant gate of 0.5), the
@@ -79,6 +81,8 @@ class GlobalContext(nn.Module):
 
     def _context(self, x: Tensor) -> Tensor:
         """Attention pooling over positions, shape ``(N, C, 1, 1)``."""
+        if kernels.active(x) and not kernels.has_hooks(self.conv_mask):
+            return kernels.context_pool(x, self.conv_mask.weight, self.conv_mask.bias)  # one read of x
         weights = self.conv_mask(x).flatten(2).softmax(-1)  # (N, 1, HW)
         return (x.flatten(2) @ weights.transpose(1, 2)).unsqueeze(-1)  # (N, C, 1, 1)
 

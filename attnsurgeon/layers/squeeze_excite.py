@@ -61,7 +61,9 @@ class SqueezeExcite(nn.Module):
 
     def _scale(self, x: Tensor) -> Tensor:
         """The excitation s of Eq. 3, shape ``(N, C, 1, 1)``."""
-        z = x.mean((2, 3), keepdim=True)  # squeeze, Eq. 2
+        return self._excite(x.mean((2, 3), keepdim=True))  # squeeze, Eq. 2
+
+    def _excite(self, z: Tensor) -> Tensor:
         return self.gate(self.fc2(self.act(self.fc1(z))))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,6 +72,11 @@ class SqueezeExcite(nn.Module):
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity`` in one pass, then ReLU if ``relu`` (see :mod:`attnsurgeon.layers`)."""
         return kernels.scale(x, self._scale(x), identity, relu=relu)
+
+    def gate_norm_act(self, y: Tensor, pre: kernels.NormAct) -> Tensor:
+        """``forward(pre(y))``, ``pre`` the block's eval-mode norm and activation before the
+        gate: on a GPU two reads of y and one write, ``pre(y)`` never written."""
+        return kernels.scale(y, self._excite(kernels.norm_act_mean_max(y, pre)[0]), pre=pre)
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
