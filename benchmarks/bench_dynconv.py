@@ -64,7 +64,8 @@ training step, with ``ours`` (the measured choice, labelled with what it chose),
 ``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced), the seed and timm's
 CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
 seed's), inference at batch 256 and training step at batch 128, eager, and under
-``torch.compile`` (where ``ours`` runs the Triton op).
+``torch.compile`` (where ``ours`` runs the Triton op); ODConv-ResNet-18 (4x) against
+DY-ResNet-18 at the same settings, eager.
 
     python benchmarks/bench_dynconv.py --gpu-protocol                     # needs CUDA
     python benchmarks/bench_dynconv.py --gpu-protocol --device cpu --reps 1 --model-reps 1 \
@@ -408,7 +409,8 @@ def protocol_table(title: str, case: str, variants: tuple[str, ...], references:
 
 def gpu_protocol(args: argparse.Namespace) -> None:
     """Layers at batch 32 and 256, inference and training step; DY-ResNet-18 over resnet18,
-    inference at batch 256 and training step at batch 128, eager and compiled. Off CUDA a
+    inference at batch 256 and training step at batch 128, eager and compiled, and ODConv-ResNet-18
+    over DY-ResNet-18 there, eager. Off CUDA a
     smoke test at tiny sizes (the Triton rows fall back to the automatic form there)."""
     device = torch.device(args.device)
     smoke = device.type != "cuda"
@@ -435,6 +437,8 @@ def gpu_protocol(args: argparse.Namespace) -> None:
             protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
                            f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
                            ("resnet18-static",), size, batch, args.model_reps, train, device, args.compile_backend)
+        protocol_table(f"ODConv-ResNet-18 (4x) vs DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
+                       ODCONV_MODEL_VARIANTS, ("ours",), size, batch, args.model_reps, train, device)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 
