@@ -353,7 +353,7 @@ def _protocol_step(case: str, variant: str, size: int, batch: int, train: bool, 
     inference_mode or a training step (forward, loss, backward); compiled with ``backend``."""
     model, x, target = build(case, variant, size, batch)
     model = _to_channels_last(model.to(device)).train(train)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    x = x.detach().to(device).contiguous(memory_format=torch.channels_last)  # the protocol: no input gradient
     target = None if target is None else target.to(device)
     run = torch.compile(model, backend=backend) if backend else model
 
