@@ -1,9 +1,10 @@
 """Training-step cost of dynamic convolution: attnsurgeon vs the seed's grouped conv vs timm.
 
 The requirement: the dynamic conv's training step (forward + backward) must be neither
-slower nor hungrier for memory than the seed's grouped-conv approach at batch 32.
+slower nor hungrier for memory than the seed's grouped-conv approach or timm's
+``CondConv2d``, per layer at batch 32 and 256.
 
-Variants, side by side at batch 32, float32, CPU:
+Variants, side by side, float32, CPU (``--batch 32,256`` for the layer tables):
 
 * ``ours``: :class:`attnsurgeon.layers.dynamic_conv.DynamicConv2d` (eager picks the
   per-sample or stacked form per layer; the table says which);
@@ -13,6 +14,8 @@ Variants, side by side at batch 32, float32, CPU:
 * ``timm-condconv``: ``timm.layers.CondConv2d`` with a GAP -> Linear -> sigmoid router
   as in timm's EfficientNet. Its routing differs (sigmoid, no temperature): a reference.
 
+Every row has its time and memory over both references ("x seed", "x timm").
+
 ODConv rows (``--odconv-only`` runs just them): ``odconv``, the
 :class:`attnsurgeon.layers.odconv.ODConv2d` that replaces the same conv (K = 4, r = 16; eager
 runs its per-sample form; ``odconv:positions``, its traced form, is built but not in the
@@ -20,27 +23,38 @@ default rows), against ``ours``; and
 ODConv-ResNet-18 (4x: both 3x3 convs of every block, the authors' model) against
 DY-ResNet-18 and the static ResNet-18. The ratio column is then "x ours" (DY).
 
-Cases: one 3x3 conv at ResNet-18's layer shapes (64ch@56, 128@28, 256@14, 512@7), and
-the whole DY-ResNet-18 (dynamic conv on every conv but the stem, K=4, as in the paper)
-with cross-entropy, plus the static ResNet-18 for scale.
+Cases: one 3x3 conv at ResNet-18's layer shapes (64ch@56, 128@28, 256@14, 512@7), whose
+input asks for its gradient as every layer's but a network's first does
+(``--no-input-grad``: not), and the whole DY-ResNet-18 (dynamic conv on every conv but the
+stem, K=4, as in the paper) with cross-entropy, plus the static ResNet-18 for scale.
 
 Time: all variants of a case are built in one process, warmed up, then timed round by
 round (A B C ... A B C ...), ``--reps`` rounds; each gets the median. Interleaving
-spreads background load evenly over the variants. Memory: each (case, variant) runs in a
-fresh subprocess, one warm-up step then one measured step: the peak resident set size
-during that step minus the resident size just before it (Linux: the peak is reset with
-``/proc/self/clear_refs`` and read as ``VmHWM``; ``ru_maxrss`` would carry the parent's
-peak across fork + exec): what the step needs on top of the model and its input. The children run with
-glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every tensor over 64 KiB is its own mapping,
-returned to the OS when freed, and the resident set follows the live tensors (to within
-malloc's small-block heap, a few MB).
+spreads background load evenly over the variants. On a shared machine ``--cpu-time``
+with ``OMP_NUM_THREADS=1`` times the CPU seconds the process spends (``time.process_time``)
+rather than the wall clock, which also counts the time it waits for a core.
+
+Memory: each (case, variant) runs in a fresh subprocess: one warm-up step, then one step
+for each of two measures, gradients set to None before it:
+
+* ``alloc MB``: the peak of the bytes held by PyTorch's CPU allocator during the step over
+  what it held before: the profiler's allocation and free events (``profile_memory=True``)
+  summed in time order. Exact for every tensor and every workspace an op takes from
+  PyTorch's allocator;
+* ``RSS MB``: the peak resident set size during the step minus the resident size just
+  before it (Linux: the peak is reset with ``/proc/self/clear_refs`` and read as
+  ``VmHWM``), which also sees memory outside PyTorch's allocator. The children run with
+  glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so every block over 64 KiB is its own mapping,
+  returned to the OS when freed, and the resident set follows the live tensors (to within
+  malloc's small-block heap, a few MB).
 
 With a CUDA device the GPU protocol below runs after the CPU tables.
 
     python benchmarks/bench_dynconv.py                # layers + DY-ResNet-18 at 224 (~8 min on 2 cores)
     python benchmarks/bench_dynconv.py --size 112     # quicker whole-model case
-    python benchmarks/bench_dynconv.py --skip-model   # layers only
+    python benchmarks/bench_dynconv.py --skip-model --batch 32,256  # layers only, both batches
     python benchmarks/bench_dynconv.py --odconv-only --size 112  # only the ODConv rows
+    OMP_NUM_THREADS=1 python benchmarks/bench_dynconv.py --cpu-time  # a busy machine
 
 GPU protocol (``--gpu-protocol``, about 5 minutes on one H100/H200 is the target): bf16
 autocast, channels_last model and input, the device synchronised around each timed call,
@@ -50,7 +64,8 @@ training step, with ``ours`` (the measured choice, labelled with what it chose),
 ``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced), the seed and timm's
 CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
 seed's), inference at batch 256 and training step at batch 128, eager, and under
-``torch.compile`` (where ``ours`` runs the Triton op).
+``torch.compile`` (where ``ours`` runs the Triton op); ODConv-ResNet-18 (4x) against
+DY-ResNet-18 at the same settings, eager.
 
     python benchmarks/bench_dynconv.py --gpu-protocol                     # needs CUDA
     python benchmarks/bench_dynconv.py --gpu-protocol --device cpu --reps 1 --model-reps 1 \
@@ -64,6 +79,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -73,6 +89,7 @@ from torch import Tensor, nn
 from attnsurgeon.latency import time_interleaved
 
 BATCH = 32
+INPUT_GRAD = True  # --no-input-grad: the layer cases skip the gradient of their input
 LAYERS = {"64@56": (64, 56), "128@28": (128, 28), "256@14": (256, 14), "512@7": (512, 7)}
 LAYER_VARIANTS = ("ours", "ours:per-sample", "ours:stacked", "seed", "timm-condconv")
 MODEL_VARIANTS = ("resnet18-static", "ours", "seed", "timm-condconv")
@@ -170,7 +187,8 @@ def build(case: str, variant: str, size: int, batch: int = BATCH) -> tuple[nn.Mo
     if case in LAYERS or case in SMOKE_LAYERS:
         channels, hw = {**LAYERS, **SMOKE_LAYERS}[case]
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        return _wrap(conv, variant), torch.randn(batch, channels, hw, hw), None
+        # the input asks for its gradient, as that of every layer but the first in a network does
+        return _wrap(conv, variant), torch.randn(batch, channels, hw, hw, requires_grad=INPUT_GRAD), None
     import torchvision
 
     from attnsurgeon.blocks import find_blocks
@@ -191,11 +209,13 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _stepper(model: nn.Module, x: Tensor, target: Tensor | None) -> Callable[[], None]:
+def _stepper(model: nn.Module, x: Tensor, target: Tensor | None, *, zero_grad: bool = True) -> Callable[[], None]:
     model.train()
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
+        if zero_grad:
+            model.zero_grad(set_to_none=True)
+        x.grad = None
         out = model(x)
         loss = out.square().mean() if target is None else F.cross_entropy(out, target)
         loss.backward()
@@ -203,58 +223,99 @@ def _stepper(model: nn.Module, x: Tensor, target: Tensor | None) -> Callable[[],
     return step
 
 
-def child_memory(case: str, variant: str, size: int) -> float:
-    """Peak RSS growth (MB) of one training step after a warm-up step."""
-    step = _stepper(*build(case, variant, size))
-    step()  # warm-up; gradients then exist, as in every step after the first
+def _allocator_peak(step: Callable[[], None]) -> float:
+    """Peak bytes (MB) held by PyTorch's CPU allocator during ``step`` over what it held
+    before: the running sum of the allocation and free events of the profiler
+    (``profile_memory=True``), in time order. Blocks that existed before are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def child_memory(case: str, variant: str, size: int, batch: int) -> tuple[float, float]:
+    """Peak memory (MB) of one training step after a warm-up step, gradients set to None
+    before it: (PyTorch CPU allocator peak, resident-set growth)."""
+    model, x, target = build(case, variant, size, batch)
+    step = _stepper(model, x, target, zero_grad=False)
+    step()  # warm-up
+    model.zero_grad(set_to_none=True)
+    x.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     before = _status_kb("VmRSS")
     step()
-    return (_status_kb("VmHWM") - before) / 1024
+    rss = (_status_kb("VmHWM") - before) / 1024
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    return _allocator_peak(step), rss
 
 
-def memory(case: str, variant: str, size: int) -> float:
-    cmd = [sys.executable, __file__, "--child", case, variant, "--size", str(size)]
+def memory(case: str, variant: str, size: int, batch: int) -> tuple[float, float]:
+    """:func:`child_memory` in a fresh process."""
+    cmd = [sys.executable, __file__, "--child", case, variant, "--size", str(size), "--batch", str(batch),
+           *([] if INPUT_GRAD else ["--no-input-grad"])]
     # a fixed mmap threshold makes glibc return every freed block over 64 KiB to the OS at
     # once, so the resident set follows the live tensors instead of malloc's caching
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return float(out.strip().splitlines()[-1])
+    alloc, rss = out.strip().splitlines()[-1].split()
+    return float(alloc), float(rss)
 
 
-def times(case: str, variants: tuple[str, ...], size: int, reps: int) -> dict[str, float]:
+TIMER: Callable[[], float] = time.perf_counter  # --cpu-time: time.process_time
+
+
+def times(case: str, variants: tuple[str, ...], size: int, reps: int, batch: int) -> dict[str, float]:
     """Median step time of each variant, the variants interleaved round by round."""
-    steps = {v: _stepper(*build(case, v, size)) for v in variants}
-    samples = time_interleaved(steps, rounds=reps, warmup=1)
+    steps = {v: _stepper(*build(case, v, size, batch)) for v in variants}
+    samples = time_interleaved(steps, rounds=reps, warmup=1, timer=TIMER)
     return {v: statistics.median(t) for v, t in samples.items()}
 
 
-def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, reps: int,
-          base: str = "seed") -> None:
-    """Print one row per (case, variant); ``cases`` maps labels to build keys; ratios are
-    to the ``base`` variant."""
-    print(f"\n{title}\n{'case':<11} {'variant':<22} {'median s':>9} {'x ' + base:>7} {'peak MB':>8} "
-          f"{'x ' + base:>7}")
+def table(title: str, cases: dict[str, str], variants: tuple[str, ...], size: int, reps: int, batch: int,
+          references: tuple[str, ...] = ("seed", "timm-condconv")) -> None:
+    """Print one row per (case, variant); ``cases`` maps labels to build keys; time and
+    memory ratios are to each of the ``references`` variants."""
+    refs = "".join(f" {'x ' + r.split('-')[0]:>6}" for r in references)
+    print(f"\n{title}, batch {batch}\n{'case':<10} {'variant':<22} {'median s':>8}{refs} {'alloc MB':>8}{refs}"
+          f" {'RSS MB':>7}{refs}")
     for label, key in cases.items():
-        median = times(key, variants, size, reps)
-        peak = {v: memory(key, v, size) for v in variants}
+        median = times(key, variants, size, reps, batch)
+        alloc, rss = {}, {}
+        for v in variants:
+            alloc[v], rss[v] = memory(key, v, size, batch)
         for v in variants:
             name = v
             if v == "ours" and key in LAYERS:
-                model, x, _ = build(key, v, size)
+                model, x, _ = build(key, v, size, batch)
                 name += " (stacked)" if model.uses_stacked(x) else " (per-sample)"
-            print(f"{label:<11} {name:<22} {median[v]:>9.3f} {median[v] / median[base]:>7.2f} "
-                  f"{peak[v]:>8.0f} {peak[v] / max(peak[base], 1e-9):>7.2f}", flush=True)
+            t = "".join(f" {median[v] / median[r]:>6.2f}" for r in references)
+            a = "".join(f" {alloc[v] / max(alloc[r], 1e-9):>6.2f}" for r in references)
+            m = "".join(f" {rss[v] / max(rss[r], 1e-9):>6.2f}" for r in references)
+            print(f"{label:<10} {name:<22} {median[v]:>8.3f}{t} {alloc[v]:>8.0f}{a} {rss[v]:>7.0f}{m}", flush=True)
+
+
+def _layer_cases(args: argparse.Namespace) -> dict[str, str]:
+    return {case: case for case in LAYERS if args.only is None or case in args.only}
 
 
 def odconv_section(args: argparse.Namespace) -> None:
     """ODConv against dynamic convolution: per layer, and the two ResNet-18s (CPU)."""
-    table("ODConv: one 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
-          {case: case for case in LAYERS}, ODCONV_LAYER_VARIANTS, args.size, args.reps, base="ours")
+    for batch in [] if args.skip_layers else args.batch:
+        table("ODConv: one 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
+              _layer_cases(args), ODCONV_LAYER_VARIANTS, args.size, args.reps, batch, ("ours",))
     if not args.skip_model:
         table(f"ODConv-ResNet-18 (4x) vs DY-ResNet-18 training step, input {args.size}",
-              {f"R18@{args.size}": "model"}, ODCONV_MODEL_VARIANTS, args.size, args.model_reps, base="ours")
+              {f"R18@{args.size}": "model"}, ODCONV_MODEL_VARIANTS, args.size, args.model_reps, args.model_batch,
+              ("ours",))
 
 
 # --- CUDA section ------------------------------------------------------------------------
@@ -292,7 +353,7 @@ def _protocol_step(case: str, variant: str, size: int, batch: int, train: bool, 
     inference_mode or a training step (forward, loss, backward); compiled with ``backend``."""
     model, x, target = build(case, variant, size, batch)
     model = _to_channels_last(model.to(device)).train(train)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    x = x.detach().to(device).contiguous(memory_format=torch.channels_last)  # the protocol: no input gradient
     target = None if target is None else target.to(device)
     run = torch.compile(model, backend=backend) if backend else model
 
@@ -348,7 +409,8 @@ def protocol_table(title: str, case: str, variants: tuple[str, ...], references:
 
 def gpu_protocol(args: argparse.Namespace) -> None:
     """Layers at batch 32 and 256, inference and training step; DY-ResNet-18 over resnet18,
-    inference at batch 256 and training step at batch 128, eager and compiled. Off CUDA a
+    inference at batch 256 and training step at batch 128, eager and compiled, and ODConv-ResNet-18
+    over DY-ResNet-18 there, eager. Off CUDA a
     smoke test at tiny sizes (the Triton rows fall back to the automatic form there)."""
     device = torch.device(args.device)
     smoke = device.type != "cuda"
@@ -375,6 +437,8 @@ def gpu_protocol(args: argparse.Namespace) -> None:
             protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
                            f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
                            ("resnet18-static",), size, batch, args.model_reps, train, device, args.compile_backend)
+        protocol_table(f"ODConv-ResNet-18 (4x) vs DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
+                       ODCONV_MODEL_VARIANTS, ("ours",), size, batch, args.model_reps, train, device)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 
@@ -383,7 +447,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="DY-ResNet-18 input size")
     parser.add_argument("--reps", type=int, default=7, help="timed steps per variant, layer cases")
     parser.add_argument("--model-reps", type=int, default=3, help="timed steps per variant, DY-ResNet-18")
+    parser.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[BATCH],
+                        help="CPU layer tables: comma-separated batch sizes (e.g. 32,256)")
+    parser.add_argument("--model-batch", type=int, default=BATCH, help="CPU whole-model tables: batch size")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        help="CPU layer tables: comma-separated cases (e.g. 64@56,512@7)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU tables: time the process's CPU seconds instead of wall-clock seconds (on a "
+                             "loaded machine, with OMP_NUM_THREADS=1, what the step costs rather than how "
+                             "long it waited for a core)")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-layers", action="store_true", help="CPU: only the whole-model tables")
+    parser.add_argument("--no-input-grad", action="store_true",
+                        help="CPU layer tables: the input does not ask for its gradient (a network's first layer)")
     parser.add_argument("--odconv-only", action="store_true", help="only the ODConv rows (CPU)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--gpu-protocol", action="store_true",
@@ -392,25 +468,30 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of --gpu-protocol ('none' skips the compiled rows)")
     args = parser.parse_args()
+    global INPUT_GRAD, TIMER
+    INPUT_GRAD = not args.no_input_grad
     if args.child:
-        print(child_memory(*args.child, args.size))
+        print(*child_memory(*args.child, args.size, args.batch[0]))
         return
     if args.gpu_protocol:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             sys.exit("--gpu-protocol: no CUDA device here (--device cpu runs the smoke test)")
         gpu_protocol(args)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32, CPU; "
+    TIMER = time.process_time if args.cpu_time else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU, "
+          f"{'CPU' if args.cpu_time else 'wall-clock'} seconds; "
           f"load average {os.getloadavg()[0]:.1f}")
     if args.odconv_only:
         odconv_section(args)
         print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
         return
-    table("One 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
-          {case: case for case in LAYERS}, LAYER_VARIANTS, args.size, args.reps)
+    for batch in [] if args.skip_layers else args.batch:
+        table("One 3x3 conv, forward + backward (C_in = C_out, stride 1, K = 4)",
+              _layer_cases(args), LAYER_VARIANTS, args.size, args.reps, batch)
     if not args.skip_model:
         table(f"DY-ResNet-18 training step (forward + cross-entropy + backward), input {args.size}",
-              {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps)
+              {f"DY-R18@{args.size}": "model"}, MODEL_VARIANTS, args.size, args.model_reps, args.model_batch)
     odconv_section(args)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
