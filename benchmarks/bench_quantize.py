@@ -3,9 +3,9 @@
 Trains small torchvision models (ResNet-18 at 32x32, MobileNetV2 at 64x64; 10 classes) on
 scikit-learn's digits (1,797 8x8 images, upsampled, 3 channels): the base model from scratch
 (AdamW, one-cycle learning rate, batch 32), then each attention kind inserted into the
-trained base with ``init="preserve"`` and fine-tuned for one epoch (the way surgery is meant
-to be used). Each model is exported to ONNX (dynamic H/W) and quantized to INT8 with
-onnxruntime (QDQ, per-channel weights, uint8 activations, MinMax on 200 training images)
+trained base (``--init``, default ``paper``: see :data:`INIT`) and fine-tuned for one epoch.
+Each model is exported to ONNX (dynamic H/W) and quantized to INT8 with onnxruntime
+(QDQ, per-channel weights, uint8 activations, MinMax on 200 training images)
 under each float-keeping policy of :mod:`attnsurgeon.quantize`. Reported: float and INT8
 accuracy on the 360 test images, INT8 top-1 agreement with the float PyTorch model on those
 images and on deterministic variants of them (shifted by one source pixel diagonally both
@@ -51,17 +51,21 @@ DEPLOY_SIZE = 224
 CALIBRATION = 200
 MEASURED_POLICIES = ("none", "gate+apply", "branch", "branch+apply")
 HARD = {"gate": "hard_sigmoid"}
+# the inserted modules' init: "paper" gives gates that vary with the input after the one-epoch
+# fine-tune; "preserve" starts sigmoid gates at sigmoid(16), where they barely move in an epoch
+# (a gate that is ~1 everywhere quantizes without loss whatever the policy, and says nothing)
+INIT = "paper"
 # (model, kind or None, position, params): the rows, most wanted first (a run cut short keeps them)
 ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
     ("mobilenet_v2", None, None, {}),
-    *[("mobilenet_v2", k, "mid", {}) for k in ("se", "eca", "coord", "cbam", "gc")],
     ("resnet18", None, None, {}),
     *[("resnet18", k, None, {}) for k in ("se", "eca", "coord", "cbam", "gc")],
     *[("mobilenet_v2", k, "mid", {}) for k in ("ema", "simam", "triplet", "ela")],
     ("mobilenet_v2", "nl", None, {}),
     ("mobilenet_v2", "odconv", None, {}),
-    *[("mobilenet_v2", k, "mid", HARD) for k in ("se", "eca", "coord")],
     *[("resnet18", k, None, HARD) for k in ("se", "eca", "coord")],
+    *[("mobilenet_v2", k, "mid", {}) for k in ("se", "eca", "coord", "cbam", "gc")],
+    *[("mobilenet_v2", k, "mid", HARD) for k in ("se", "eca", "coord")],
     *[("mobilenet_v2", k, None, {}) for k in ("sk", "dynconv", "afp")],
     *[("resnet18", k, None, {}) for k in ("sk", "dynconv", "afp")],
     *[("resnet18", k, None, {}) for k in ("ema", "simam", "nl", "triplet", "ela", "odconv")],
@@ -114,7 +118,7 @@ _BASES: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 def build(model: str, kind: str | None, position: str | None, params: dict[str, Any], *,
           data: tuple[np.ndarray, ...], cache: Path) -> tuple[nn.Module, float]:
     """The trained base (from scratch; kept in ``cache`` for the rows of one run), or the
-    kind inserted into it (preserve) and fine-tuned."""
+    kind inserted into it (:data:`INIT`) and fine-tuned."""
     if model not in _BASES:
         saved = cache / f"{model}_digits_{SIZES[model]}px_{BASE_EPOCHS[model]}ep_b{BATCH}.pt"
         if saved.exists():
@@ -130,7 +134,7 @@ def build(model: str, kind: str | None, position: str | None, params: dict[str, 
     m = torchvision.models.get_model(model, num_classes=10)
     m.load_state_dict(state)
     if kind:
-        attnsurgeon.apply(m, kind, position=position, params=params or None, init="preserve", seed=0)
+        attnsurgeon.apply(m, kind, position=position, params=params or None, init=INIT, seed=0)
         seconds = train(m, data[0], data[1], epochs=1, lr=TUNE_LR)
     return m.eval(), seconds
 
@@ -188,7 +192,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
     row: dict[str, Any] = {"row": row_name(*spec), "model": model, "kind": kind, "position": position,
                            "params": params, "input_size": size, "train_seconds": round(seconds, 1),
                            "epochs": 1 if kind else BASE_EPOCHS[model], "batch": BATCH,
-                           "from": "trained base, preserve" if kind else "scratch",
+                           "from": f"trained base, init {INIT}" if kind else "scratch",
                            "float_acc": float((want[:len(y_test)].argmax(1) == y_test).mean()), "policies": {}}
     calib = x_train[:CALIBRATION]
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,17 +282,20 @@ def tables(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    global INIT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench_quantize.json"))
     ap.add_argument("--table", type=Path, help="print the README tables from this results file and exit")
     ap.add_argument("--models", default="", help="comma list of models (default: all)")
     ap.add_argument("--kinds", default="", help="comma list of kinds, 'base' for the base rows (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (latency: 2)")
+    ap.add_argument("--init", default=INIT, choices=("paper", "preserve"), help="init of the inserted modules")
     args = ap.parse_args()
     if args.table:
         print(tables(json.loads(args.table.read_text())))
         return
     torch.set_num_threads(args.threads)
+    INIT = args.init
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     names = {r["row"] for r in done}
     models, kinds = set(filter(None, args.models.split(","))), set(filter(None, args.kinds.split(",")))
