@@ -86,7 +86,7 @@ def base(digits: dict[str, object]) -> nn.Module:
 
 def _with_kind(base: nn.Module, digits: dict[str, object], kind: str, **params: object) -> tuple[nn.Module, Recipe]:
     model = copy.deepcopy(base)
-    position = "mid" if attnsurgeon.kinds.get_kind(kind).mode == "insert" and kind != "afp" else None
+    position = "mid" if attnsurgeon.kinds.get_kind(kind).mode == "insert" and kind not in ("afp", "nl") else None
     attnsurgeon.apply(model, kind, position=position, params=params or None, init="preserve", seed=0)
     _train(model, digits["x"], digits["y"], steps=20, lr=1e-3)
     from attnsurgeon.recipe import rule_from_options
@@ -311,6 +311,7 @@ def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint:
     pytest.param("eca", marks=pytest.mark.heavy), pytest.param("coord", marks=pytest.mark.heavy),
     pytest.param("gc", marks=pytest.mark.heavy), pytest.param("sk", marks=pytest.mark.heavy),
     pytest.param("dynconv", marks=pytest.mark.heavy), pytest.param("afp", marks=pytest.mark.heavy),
+    *[pytest.param(k, marks=pytest.mark.heavy) for k in ("ema", "simam", "nl", "triplet", "ela", "odconv")],
 ])
 def test_int8_agreement_of_each_trained_kind(kind: str, base: nn.Module, digits: dict[str, object],
                                              tmp_path: Path) -> None:
