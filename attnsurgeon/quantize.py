@@ -23,6 +23,11 @@ three roles:
 * ``apply``: the Mul (or MatMul, for GC's attention pooling) that applies the weights to
   the feature map, wherever the exporter put it.
 
+A Mul, Add, Sub or Div with a constant operand (a norm's affine, a blend ``1 + alpha (s - 1)``)
+is an ordinary op of the branch, not an apply; a Sigmoid that feeds a Mul with its own input
+is a SiLU activation, not a gate; a MatMul of two activations that makes a gate's input
+(non-local's query-key product) belongs to the branch, and the walk back stops there.
+
 A *policy* names the roles kept in float (:data:`POLICIES`); :data:`DEFAULT_POLICY` holds
 each kind's default, chosen by measurement on trained models (``benchmarks/bench_quantize.py``,
 README), and ``quantize_all`` quantizes everything.
@@ -65,17 +70,24 @@ POLICIES: dict[str, tuple[str, ...]] = {
     "branch+apply": ("branch", "apply"),
 }
 # Each kind's default, as measured on trained models (benchmarks/bench_quantize.py, its rule:
-# highest agreement over the kind's rows, then cosine, then fewer float nodes; README,
-# "Quantized export"). "none" where keeping nodes in float measured no better.
+# the most images agreeing with the float model summed over the kind's rows, preferring the
+# policy with fewer float nodes while it is within 0.25% of the images of the best; README,
+# "Measured on trained models"). "none" where keeping nodes in float measured no better.
 DEFAULT_POLICY: dict[str, str] = {
-    "se": "branch",
+    "se": "gate+apply",
     "eca": "none",
-    "coord": "branch+apply",
+    "coord": "branch",
     "cbam": "none",
     "gc": "none",
-    "sk": "gate+apply",
-    "dynconv": "none",
+    "sk": "branch+apply",
+    "dynconv": "gate+apply",
     "afp": "none",
+    "ema": "gate+apply",
+    "simam": "none",
+    "triplet": "gate+apply",
+    "nl": "none",
+    "ela": "branch+apply",
+    "odconv": "none",
 }
 DEFAULT_MIN_AGREEMENT = 0.9
 LATENCY_THREADS = 2
@@ -88,6 +100,7 @@ _POOL_OPS = {"ReduceMean", "ReduceMax", "ReduceSum", "GlobalAveragePool", "Globa
 _SHAPE_OPS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Slice", "Split",
               "Identity", "Cast"}
 _APPLY_OPS = {"Mul", "MatMul"}
+_AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 
 def check_quantize_args(*, precision: str, calibration: Path | None, quantize_all: bool,
@@ -151,6 +164,21 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
     for n in nodes:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
+    constants = {t.name for t in proto.graph.initializer} | {t for n in nodes if n.op_type == "Constant"
+                                                              for t in n.output}
+
+    def by_constant(n: onnx.NodeProto) -> bool:
+        """An elementwise op on one activation and constants (an affine, a blend): not an apply."""
+        return n.op_type in _AFFINE_OPS and sum(t not in constants for t in n.input) == 1
+
+    def silu(n: onnx.NodeProto) -> bool:
+        """A Sigmoid whose output multiplies its own input: the x * sigmoid(x) activation."""
+        return n.op_type == "Sigmoid" and any(c.op_type == "Mul" and n.input[0] in c.input
+                                              for c in consumers.get(n.output[0], []))
+
+    def silu_product(n: onnx.NodeProto) -> bool:
+        """The Mul of x * sigmoid(x)."""
+        return n.op_type == "Mul" and any(t in producer and silu(producer[t]) for t in n.input)
     owner: dict[str, str] = {}
     for n in nodes:
         for scope in reversed(_scopes(n)):
@@ -166,7 +194,7 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
 
     for path in kinds:
         region = [n for n in nodes if owner.get(n.name) == path]
-        gates = [n for n in region if n.op_type in _GATE_OPS]
+        gates = [n for n in region if n.op_type in _GATE_OPS and not silu(n)]
         for g in gates:
             add(g, path, "gate")
         # apply: from each gate's output through shape ops to the multiply (in the module or in
@@ -179,7 +207,7 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
                 if c.name in seen:
                     continue
                 seen.add(c.name)
-                if c.op_type in _SHAPE_OPS:
+                if c.op_type in _SHAPE_OPS or by_constant(c):
                     add(c, path, "branch")
                     stack.extend(c.output)
                 elif c.op_type in _APPLY_OPS:
@@ -197,7 +225,9 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
             inside = owner.get(p.name) == path
             if p.op_type in _POOL_OPS and (inside or owner.get(p.name) is None):
                 add(p, path, "branch")  # the squeeze: stop here
-            elif inside and p.op_type not in _APPLY_OPS:
+            elif inside and p.op_type == "MatMul" and not by_constant(p):
+                add(p, path, "branch")  # a product of two activations making a gate's logits: stop here
+            elif inside and (p.op_type not in _APPLY_OPS or by_constant(p) or silu_product(p)):
                 add(p, path, "branch")
                 stack.extend(p.input)
             elif owner.get(p.name) is None and p.op_type in _SHAPE_OPS:

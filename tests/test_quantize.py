@@ -86,7 +86,7 @@ def base(digits: dict[str, object]) -> nn.Module:
 
 def _with_kind(base: nn.Module, digits: dict[str, object], kind: str, **params: object) -> tuple[nn.Module, Recipe]:
     model = copy.deepcopy(base)
-    position = "mid" if attnsurgeon.kinds.get_kind(kind).mode == "insert" and kind != "afp" else None
+    position = "mid" if attnsurgeon.kinds.get_kind(kind).mode == "insert" and kind not in ("afp", "nl") else None
     attnsurgeon.apply(model, kind, position=position, params=params or None, init="preserve", seed=0)
     _train(model, digits["x"], digits["y"], steps=20, lr=1e-3)
     from attnsurgeon.recipe import rule_from_options
@@ -206,6 +206,34 @@ def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> 
     assert quantize.nodes_to_keep_float(found, quantize_all=True) == []
 
 
+@pytest.mark.parametrize(("kind", "want"), [
+    # SimAM with preserve's blend 1 + alpha (s - 1): the blend's Sub/Mul/Add are branch, the Mul by x applies
+    ("simam", {("gate", "Sigmoid"): 1, ("apply", "Mul"): 1}),
+    # ELA: its SiLU's Sigmoid is no gate; the walk back crosses the SiLU and GroupNorm's affine to the pooling
+    ("ela", {("gate", "Sigmoid"): 2, ("apply", "Mul"): 2, ("branch", "ReduceMean"): 2, ("branch", "Conv"): 2,
+             ("branch", "InstanceNormalization"): 2, ("branch", "Sigmoid"): 2}),
+    # non-local: the query-key MatMul (the softmax's logits) is branch, the MatMul by the values applies
+    ("nl", {("gate", "Softmax"): 1, ("branch", "MatMul"): 1, ("apply", "MatMul"): 1}),
+])
+def test_attention_nodes_see_through_constant_ops_silu_and_logits(tmp_path: Path, kind: str,
+                                                                   want: dict[tuple[str, str], int]) -> None:
+    import collections
+
+    import onnx
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    attnsurgeon.apply(model, kind, layers="layer4.1", init="preserve", seed=0)
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=False)
+    found = collections.Counter((a["role"], a["op"]) for a in
+                                quantize.attention_nodes(onnx.load(str(tmp_path / "m.onnx")), model))
+    assert {k: found[k] for k in want} == want
+    assert found[("apply", "Mul")] + found[("apply", "MatMul")] == want.get(("apply", "Mul"), 0) + want.get(
+        ("apply", "MatMul"), 0)  # no Mul by a constant, and no SiLU product, taken for an apply
+
+
 # ---------------------------------------------------------------- trained models through the CLI
 
 
@@ -283,6 +311,7 @@ def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint:
     pytest.param("eca", marks=pytest.mark.heavy), pytest.param("coord", marks=pytest.mark.heavy),
     pytest.param("gc", marks=pytest.mark.heavy), pytest.param("sk", marks=pytest.mark.heavy),
     pytest.param("dynconv", marks=pytest.mark.heavy), pytest.param("afp", marks=pytest.mark.heavy),
+    *[pytest.param(k, marks=pytest.mark.heavy) for k in ("ema", "simam", "nl", "triplet", "ela", "odconv")],
 ])
 def test_int8_agreement_of_each_trained_kind(kind: str, base: nn.Module, digits: dict[str, object],
                                              tmp_path: Path) -> None:
