@@ -275,6 +275,19 @@ def test_onnx_dynamic_batch():
             torch.testing.assert_close(torch.from_numpy(got), od(x), rtol=1e-5, atol=1e-5)
 
 
+def test_onnx_dynamic_hw_traced_on_a_1x1_map(tmp_path):
+    """Traced where the ODConv's map is 1x1 and run on 2x2 and larger: gates broadcast onto
+    the map at the trace kept its 1x1 shape in the exported graph (onnxruntime refused it)."""
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.AvgPool2d(32, ceil_mode=True),
+                        ODConv2d(16, 16, 3, padding=1, bias=True, reduction=4, min_dim=4)).eval()
+    data = export_onnx(net, tmp_path / "od.onnx", input_size=32, dynamic_hw=True)
+    runs = data["verification"]["runs"]
+    assert data["verification"]["passed"] and any(r["shape"][2] > 32 for r in runs)
+
+
 @pytest.mark.heavy
 def test_cli_export_onnx_verifies(cli, tmp_path):
     out = tmp_path / "od.onnx"

@@ -268,6 +268,10 @@ class ODConv2d(nn.Module):
         feature maps: where a kernel has fewer elements than the input and output maps."""
         if isinstance(x, torch.fx.Proxy):
             return False
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            # an exported graph must not depend on the traced map size: gates broadcast onto
+            # a map that was 1x1 at the trace would keep that shape (a dynamic H, W breaks)
+            return True
         h_out, w_out = self._out_size(x)
         kernel = self.out_channels * self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         return kernel < self.in_channels * x.shape[2] * x.shape[3] + self.out_channels * h_out * w_out
