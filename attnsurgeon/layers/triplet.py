@@ -66,13 +66,16 @@ class TripletAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the mean of the three gated maps is x times the mean of the three gates: each gate
         # pools x in place and is broadcast back, so no rotated copy of x is written
+        # (each gate multiplies x on its own: adding the (N, C, 1, W) and (N, C, H, 1) gates
+        # first would fix a 1x1 map's shape into an exported graph)
         s_h = self.gate_h.zpool_scale(x.amax(2).unsqueeze(1), x.mean(2).unsqueeze(1))  # (N, 1, C, W)
         by_w = x.transpose(2, 3)  # the (H, C) view pools over W; its maps are (N, 1, H, C)
         s_w = self.gate_w.zpool_scale(by_w.amax(2).unsqueeze(1).transpose(2, 3),
                                       by_w.mean(2).unsqueeze(1).transpose(2, 3))
         s_c = self.gate_c._scale(x)  # (N, 1, H, W)
-        gate = s_h.transpose(1, 2).contiguous() + s_w.permute(0, 3, 2, 1).contiguous()  # (N, C, H, W)
-        return x * gate.add_(s_c).div_(3)
+        out = x * (s_h.transpose(1, 2) / 3)  # (N, C, 1, W)
+        out = out.addcmul_(x, s_w.permute(0, 3, 2, 1) / 3)  # (N, C, H, 1)
+        return out.addcmul_(x, s_c / 3)
 
     def reset_parameters(self) -> None:
         self.gate_h.reset_parameters(gamma=1.0)
