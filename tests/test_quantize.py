@@ -306,24 +306,31 @@ def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint:
 # ---------------------------------------------------------------- every kind, trained, quantized
 
 
-@pytest.mark.parametrize("kind", [  # coord runs through the CLI above, untagged
-    pytest.param("se", marks=pytest.mark.heavy), pytest.param("cbam", marks=pytest.mark.heavy),
-    pytest.param("eca", marks=pytest.mark.heavy), pytest.param("coord", marks=pytest.mark.heavy),
-    pytest.param("gc", marks=pytest.mark.heavy), pytest.param("sk", marks=pytest.mark.heavy),
-    pytest.param("dynconv", marks=pytest.mark.heavy), pytest.param("afp", marks=pytest.mark.heavy),
-    *[pytest.param(k, marks=pytest.mark.heavy) for k in ("ema", "simam", "nl", "triplet", "ela", "odconv")],
-])
-def test_int8_agreement_of_each_trained_kind(kind: str, base: nn.Module, digits: dict[str, object],
-                                             tmp_path: Path) -> None:
-    model, _ = _with_kind(base, digits, kind)
+EVERY_KIND = ("se", "cbam", "eca", "coord", "gc", "sk", "dynconv", "afp", "ema", "simam", "nl", "triplet",
+              "ela", "odconv")
+
+
+@pytest.mark.heavy  # trains and exports one model: ~30-60 s
+def test_int8_agreement_of_a_trained_model_with_every_kind(base: nn.Module, digits: dict[str, object],
+                                                           tmp_path: Path) -> None:
+    """Every kind in one trained MobileNetV2, one block each (features.2 to features.15), so
+    one training and one export check them all: agreement, and the nodes each kind's default
+    policy keeps in float."""
+    model = copy.deepcopy(base)
+    for i, kind in enumerate(EVERY_KIND):
+        insert = attnsurgeon.kinds.get_kind(kind).mode == "insert"
+        position = "mid" if insert and kind not in ("afp", "nl") else None
+        attnsurgeon.apply(model, kind, position=position, layers=f"features.{i + 2}", init="preserve", seed=0)
+    _train(model, digits["x"], digits["y"], steps=20, lr=1e-3)
     images = load_images(find_images(digits["calib"], count=100), digits["prep"], show_progress=False)
     summary = quantize.export_quantized(model, tmp_path / "m.onnx", precision="int8", input_size=SIZE, opset=20,
                                         images=images, show_progress=False)
     q = summary["quantized"]
     assert q["passed"] and q["agreement"]["top1_agreement"] >= 0.9
     kept = {a["kind"] for a in q["float_nodes"]}
-    assert kept == ({kind} if quantize.DEFAULT_POLICY[kind] != "none" else set())
-    assert q["attention_nodes"] > 0
+    assert kept == {k for k in EVERY_KIND if quantize.DEFAULT_POLICY[k] != "none"}
+    assert set(quantize.DEFAULT_POLICY) == set(EVERY_KIND)
+    assert q["attention_nodes"] > len(EVERY_KIND)
 
 
 def test_hard_sigmoid_gate_preserve_is_exact_and_trainable() -> None:
