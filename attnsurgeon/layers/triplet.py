@@ -14,9 +14,9 @@ in ``MODELS/resnet.py``, i.e. ``standard``) has 25,561,832: the paper's 25.56M.
 Departures from the authors' code (github.com/landskape-ai/triplet-attention):
 
 * the rotations are ``transpose`` and the pools ``amax``/``mean`` over one axis (ONNX
-  keeps a dynamic batch, H and W), and the mean of the three gated maps is computed as x
-  times the mean of the three gates, broadcast from their views: the same function (up
-  to float rounding), without writing three rotated maps;
+  keeps a dynamic batch, H and W), and each gate is computed from pools of x in place and
+  broadcast back onto x: the same function (up to float rounding), without writing three
+  rotated maps;
 * ``--init paper`` is the authors' ResNet initialisation: convs Kaiming-normal (fan-out),
   BN gamma 1 in the two rotated branches and 0 in the spatial one (their init zeroes BN
   weights under a ``SpatialGate`` name), betas 0; BN momentum 0.01 as in their code;
@@ -64,14 +64,12 @@ class TripletAttention(nn.Module):
         self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        # the mean of the three gated maps is x times the mean of the three gates: each gate
-        # pools x in place and is broadcast back, so no rotated copy of x is written
-        # (each gate multiplies x on its own: adding the (N, C, 1, W) and (N, C, H, 1) gates
-        # first would fix a 1x1 map's shape into an exported graph)
+        # each gate pools x in place (no rotated copy of x is written) and multiplies x on its
+        # own: adding the (N, C, 1, W) and (N, C, H, 1) gates first would fix a 1x1 map's
+        # shape into an exported graph
         s_h = self.gate_h.zpool_scale(x.amax(2).unsqueeze(1), x.mean(2).unsqueeze(1))  # (N, 1, C, W)
-        by_w = x.transpose(2, 3)  # the (H, C) view pools over W; its maps are (N, 1, H, C)
-        s_w = self.gate_w.zpool_scale(by_w.amax(2).unsqueeze(1).transpose(2, 3),
-                                      by_w.mean(2).unsqueeze(1).transpose(2, 3))
+        s_w = self.gate_w.zpool_scale(x.amax(3).unsqueeze(1).transpose(2, 3),  # the (H, C) view: (N, 1, H, C)
+                                      x.mean(3).unsqueeze(1).transpose(2, 3))
         s_c = self.gate_c._scale(x)  # (N, 1, H, W)
         out = x * (s_h.transpose(1, 2) / 3)  # (N, C, 1, W)
         out = out.addcmul_(x, s_w.permute(0, 3, 2, 1) / 3)  # (N, C, H, 1)
