@@ -29,6 +29,21 @@ from .kinds import HEADS, INIT_MODES, KINDS, get_kind
 from .options import MAX_RECIPE_BYTES, check_regular_file, show_path
 from .select import check_spec_syntax
 
+MAX_NESTING = 100  # arrays and inline tables in a recipe; a real one nests two or three deep
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text`` (brackets in strings count too: an
+    overestimate, which only a recipe far beyond :data:`MAX_NESTING` could notice)."""
+    depth = peak = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            peak = max(peak, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return peak
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -231,6 +246,8 @@ def load_recipe(path: str | Path) -> Recipe:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{shown}: a recipe is UTF-8 text; byte {e.start} is not ({e.reason})") from None
+    if _nesting(text) > MAX_NESTING:  # before the parser: its recursion depends on the caller's limit
+        raise UsageError(f"{shown}: invalid TOML: nested too deeply")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -88,6 +88,14 @@ def test_recipe_nested_too_deeply_is_one_line_in_process(cli, tmp_path):
     deep = tmp_path / "deep.toml"
     deep.write_text("a = " + "[" * 600 + "\n")
     user_error(cli("insert", "--recipe", str(deep), "-o", str(tmp_path / "x.pt")), "invalid TOML: nested too deeply")
+    # whatever the recursion limit (libraries raise it; the parser then reached the end)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        user_error(cli("insert", "--recipe", str(deep), "-o", str(tmp_path / "x.pt")),
+                   "invalid TOML: nested too deeply")
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 # --- output: encoding, width, removal on failure -----------------------------------------
