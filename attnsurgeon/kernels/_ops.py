@@ -166,6 +166,16 @@ def _(g: Tensor, out: Tensor | None, x: Tensor | None, s: Tensor | None, sp: Ten
             g.new_empty(n, h * w, dtype=torch.float32) if sp is not None else _none(g))
 
 
+def _coord_tiles(n: int, c: int, h: int, w: int, device: torch.device) -> tuple[int, int, int, Tensor, Tensor]:
+    """Coordinate attention's launch: W and C tiles, W blocks, and its float32 partials
+    ``(N, W blocks, C, H)`` (summed over the blocks after) and ``(N, C, W)``."""
+    bw = min(_np2(w), BLOCK_MAX)
+    bc = min(_np2(c), max(1, TILE // bw))
+    nwb = triton.cdiv(w, bw)
+    return (bw, bc, nwb, torch.empty(n, nwb, c, h, device=device, dtype=torch.float32),
+            torch.empty(n, c, w, device=device, dtype=torch.float32))
+
+
 @torch.library.custom_op("attnsurgeon::coord_apply_bwd", mutates_args=())
 def coord_apply_bwd(g: Tensor, out: Tensor | None, x: Tensor, ah: Tensor, aw: Tensor,
                     write_pre: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -177,11 +187,7 @@ def coord_apply_bwd(g: Tensor, out: Tensor | None, x: Tensor, ah: Tensor, aw: Te
     gpre_, qs = _flat(gpre) if write_pre else (g, gs_)
     gx, ds_ = _flat(torch.empty_like(x))
     x, xs = _flat(x)
-    bw = min(_np2(w), BLOCK_MAX)
-    bc = min(_np2(c), max(1, TILE // bw))
-    nwb = triton.cdiv(w, bw)
-    pah = torch.empty(n, nwb, c, h, device=g.device, dtype=torch.float32)
-    gaw = torch.empty(n, c, w, device=g.device, dtype=torch.float32)
+    bw, bc, nwb, pah, gaw = _coord_tiles(n, c, h, w, g.device)
     K.coord_bwd[(n, triton.cdiv(c, bc), nwb)](
         g, out_, x, ah.contiguous(), aw.contiguous(), gpre_, gx, pah, gaw, c, h, w,
         *gs_, *os_, *xs, *qs, *ds_, RELU=out is not None, WRITE_PRE=write_pre, BLOCK_W=bw, BLOCK_C=bc)
@@ -359,11 +365,7 @@ def coord_pool(x: Tensor) -> tuple[Tensor, Tensor]:
 def _coord_pool(x: Tensor, pre: _Pre) -> tuple[Tensor, Tensor]:
     n, c, h, w = x.shape
     x, xs = _flat(x)
-    bw = min(_np2(w), BLOCK_MAX)
-    bc = min(_np2(c), max(1, TILE // bw))
-    nwb = triton.cdiv(w, bw)
-    pzh = torch.empty(n, nwb, c, h, device=x.device, dtype=torch.float32)
-    zw = torch.empty(n, c, w, device=x.device, dtype=torch.float32)
+    bw, bc, nwb, pzh, zw = _coord_tiles(n, c, h, w, x.device)
     pa, pb, code = _pre_args(x, pre)
     K.coord_pool[(n, triton.cdiv(c, bc), nwb)](x, pa, pb, pzh, zw, c, h, w, *xs, PRE=code, BLOCK_W=bw, BLOCK_C=bc)
     return (pzh.sum(1) / w).to(x.dtype), zw.to(x.dtype)
