@@ -276,8 +276,7 @@ def test_onnx_dynamic_batch():
 
 
 def test_onnx_dynamic_hw_traced_on_a_1x1_map(tmp_path):
-    """Traced where the ODConv's map is 1x1 and run on 2x2 and larger: gates broadcast onto
-    the map at the trace kept its 1x1 shape in the exported graph (onnxruntime refused it)."""
+    """Traced where the ODConv's map is 1x1 and run on 2x2 and larger."""
     from attnsurgeon.onnx_export import export_onnx
 
     torch.manual_seed(0)
@@ -286,6 +285,46 @@ def test_onnx_dynamic_hw_traced_on_a_1x1_map(tmp_path):
     data = export_onnx(net, tmp_path / "od.onnx", input_size=32, dynamic_hw=True)
     runs = data["verification"]["runs"]
     assert data["verification"]["passed"] and any(r["shape"][2] > 32 for r in runs)
+
+
+class _Block(nn.Module):
+    """ResNet's basic block with an ODConv for its first conv."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(ODConv2d(c, c, 3, padding=1, reduction=4, min_dim=4), nn.BatchNorm2d(c),
+                                  nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + x)
+
+
+def test_onnx_dynamic_hw_in_a_resnet_traced_on_a_1x1_map(tmp_path):
+    """A ResNet-like net whose ODConv map is 1x1 at the traced 32x32, exported with a dynamic
+    H and W and run at 2x2 and larger maps. The positions form reshaped a strided slice of the
+    input, whose contiguity check asks whether H' and W' are 1; torch.export kept the traced
+    answer as a guard (H, W <= 32), so every size after it became a constant 1 in the file
+    (onnxruntime: "Shape mismatch attempting to re-use buffer")."""
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    stem = [m for c in (3, 16, 16, 16, 16) for m in (nn.Conv2d(c, 16, 3, stride=2, padding=1, bias=False),
+                                                      nn.BatchNorm2d(16), nn.ReLU())]  # 32x32 -> 1x1
+    net = nn.Sequential(*stem, _Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():  # BN statistics away from identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    data = export_onnx(net.eval(), tmp_path / "od.onnx", input_size=32, dynamic_hw=True)
+    runs = data["verification"]["runs"]
+    assert data["verification"]["passed"] and any(r["shape"][2] > 32 for r in runs)
+    session = ort.InferenceSession(str(tmp_path / "od.onnx"), providers=["CPUExecutionProvider"])
+    for n, h, w in ((2, 64, 64), (1, 100, 70), (3, 224, 224)):  # 2x2, 4x3 and 7x7 maps at the ODConv
+        x = torch.randn(n, 3, h, w)
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), net(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.heavy

@@ -114,10 +114,7 @@ def test_dynamic_hw_traced_where_a_map_is_1x1(kind, tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     apply(model, kind, layers="layer4")
-    # odconv is traced at 64 (layer4 at 2x2): traced on 1x1 maps inside a ResNet its file
-    # still keeps that size (an open limitation, README "ONNX export")
-    size = 64 if kind == "odconv" else 32
-    data = export_onnx(model.eval(), tmp_path / "m.onnx", input_size=size, dynamic_hw=True, atol=ATOL)
+    data = export_onnx(model.eval(), tmp_path / "m.onnx", input_size=32, dynamic_hw=True, atol=ATOL)
     assert data["verification"]["passed"] and len({tuple(r["shape"]) for r in data["verification"]["runs"]}) > 1
 
 

@@ -269,8 +269,8 @@ class ODConv2d(nn.Module):
         if isinstance(x, torch.fx.Proxy):
             return False
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
-            # an exported graph must not depend on the traced map size: gates broadcast onto
-            # a map that was 1x1 at the trace would keep that shape (a dynamic H, W breaks)
+            # one form whatever the traced map size: the size rule below would be a guard on
+            # a dynamic H and W, and the graph would keep the form chosen for the traced size
             return True
         h_out, w_out = self._out_size(x)
         kernel = self.out_channels * self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
@@ -339,6 +339,11 @@ class ODConv2d(nn.Module):
         for i in range(kh):
             for j in range(kw):
                 xs = xp[:, :, i * dh: i * dh + sh * (h_out - 1) + 1: sh, j * dw: j * dw + sw * (w_out - 1) + 1: sw]
+                # a copy before the reshape (free in an ONNX graph): reshaping a strided slice
+                # asks whether it is contiguous, which tests H' == 1 and W' == 1; traced on a
+                # 1x1 map, torch.export keeps that answer as a guard (H, W at most the traced
+                # size) and every size after it becomes a constant 1 in the exported graph
+                xs = xs.clone(memory_format=torch.contiguous_format)
                 xs = xs.unflatten(1, (g, -1)).flatten(3)  # (N, g, C_in / g, H'W')
                 wp = w[..., i * kw + j]  # (N, g, C_out / g, C_in / g)
                 term = wp * xs if self.in_channels == self.groups else wp @ xs
