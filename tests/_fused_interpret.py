@@ -3,7 +3,7 @@
 Run as a script in its own process (``tests/test_fused_kernels.py`` does), because
 ``TRITON_INTERPRET=1`` must be set before Triton is imported::
 
-    python tests/_fused_interpret.py ops|ops-fp16|model|mid|opcheck [--cuda]
+    python tests/_fused_interpret.py ops|ops-fp16|model|mid|opcheck|compile [--cuda]
 
 ``--cuda`` runs the same checks on a CUDA device, compiled, without the interpreter.
 
@@ -399,12 +399,59 @@ def check_mid_models() -> None:
     print("ok mid: none fused in training mode or with autograd", flush=True)
 
 
+def check_compile() -> None:
+    """``ATTNSURGEON_FUSED=compile``: the custom ops inside ``torch.compile``'d models, traced
+    through their fake and autograd registrations. The every-gate ResNet-18, forward and
+    backward (as :func:`check_model`), and mid models in inference (the norm and activation
+    fused in; on the CPU ResNet-18 and MobileNetV3, which carry all four such gates, on a GPU
+    every family). On the CPU the backend is ``aot_eager`` (Dynamo and AOTAutograd without
+    Inductor's C++ code); on a GPU, Inductor."""
+    backend = "inductor" if CUDA else "aot_eager"
+    torch._dynamo.reset()
+    fmt = torch.channels_last
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
+    results = []
+    for mode in ("compile", False):
+        model = _model(fmt).eval().to(DEVICE)
+        xi = x.to(DEVICE).requires_grad_()
+        before = sum(LAUNCHES.values())
+        with kernels.use_fused(mode):
+            out = torch.compile(model, backend=backend)(xi)
+            out.square().sum().backward()
+        results.append((out, xi.grad, sum(LAUNCHES.values()) - before))
+    (out, gx, runs), (ref, ref_gx, plain_runs) = results
+    if plain_runs or runs != 4 * 2 + 2 * 4 + 2 * 6 + 2 * 4:
+        raise AssertionError(f"compiled model: {runs} fused and {plain_runs} plain launches")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
+    print(f"ok compiled model ({runs} launches, {backend})", flush=True)
+    for name, model in _mid_models().items():
+        if not CUDA and name not in ("resnet18", "mobilenet_v3_small"):
+            continue
+        torch._dynamo.reset()
+        model = model.to(DEVICE)
+        mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
+        passes = sum(_PASSES.get(kind, 0) for kind in mids)
+        x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        before = _pre_launches()
+        with torch.no_grad(), kernels.use_fused("compile"):
+            got = torch.compile(model, backend=backend)(x)
+        launched = _pre_launches() - before
+        with torch.no_grad(), kernels.use_fused(False):
+            ref = model(x)
+        if launched != passes:
+            raise AssertionError(f"compiled mid {name}: {launched} launches with the norm, {passes} expected")
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        print(f"ok compiled mid {name} ({launched} launches with the norm)", flush=True)
+
+
 GROUPS = {
     "ops": lambda: (check_ops(torch.float32), check_ops(torch.bfloat16)),
     "ops-fp16": lambda: check_ops(torch.float16),
     "model": check_model,
     "mid": lambda: (check_mid_ops(torch.float32), check_mid_ops(torch.bfloat16), check_mid_models()),
     "opcheck": check_opcheck,
+    "compile": check_compile,
 }
 
 if __name__ == "__main__":

@@ -39,20 +39,22 @@ def _run_script(group: str, *extra: str, env: dict[str, str] | None = None) -> s
     return result.stdout
 
 
-@pytest.mark.parametrize("group", ["ops", "model", "mid", pytest.param("opcheck", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("group", ["ops", "model", "mid", pytest.param("opcheck", marks=pytest.mark.heavy),
+                                   pytest.param("compile", marks=pytest.mark.heavy)])
 def test_kernels_in_the_interpreter_match_the_plain_form(group):
     """Every kernel, forward and backward, through the models' dispatch, against the plain
     form: both layouts, odd sizes, batch 1, fp32 and bf16 (ops); a ResNet-18 carrying SE,
     ECA, CBAM, coordinate attention and GC at standard, mid, post and pre (model); the
     gates at ``mid`` with the block's eval-mode norm and activation fused in, inference
     only, alone and in a model of each family (mid); the custom ops' schema, fake and
-    autograd registrations, as torch.compile uses them (opcheck)."""
+    autograd registrations, as torch.compile uses them (opcheck), and the ops inside
+    compiled models, training and at ``mid`` (compile)."""
     out = _run_script(group)
     assert out.startswith("ok ") and "\nlaunches: {" in out  # the checks ran and the kernels launched
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("group", ["ops", "ops-fp16", "model", "mid", "opcheck"])
+@pytest.mark.parametrize("group", ["ops", "ops-fp16", "model", "mid", "opcheck", "compile"])
 def test_kernels_on_cuda_match_the_plain_form(group):
     """The same checks, compiled for the GPU (and float16)."""
     _run_script(group, "--cuda")
