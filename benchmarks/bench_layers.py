@@ -553,7 +553,8 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: int, warmup: int,
-              target_ms: float, seed: int = 0, device: torch.device = torch.device("cpu")) -> Timing:
+              target_ms: float, seed: int = 0, device: torch.device | None = None) -> Timing:
+    device = device or torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device, memory_format=_memory_format(device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -578,7 +579,7 @@ def time_case(modules: dict[str, nn.Module], shape: Shape, mode: str, *, reps: i
     samples = time_interleaved(steps, rounds=reps, calls=calls, sync=sync)
     median_ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
     ours = samples["ours"]
-    ratios = {name: _quartiles([a / b for a, b in zip(ours, s)])
+    ratios = {name: _quartiles([a / b for a, b in zip(ours, s, strict=True)])
               for name, s in samples.items() if name != "ours"}
     return Timing(median_ms, ratios, calls)
 
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         impl_names = [n for n in ("ours", "timm", "seed") if n in modules or n in notes]
         for name in impl_names:
             if name not in modules:
-                rows.append(f"| {case.module} | {_fmt_shape(case.shape)} | {name} | - | - | - | - | - | {notes[name]} |")
+                rows.append(f"| {case.module} | {_fmt_shape(case.shape)} | {name} | - | - | - | - | - "
+                            f"| {notes[name]} |")
                 continue
             rows.append(
                 f"| {case.module} | {_fmt_shape(case.shape)} | {name} | {params[name]:,} "
