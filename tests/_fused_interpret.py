@@ -340,10 +340,11 @@ def check_mid_ops(dtype: torch.dtype) -> None:
                 print(f"ok {name}", flush=True)
 
 
-def _mid_models() -> dict[str, torch.nn.Module]:
+def _mid_models(names: tuple[str, ...] | None = None) -> dict[str, torch.nn.Module]:
     """A model of each family whose ``mid`` follows a BatchNorm and an activation: ResNet
     (BasicBlock, Bottleneck: ReLU), MobileNetV2 (ReLU6), MobileNetV3 (ReLU, Hardswish),
-    EfficientNet (SiLU), RegNet (ReLU); SE, ECA, coordinate attention and CBAM at ``mid``."""
+    EfficientNet (SiLU), RegNet (ReLU); SE, ECA, coordinate attention and CBAM at ``mid``.
+    Only those in ``names``, where given."""
     def build(name: str, rules: list[tuple[str, str]]) -> torch.nn.Module:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10)
@@ -356,14 +357,15 @@ def _mid_models() -> dict[str, torch.nn.Module]:
                 m.load_state_dict(_eval_norm(m.num_features, gen).state_dict())
         return model.eval()
 
-    return {
-        "resnet18": build("resnet18", [("se", "layer1.0"), ("coord", "layer2.0"), ("eca", "layer3.1")]),
-        "resnet50": build("resnet50", [("se", "layer1.0"), ("coord", "layer2.0")]),
-        "mobilenet_v2": build("mobilenet_v2", [("coord", "features.2"), ("se", "features.5")]),
-        "mobilenet_v3_small": build("mobilenet_v3_small", [("eca", "features.1"), ("cbam", "features.4")]),
-        "efficientnet_b0": build("efficientnet_b0", [("se", "features.2.0")]),
-        "regnet_y_400mf": build("regnet_y_400mf", [("eca", "trunk_output.block1.block1-0")]),
+    rules = {
+        "resnet18": [("se", "layer1.0"), ("coord", "layer2.0"), ("eca", "layer3.1")],
+        "resnet50": [("se", "layer1.0"), ("coord", "layer2.0")],
+        "mobilenet_v2": [("coord", "features.2"), ("se", "features.5")],
+        "mobilenet_v3_small": [("eca", "features.1"), ("cbam", "features.4")],
+        "efficientnet_b0": [("se", "features.2.0")],
+        "regnet_y_400mf": [("eca", "trunk_output.block1.block1-0")],
     }
+    return {name: build(name, r) for name, r in rules.items() if names is None or name in names}
 
 
 def check_mid_models() -> None:
@@ -425,9 +427,7 @@ def check_compile() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
     print(f"ok compiled model ({runs} launches, {backend})", flush=True)
-    for name, model in _mid_models().items():
-        if not CUDA and name not in ("resnet18", "mobilenet_v3_small"):
-            continue
+    for name, model in _mid_models(None if CUDA else ("resnet18", "mobilenet_v3_small")).items():
         torch._dynamo.reset()
         model = model.to(DEVICE)
         mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
