@@ -60,6 +60,11 @@ DEPLOY_SIZE = 224
 CALIBRATION = 200
 DRAWS = 3
 TUNED = "fine-tuned"  # the ROWS kind of the reference row: the base fine-tuned as the kinds are
+
+
+def attention(kind: str | None) -> str | None:
+    """The attention kind of a row's ``kind`` (None for the base rows, fine-tuned or not)."""
+    return None if kind == TUNED else kind
 MEASURED_POLICIES = ("none", "gate+apply", "branch", "branch+apply")
 HARD = {"gate": "hard_sigmoid"}
 # the inserted modules' init: "paper" gives gates that vary with the input after the one-epoch
@@ -86,7 +91,10 @@ ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
 
 
 def row_name(model: str, kind: str | None, position: str | None, params: dict[str, Any]) -> str:
-    name = f"{model} + {kind}" if kind and kind != TUNED else f"{model} (base{', ' + TUNED if kind else ''})"
+    if attention(kind):
+        name = f"{model} + {kind}"
+    else:
+        name = f"{model} (base, {TUNED})" if kind else f"{model} (base)"
     if position:
         name += f" @{position}"
     if params:
@@ -147,7 +155,7 @@ def build(model: str, kind: str | None, position: str | None, params: dict[str, 
     m = torchvision.models.get_model(model, num_classes=10)
     m.load_state_dict(state)
     if kind:
-        if kind != TUNED:
+        if attention(kind):
             attnsurgeon.apply(m, kind, position=position, params=params or None, init=INIT, seed=0)
         seconds = train(m, data[0], data[1], epochs=TUNE_EPOCHS, lr=TUNE_LR)
     return m.eval(), seconds
@@ -206,8 +214,8 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
     row: dict[str, Any] = {"row": row_name(*spec), "model": model, "kind": kind, "position": position,
                            "params": params, "input_size": size, "train_seconds": round(seconds, 1),
                            "epochs": TUNE_EPOCHS if kind else BASE_EPOCHS[model], "batch": BATCH,
-                           "from": ("trained base" + (f", init {INIT}" if kind != TUNED else "") if kind
-                                    else "scratch"),
+                           "from": (f"trained base, init {INIT}" if attention(kind) else
+                                    "trained base" if kind else "scratch"),
                            "float_acc": float((want[:len(y_test)].argmax(1) == y_test).mean()), "policies": {}}
     draws = [x_train[:CALIBRATION]] + [x_train[np.random.default_rng(d).choice(len(x_train), CALIBRATION,
                                                                                replace=False)]
@@ -223,9 +231,9 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
 
         attn = attention_nodes(onnx.load(str(fp32)), m)
         row["attention_nodes"] = {r: sum(a["role"] == r for a in attn) for r in ("gate", "branch", "apply")}
-        real_kind = kind if kind != TUNED else None
-        policies = MEASURED_POLICIES if real_kind else ("none",)
-        default = DEFAULT_POLICY.get(real_kind, "none") if real_kind else "none"
+        kind_ = attention(kind)
+        policies = MEASURED_POLICIES if kind_ else ("none",)
+        default = DEFAULT_POLICY.get(kind_, "none") if kind_ else "none"
         files = {}
         for policy in dict.fromkeys((*policies, default)):
             roles = POLICIES[policy]
@@ -295,7 +303,7 @@ def choose_per_kind(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Each kind's measured default over all its rows (models, gates): as :func:`choose`, on the
     mean agreements and relative times summed over the rows."""
     out = {}
-    for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] and r["kind"] != TUNED):
+    for kind in dict.fromkeys(k for r in rows if (k := attention(r["kind"]))):
         mine = [_measured(r) for r in rows if r["kind"] == kind]
         policies = [p for p in MEASURED_POLICIES if all(p in m[0] for m in mine)]
         out[kind] = _pick({p: sum(m[0][p] for m in mine) for p in policies},
@@ -321,7 +329,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
            "| CPU ms fp32 / int8, b1 | b32 | 224x224 b1 | speed-up b1 / b32 / 224 |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kind = r["kind"] if r["kind"] != TUNED else None
+        kind = attention(r["kind"])
         d = DEFAULT_POLICY.get(kind, "none") if kind else "none"
         pd, pa = r["policies"].get(d, r["policies"]["none"]), r["policies"]["none"]
         lat = [r["latency_b1"], r["latency_b32"], r["latency_224_b1"]]
@@ -341,7 +349,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
     out += ["", "| model | " + " | ".join(MEASURED_POLICIES) + " | measured choice |",
             "|---|" + "---|" * (len(MEASURED_POLICIES) + 1)]
     for r in rows:
-        if not r["kind"] or r["kind"] == TUNED:
+        if not attention(r["kind"]):
             continue
         lat = r["latency_224_b1"]
         cells = [f"{p['agreeing_variants_mean']:.1f}, x{lat['fp32_ms'] / lat['int8_ms'][name]:.2f} "

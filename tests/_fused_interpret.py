@@ -198,12 +198,18 @@ def _model(fmt: torch.memory_format) -> torch.nn.Module:
     return model.to(memory_format=fmt)
 
 
-def check_model() -> None:
+def _compiled(model: torch.nn.Module, backend: str | None) -> Callable[..., Tensor]:
+    """``model``, or ``torch.compile(model, backend=backend)`` where a backend is given."""
+    return model if backend is None else torch.compile(model, backend=backend)
+
+
+def check_model(backend: str | None = None, formats: dict[str, torch.memory_format] = FORMATS) -> None:
     """The whole model fused against plain: logits, the input's gradient and every
     parameter's gradient, in both layouts. Eval mode: BatchNorm's batch statistics over
     2 samples of a 1x1 map (layer4 at 32 px) would amplify float rounding a hundredfold,
-    and the gates' kernels are the same in both modes."""
-    for fmt_name, fmt in FORMATS.items():
+    and the gates' kernels are the same in both modes. With ``backend``, both models run
+    under ``torch.compile`` (the fused one with ``ATTNSURGEON_FUSED=compile``)."""
+    for fmt_name, fmt in formats.items():
         start = time.perf_counter()
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
         results = []
@@ -211,8 +217,8 @@ def check_model() -> None:
             model = _model(fmt).eval().to(DEVICE)
             xi = x.to(DEVICE).requires_grad_()
             before = sum(LAUNCHES.values())
-            with kernels.use_fused(fused):
-                out = model(xi)
+            with kernels.use_fused(("compile" if backend else True) if fused else False):
+                out = _compiled(model, backend)(xi)
                 out.square().sum().backward()
             results.append((out, xi.grad, {n: p.grad for n, p in model.named_parameters()},
                             sum(LAUNCHES.values()) - before))
@@ -232,7 +238,8 @@ def check_model() -> None:
             atol = 1e-4 * max(ref_grad.abs().max().item(), 1e-2 * largest)
             torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol,
                                        msg=lambda m, where=f"{fmt_name} {name}": f"{where}: {m}")
-        print(f"ok model {fmt_name} ({runs} launches, {time.perf_counter() - start:.1f} s)", flush=True)
+        print(f"ok model {fmt_name} ({runs} launches, {backend or 'eager'}, {time.perf_counter() - start:.1f} s)",
+              flush=True)
     expected = {"apply_fwd", "apply_bwd", "coord_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool",
                 "spatial_pool_bwd", "coord_pool", "coord_pool_bwd", "context_fwd", "context_bwd"}
     if missing := expected - set(LAUNCHES):
@@ -368,11 +375,11 @@ def _mid_models(names: tuple[str, ...] | None = None) -> dict[str, torch.nn.Modu
     return {name: build(name, r) for name, r in rules.items() if names is None or name in names}
 
 
-def check_mid_models() -> None:
+def check_mid_models(backend: str | None = None, names: tuple[str, ...] | None = None) -> None:
     """Whole models in eval mode without autograd, fused against plain, the layouts taking
     turns: two launches with the norm per gate at ``mid``; training mode, or autograd on,
-    launch none."""
-    for i, (name, model) in enumerate(_mid_models().items()):
+    launch none. With ``backend``, the fused model runs under ``torch.compile``."""
+    for i, (name, model) in enumerate(_mid_models(names).items()):
         mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
         gates = sum(kind in _PASSES for kind in mids)
         passes = sum(_PASSES.get(kind, 0) for kind in mids)
@@ -382,15 +389,18 @@ def check_mid_models() -> None:
             x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
             x = x.to(DEVICE)
             before = _pre_launches()
-            with torch.no_grad(), kernels.use_fused(True):
-                got = model(x)
+            with torch.no_grad(), kernels.use_fused("compile" if backend else True):
+                got = _compiled(model, backend)(x)
             launched = _pre_launches() - before
             with torch.no_grad(), kernels.use_fused(False):
                 ref = model(x)
             if not gates or launched != passes:
                 raise AssertionError(f"{name} {fmt_name}: {launched} launches with the norm for {gates} gates")
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-            print(f"ok mid {name} {fmt_name} ({gates} gates, {time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"ok mid {name} {fmt_name} ({gates} gates, {backend or 'eager'}, "
+                  f"{time.perf_counter() - start:.1f} s)", flush=True)
+    if backend is not None:
+        return
     before = _pre_launches()
     with kernels.use_fused(True):
         model(x)  # eval, autograd on
@@ -403,46 +413,13 @@ def check_mid_models() -> None:
 
 def check_compile() -> None:
     """``ATTNSURGEON_FUSED=compile``: the custom ops inside ``torch.compile``'d models, traced
-    through their fake and autograd registrations. The every-gate ResNet-18, forward and
-    backward (as :func:`check_model`), and mid models in inference (the norm and activation
-    fused in; on the CPU ResNet-18 and MobileNetV3, which carry all four such gates, on a GPU
-    every family). On the CPU the backend is ``aot_eager`` (Dynamo and AOTAutograd without
-    Inductor's C++ code); on a GPU, Inductor."""
+    through their fake and autograd registrations: :func:`check_model` (channels_last) and
+    :func:`check_mid_models` compiled. On the CPU the backend is ``aot_eager`` (Dynamo and
+    AOTAutograd without Inductor's C++ code) and the mid models are ResNet-18 and
+    MobileNetV3, which carry all four such gates; on a GPU, Inductor and every family."""
     backend = "inductor" if CUDA else "aot_eager"
-    torch._dynamo.reset()
-    fmt = torch.channels_last
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
-    results = []
-    for mode in ("compile", False):
-        model = _model(fmt).eval().to(DEVICE)
-        xi = x.to(DEVICE).requires_grad_()
-        before = sum(LAUNCHES.values())
-        with kernels.use_fused(mode):
-            out = torch.compile(model, backend=backend)(xi)
-            out.square().sum().backward()
-        results.append((out, xi.grad, sum(LAUNCHES.values()) - before))
-    (out, gx, runs), (ref, ref_gx, plain_runs) = results
-    if plain_runs or runs != 4 * 2 + 2 * 4 + 2 * 6 + 2 * 4:
-        raise AssertionError(f"compiled model: {runs} fused and {plain_runs} plain launches")
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
-    print(f"ok compiled model ({runs} launches, {backend})", flush=True)
-    for name, model in _mid_models(None if CUDA else ("resnet18", "mobilenet_v3_small")).items():
-        torch._dynamo.reset()
-        model = model.to(DEVICE)
-        mids = [type(getattr(m, "attn_mid", None)).__name__ for m in model.modules()]
-        passes = sum(_PASSES.get(kind, 0) for kind in mids)
-        x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-        before = _pre_launches()
-        with torch.no_grad(), kernels.use_fused("compile"):
-            got = torch.compile(model, backend=backend)(x)
-        launched = _pre_launches() - before
-        with torch.no_grad(), kernels.use_fused(False):
-            ref = model(x)
-        if launched != passes:
-            raise AssertionError(f"compiled mid {name}: {launched} launches with the norm, {passes} expected")
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-        print(f"ok compiled mid {name} ({launched} launches with the norm)", flush=True)
+    check_model(backend, {"channels_last": torch.channels_last})
+    check_mid_models(backend, None if CUDA else ("resnet18", "mobilenet_v3_small"))
 
 
 GROUPS = {

@@ -145,14 +145,11 @@ class SelectiveKernelConv(nn.Module):
         return self.select(z).unflatten(1, (self.branches, self.out_channels)).softmax(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # the M maps as a list, not stacked into (N, M, C, H, W): sums and products of maps
-        # write M + 1 maps instead of 2M + 2 (eager ResNet-18 + SK at 224: 1.5x faster), and
-        # the exported graph has Adds and Muls that onnxruntime's INT8 kernels take
+        # the M maps as a list, not stacked into (N, M, C, H, W): the sums and products write
+        # M + 1 maps instead of 2M + 2 (README, SK's rows), and the exported graph has Adds
+        # and Muls, which onnxruntime's INT8 kernels take
         feats = [path(x) for path in self.paths]  # split
-        u = feats[0]
-        for f in feats[1:]:
-            u = u + f  # fuse
-        a = self._attention(u)
+        a = self._attention(sum(feats[1:], feats[0]))  # fuse
         out = feats[0] * a[:, 0]
         for m in range(1, self.branches):  # (indexed, not unbound: fx's proxies do not unpack)
             out = torch.addcmul(out, feats[m], a[:, m])  # select (Eq. 6)
