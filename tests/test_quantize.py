@@ -206,6 +206,28 @@ def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> 
     assert quantize.nodes_to_keep_float(found, quantize_all=True) == []
 
 
+def test_int8_calibration_ranges_cover_every_image(tmp_path: Path) -> None:
+    """The input's quantization range spans every calibration batch: onnxruntime's calibrater
+    drops what it has collected every CalibMaxIntermediateOutputs batches, so with that option
+    the range came from the last batch here (and 4 batches failed: "No data is collected")."""
+    import onnx
+    from onnx import numpy_helper
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=False)
+    images = np.random.default_rng(0).uniform(-1, 1, (5 * quantize.CALIBRATION_BATCH, 3, 32, 32)).astype(np.float32)
+    images[0, 0, 0, 0] = 10.0  # only the first batch reaches 10
+    quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", images, exclude=[], show_progress=False)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    first = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    scale, zero = float(inits[first.input[1]]), int(inits[first.input[2]])
+    assert scale * (255 - zero) == pytest.approx(10.0, rel=0.01)
+
+
 @pytest.mark.parametrize(("kind", "want"), [
     # SimAM with preserve's blend 1 + alpha (s - 1): the blend's Sub/Mul/Add are branch, the Mul by x applies
     ("simam", {("gate", "Sigmoid"): 1, ("apply", "Mul"): 1}),
