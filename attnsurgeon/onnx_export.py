@@ -183,7 +183,25 @@ def _export(model: nn.Module, path: Path, *, input_size: int, opset: int,
         raise UsageError(_explain(e, model, dynamic=dynamic_batch or dynamic_hw)) from e
     if program is None:  # dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no ONNXProgram")
+    _fold_weight_layouts(program.model)
     program.save(path, external_data=False)
+
+
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _fold_weight_layouts(model: Any) -> None:
+    """Fold reshapes and transposes of weights into the weights, whatever their size.
+
+    The exporter folds constants only up to a size limit, so a large weight that a layer
+    reshapes (ODConv's kernel bank) reaches its Conv or MatMul through ops, and a
+    quantizer, which quantizes initializers only, leaves it in float. These ops move data
+    without adding any; a weight used elsewhere too is still not copied (the folder's own
+    output limit)."""
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model, should_fold=lambda node: True if node.domain == "" and node.op_type in _LAYOUT_OPS
+                   else None)
 
 
 @contextlib.contextmanager

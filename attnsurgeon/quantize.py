@@ -444,6 +444,7 @@ def export_quantized(
 
     from .calibration import split
     from .checkpoint import atomic_write
+    from .layers.odconv import quantizable_export
     from .onnx_export import VerificationError, _one_output, describe_onnx, export_onnx
     from .torch_state import evaluating
 
@@ -465,9 +466,13 @@ def export_quantized(
 
     with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp_dir, evaluating(model):
         float_path = Path(tmp_dir) / f"{path.stem}.fp32.onnx"
+        # INT8: the forms whose weights a quantizer can see (ODConv's kernel bank as a conv weight)
+        forms = quantizable_export() if precision == "int8" else contextlib.nullcontext()
         try:
-            summary = export_onnx(model, float_path, input_size=input_size, opset=opset, dynamic_batch=dynamic_batch,
-                                  dynamic_hw=dynamic_hw, verify=True, atol=atol, keep_failed=False)
+            with forms:
+                summary = export_onnx(model, float_path, input_size=input_size, opset=opset,
+                                      dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=True, atol=atol,
+                                      keep_failed=False)
         except VerificationError as e:
             e.summary["output"] = str(path)
             raise VerificationError(f"{path.name}: the fp32 graph before conversion failed its check ({e}); "

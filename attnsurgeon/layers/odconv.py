@@ -40,7 +40,14 @@ Three forms of the same function (equal to float rounding):
 * *positions* (tracers: ``torch.export``, ONNX, ``torch.compile``, ``jit.trace``, fx): the
   per-sample kernels applied as ``kh * kw`` per-sample matrix products of strided slices of
   the padded input, so no op depends on the batch size and the graph exports with a
-  dynamic batch (slow in eager mode on a CPU).
+  dynamic batch (slow in eager mode on a CPU);
+* *unfolded* (tracers inside :func:`quantizable_export`, which INT8 export uses): the
+  stacked form's maths as one static conv: the ``a_s``-scaled strided slices stacked as
+  channels, a 1x1 conv holding all K kernels, the ``a_w``-weighted sum. Its kernel bank is a
+  conv weight, which a post-training quantizer stores in int8 per channel; in the positions
+  form the bank is an operand of per-sample products of activations and stays float (an
+  INT8 file of ODConv-ResNet-18 was 171 of the float file's 172 MiB). K times the
+  multiply-adds of the positions form, so float files keep that one.
 
 Departures from the authors' code, and why:
 
@@ -71,7 +78,9 @@ Departures from the authors' code, and why:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -81,7 +90,21 @@ from torch import Tensor, nn
 from ._conv import replace_conv
 from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _pair, _Size
 
-__all__ = ["ODConv2d", "OmniAttention", "from_conv"]
+__all__ = ["ODConv2d", "OmniAttention", "from_conv", "quantizable_export"]
+
+_UNFOLDED = False  # set by quantizable_export: tracers get the unfolded form
+
+
+@contextlib.contextmanager
+def quantizable_export() -> Iterator[None]:
+    """Meanwhile, tracers (``torch.export``, ONNX) get every ODConv's *unfolded* form, whose
+    kernel bank is a conv weight a quantizer can quantize (module docstring)."""
+    global _UNFOLDED
+    previous, _UNFOLDED = _UNFOLDED, True
+    try:
+        yield
+    finally:
+        _UNFOLDED = previous
 
 
 
@@ -232,6 +255,8 @@ class ODConv2d(nn.Module):
             y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             return self._finish(y, a_f)
+        if _UNFOLDED and _tracing(x):
+            return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         if not _tracing(x) and self.prefers_stacked(x):
             return self._finish(self.forward_stacked(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         fold = self.folds(x)
@@ -327,6 +352,29 @@ class ODConv2d(nn.Module):
         if _channels_last(x):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    def forward_unfolded(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
+        """``forward_stacked`` as one conv with a static weight: the ``a_s``-scaled strided
+        slices of the padded input as ``C_in * kh * kw`` channels, a 1x1 conv holding all K
+        kernels (the weight a quantizer sees), then the ``a_w``-weighted sum."""
+        g, k, (kh, kw), (sh, sw) = self.groups, self.kernels, self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        n, h_out, w_out = x.shape[0], *self._out_size(x)
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        # a copy of each slice: see forward_positions
+        cols = torch.stack([xp[:, :, i * dh: i * dh + sh * (h_out - 1) + 1: sh,
+                               j * dw: j * dw + sw * (w_out - 1) + 1: sw].clone(memory_format=torch.contiguous_format)
+                            for i in range(kh) for j in range(kw)], 2)  # (N, C_in, kh * kw, H', W')
+        if a_s is not None:
+            cols = cols * a_s.to(cols.dtype)[:, None, :, None, None]
+        cols = cols.reshape(n, -1, h_out, w_out)  # channel c * kh * kw + p, as the weight's (C_in / g, kh, kw)
+        weight = self.weight.to(cols.dtype)
+        if g > 1:  # a grouped conv's outputs come group by group: (K, g, C_out / g) -> (g, K, C_out / g)
+            weight = weight.unflatten(0, (k, g, -1)).transpose(0, 1).flatten(0, 2)
+        y = F.conv2d(cols, weight.reshape(k * self.out_channels, -1, 1, 1), None, 1, 0, 1, g)
+        y = y.reshape(n, g, k, self.out_channels // g, h_out, w_out)
+        y = y.squeeze(2) if a_w is None else (y * a_w.to(y.dtype)[:, None, :, None, None, None]).sum(2)
+        return y.reshape(n, self.out_channels, h_out, w_out)
 
     def forward_positions(self, x: Tensor, w: Tensor) -> Tensor:
         """The same conv as ``kh * kw`` per-sample matrix products (no op depends on N)."""
