@@ -44,6 +44,7 @@ import torchvision
 from torch import nn
 
 import attnsurgeon
+from attnsurgeon.layers.odconv import ODConv2d, quantizable_export
 from attnsurgeon.onnx_export import export_onnx
 from attnsurgeon.quantize import DEFAULT_POLICY, POLICIES, attention_nodes, ort_latency, quantize_int8
 
@@ -226,10 +227,15 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
         # PyTorch by 1.08e-4 on random inputs, over the CLI's default 1e-4; this run measures INT8
         export_onnx(m, fp32, input_size=size, dynamic_hw=True, atol=1e-3)
         row["fp32_size"] = fp32.stat().st_size
+        source = fp32  # what INT8 quantizes: as export-onnx --precision int8 traces it
+        if any(isinstance(mod, ODConv2d) for mod in m.modules()):
+            source = Path(tmp) / "fp32_unfolded.onnx"
+            with quantizable_export():
+                export_onnx(m, source, input_size=size, dynamic_hw=True, atol=1e-3)
         row["fp32_onnx_acc"] = scores(logits_onnx(fp32, x_test), want[:len(y_test)], y_test)["acc"]
         import onnx
 
-        attn = attention_nodes(onnx.load(str(fp32)), m)
+        attn = attention_nodes(onnx.load(str(source)), m)
         row["attention_nodes"] = {r: sum(a["role"] == r for a in attn) for r in ("gate", "branch", "apply")}
         kind_ = attention(kind)
         policies = MEASURED_POLICIES if kind_ else ("none",)
@@ -241,7 +247,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
             per_draw = []
             for d, calib in enumerate(draws):
                 q = Path(tmp) / f"int8_{policy}_{d}.onnx"
-                quantize_int8(fp32, q, calib, exclude=keep, show_progress=False)
+                quantize_int8(source, q, calib, exclude=keep, show_progress=False)
                 per_draw.append(scores(logits_onnx(q, x_eval), want, y_test))
                 if d:
                     q.unlink()
