@@ -18,7 +18,6 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnsurgeon import kernels
-from attnsurgeon.blocks import _takes_relu
 from attnsurgeon.layers.cbam import CBAM
 from attnsurgeon.layers.coord import CoordAttention
 from attnsurgeon.layers.eca import ECA
@@ -227,15 +226,17 @@ def test_cpu_models_never_load_the_kernels():
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
-def test_every_gate_with_gate_add_takes_the_block_relu():
-    for cls in (SqueezeExcite, ECA, CBAM, CoordAttention, GlobalContext):
-        assert _takes_relu(cls), cls
+def test_every_gate_whose_gate_add_takes_relu_says_so():
+    """The block fuses its ReLU into a gate's pass where the class sets FUSES_RELU (a class
+    attribute: torch.compile traces it without the signature lookup it would warn about)."""
+    import inspect
 
-    class Old(nn.Module):
-        def gate_add(self, x: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-            return x + identity
+    from attnsurgeon.layers.squeeze_excite import EffectiveSqueezeExcite
 
-    assert not _takes_relu(Old)
+    for cls in (SqueezeExcite, ECA, CBAM, CoordAttention, GlobalContext, EffectiveSqueezeExcite):
+        takes = "relu" in inspect.signature(cls.gate_add).parameters
+        assert getattr(cls, "FUSES_RELU", False) == takes, cls
+    assert not hasattr(EffectiveSqueezeExcite, "FUSES_RELU")
 
 
 @pytest.mark.parametrize("kind", ["coord", "gc"])

@@ -28,8 +28,6 @@ takes the alias of its deepest block. Strides are measured by one forward pass o
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -192,7 +190,7 @@ class Slotted(nn.Module):
         fused = getattr(gate, "gate_add", None)
         if fused is not None and not kernels.has_hooks(gate):
             if act is not None and type(act) is nn.ReLU and kernels.active(out, identity) \
-                    and not kernels.has_hooks(act) and _takes_relu(type(gate)):
+                    and not kernels.has_hooks(act) and getattr(type(gate), "FUSES_RELU", False):
                 return fused(out, identity, relu=True)
             out = fused(out, identity)
         else:
@@ -258,12 +256,6 @@ def _conv_norm_act(layer: nn.Module) -> bool:
     own (torchvision's ``Conv2dNormActivation``), which may run one child at a time."""
     return isinstance(layer, nn.Sequential) and type(layer).forward is nn.Sequential.forward \
         and len(layer) == 3 and not (layer._forward_hooks or layer._forward_pre_hooks)
-
-
-@functools.cache
-def _takes_relu(cls: type[nn.Module]) -> bool:
-    """Whether ``cls.gate_add`` takes ``relu`` (fuses the block's ReLU)."""
-    return "relu" in inspect.signature(cls.gate_add).parameters
 
 
 def scan_branch(body: nn.Sequential, prefix: str) -> tuple[list[ConvSite], int, str | None]:

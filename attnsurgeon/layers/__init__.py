@@ -22,7 +22,8 @@ A module whose forward ends in a gate multiply may offer ``gate_add(x, identity,
 equal to ``forward(x) + identity`` (then ReLU) but with the last multiply folded into the add
 as one ``torch.addcmul`` (SE, ECA, CBAM); a residual block then uses it at ``standard``
 (``blocks.Slotted._standard_add``), saving a full pass over the feature map. On a GPU the
-gates run fused kernels instead, the block's ReLU included (:mod:`attnsurgeon.kernels`).
+gates run fused kernels instead, the block's ReLU included (:mod:`attnsurgeon.kernels`),
+where the class sets ``FUSES_RELU`` (its ``gate_add`` takes ``relu``).
 """
 
 from __future__ import annotations

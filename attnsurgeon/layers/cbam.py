@@ -168,6 +168,8 @@ class CBAM(nn.Module):
             return self._fused(x, None, relu=False)
         return self.spatial(self.channel(x))
 
+    FUSES_RELU = True  # gate_add takes relu= (blocks.Slotted._standard_add)
+
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity``, the spatial gate's multiply folded into the add; then
         ReLU if ``relu``."""

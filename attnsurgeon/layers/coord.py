@@ -92,6 +92,8 @@ class CoordAttention(nn.Module):
         g_h, g_w = self._scales(x)
         return kernels.scale_hw(x, g_h, g_w)  # x * g_h * g_w
 
+    FUSES_RELU = True  # gate_add takes relu= (blocks.Slotted._standard_add)
+
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity``, then ReLU if ``relu``: one pass on a GPU (:mod:`attnsurgeon.kernels`)."""
         if not kernels.active(x, identity):

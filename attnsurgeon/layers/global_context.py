@@ -92,6 +92,8 @@ class GlobalContext(nn.Module):
             return kernels.scale(x, self.gate(t))  # x * sigmoid(t)
         return kernels.shift(x, t)  # x + t
 
+    FUSES_RELU = True  # gate_add takes relu= (blocks.Slotted._standard_add)
+
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity``, then ReLU if ``relu``: one pass on a GPU (:mod:`attnsurgeon.kernels`)."""
         if not kernels.active(x, identity):

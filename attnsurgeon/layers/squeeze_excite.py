@@ -69,6 +69,8 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return kernels.scale(x, self._scale(x))  # Eq. 4: x * s
 
+    FUSES_RELU = True  # gate_add takes relu= (blocks.Slotted._standard_add)
+
     def gate_add(self, x: Tensor, identity: Tensor, *, relu: bool = False) -> Tensor:
         """``forward(x) + identity`` in one pass, then ReLU if ``relu`` (see :mod:`attnsurgeon.layers`)."""
         return kernels.scale(x, self._scale(x), identity, relu=relu)
