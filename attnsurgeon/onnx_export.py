@@ -17,7 +17,9 @@ Verification loads the file with ``onnx.checker.check_model(full_check=True)``, 
 onnxruntime (CPUExecutionProvider) on seeded random inputs at batch 1 and 3 (the exported
 batch only, with a static batch; one more height/width with dynamic height/width), and
 compares with the PyTorch model in eval mode. The relative error is
-``max|onnx - torch| / max|torch|``; a run passes when the absolute error is ``<= atol``,
+``max|onnx - torch| / max|torch|``; a run passes when the absolute error is
+``<= atol + VERIFY_RTOL * max|torch|`` (float32 rounds large outputs by more than ``atol``:
+a trained ODConv-MobileNetV2, every conv per sample, differed by 1.08e-4 on its logits),
 and, where PyTorch's outputs are below ``SMALL_OUTPUT`` (random weights of some families
 give logits of 1e-9), when the relative error is ``<= SMALL_OUTPUT_RTOL`` too.
 """
@@ -50,6 +52,7 @@ __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "chec
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 VERIFY_BATCHES = (1, 3)
+VERIFY_RTOL = 1e-5  # of the largest |output|; numpy.allclose's default rtol
 
 
 def export_onnx(
@@ -157,7 +160,8 @@ def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:
         return f"{path.name} FAILED verification: {result['error']}; {fate}"
     worst = max(result["runs"], key=lambda r: r["max_abs"])
     return (f"{path.name} FAILED verification: max abs error {worst['max_abs']:.3g} at input "
-            f"{worst['shape']} > atol {result['atol']:g}; {fate}")
+            f"{worst['shape']} > atol {result['atol']:g} + rtol {result['rtol']:g} x max |output| "
+            f"{worst['max_output']:.3g}; {fate}")
 
 
 def _dynamic_shapes(dynamic_batch: bool, dynamic_hw: bool) -> tuple[dict[int, str]] | None:
@@ -327,8 +331,8 @@ def verify_onnx(
     """Check ``path`` and compare onnxruntime with ``model`` (already in eval mode).
 
     Returns:
-        ``{"checker": "passed" | "failed", "error": None | str, "provider", "atol",
-        "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "passed"}]}``;
+        ``{"checker": "passed" | "failed", "error": None | str, "provider", "atol", "rtol",
+        "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "max_output", "passed"}]}``;
         ``error`` says why the checker or onnxruntime rejected the file; ``small_outputs``
         (the largest |output|) is there when PyTorch's outputs are below ``SMALL_OUTPUT``
         and the relative error decided too.
@@ -346,7 +350,7 @@ def verify_onnx(
     with torch.no_grad():
         expected = [model(x).numpy() for x in inputs]
     result: dict[str, Any] = {"checker": "passed", "error": None, "provider": "CPUExecutionProvider",
-                              "atol": atol, "passed": False, "runs": []}
+                              "atol": atol, "rtol": VERIFY_RTOL, "passed": False, "runs": []}
     try:
         onnx.checker.check_model(str(path), full_check=True)
         options = ort.SessionOptions()
@@ -366,12 +370,12 @@ def verify_onnx(
             max_abs = float(np.max(np.abs(have - want)))
             scale = float(np.max(np.abs(want)))
             max_rel = max_abs / max(scale, float(np.finfo(np.float32).tiny))
-            passed = max_abs <= atol  # NaN fails
+            passed = max_abs <= atol + VERIFY_RTOL * scale  # NaN fails
             if scale < SMALL_OUTPUT:  # atol alone would pass anything: the relative error decides too
                 result["small_outputs"] = max(result.get("small_outputs", 0.0), scale)
                 passed = passed and max_rel <= SMALL_OUTPUT_RTOL
             result["runs"].append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs,
-                                   "max_rel": max_rel, "passed": passed})
+                                   "max_rel": max_rel, "max_output": scale, "passed": passed})
         result["passed"] = result["error"] is None and all(r["passed"] for r in result["runs"])
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result

@@ -374,7 +374,7 @@ def print_export_summary(console: Any, data: dict[str, Any]) -> None:
         console.print("  not verified (--no-verify)", style="yellow", highlight=False)
         return
     verdict = "[bold green]PASSED[/]" if v["passed"] else "[bold red]FAILED[/]"
-    table = Table(title=f"onnxruntime vs PyTorch (eval), atol {v['atol']:g}: {verdict}",
+    table = Table(title=f"onnxruntime vs PyTorch (eval), atol {v['atol']:g} + rtol {v['rtol']:g}: {verdict}",
                   caption=f"onnx.checker full_check {v['checker']}; {v['provider']}; {v['seconds']:.1f} s")
     for col in ("batch", "input", "max abs error", "max rel error", "result"):
         table.add_column(col, justify="left" if col in ("input", "result") else "right")

@@ -222,6 +222,24 @@ def test_onnx_parity_of_tiny_outputs_is_also_relative(tmp_path):
     assert result["passed"] is False
 
 
+@pytest.mark.heavy  # an ONNX export: seconds
+def test_onnx_parity_of_large_outputs_allows_float32_rounding(tmp_path):
+    """Outputs of 1e4 (trained logits are tens) are rounded by more than atol in float32:
+    a run passes within atol + 1e-5 x max|output|, and a larger relative error still fails."""
+    from attnsurgeon.onnx_export import export_onnx, verify_onnx
+
+    torch.manual_seed(0)
+    model = _Tiny(1e4).eval()
+    export_onnx(model, tmp_path / "big.onnx", input_size=32)
+    other = copy.deepcopy(model)
+    other.scale = 1e4 * (1 + 3e-6)  # off by 3e-6 of each output: float32 rounding's size, over atol
+    result = verify_onnx(other, tmp_path / "big.onnx", input_size=32, atol=1e-4)
+    assert result["passed"] and all(r["max_abs"] > 1e-4 for r in result["runs"]), result["runs"]
+    other.scale = 1e4 * (1 + 1e-4)
+    result = verify_onnx(other, tmp_path / "big.onnx", input_size=32, atol=1e-4)
+    assert result["passed"] is False
+
+
 def test_a_rule_that_more_than_doubles_the_model_is_warned_about(cli):
     result = cli("summarize", "resnet18", "--attn", "dynconv", "--param", "kernels=8", "--input-size", "32")
     assert result.exit_code == 0, result.output
