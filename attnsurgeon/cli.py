@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
@@ -40,7 +39,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-_err = Console(stderr=True, emoji=False)  # echo the user's text verbatim (":b:" is not an emoji)
 
 S = "surgery"  # help panel
 ModelArg = Annotated[str | None, typer.Argument(help="torchvision model name (e.g. resnet50); may be left out when --recipe names the model.", show_default=False)]
@@ -93,6 +91,13 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _error(text: str) -> None:
+    """The one ``error:`` line on stderr (the user's text verbatim: ":b:" is not an emoji)."""
+    from .render import messages_console
+
+    messages_console().print(f"[bold red]error:[/] {escape(_one_line(text))}", highlight=False, soft_wrap=True)
+
+
 def _tolerant_streams() -> None:
     """Make stdout and stderr replace what their encoding cannot write (a "Δ" under
     ``PYTHONIOENCODING=ascii`` or a C locale) instead of failing after the work is done."""
@@ -112,7 +117,7 @@ def _user_errors() -> Iterator[None]:
         error = foreign_error(e)
         if error is None or os.environ.get("ATTNSURGEON_DEBUG"):
             raise
-        _err.print(f"[bold red]error:[/] {escape(_one_line(str(error)))}", highlight=False, soft_wrap=True)
+        _error(str(error))
         raise typer.Exit(2) from None
 
 
@@ -244,7 +249,7 @@ def export_onnx(
                        dynamic_hw=dynamic_hw, verify=verify, atol=atol, keep_failed=keep_failed,
                        force=force, as_json=json, quant=quant)
         except VerificationError as e:
-            _err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(1) from None
 
 

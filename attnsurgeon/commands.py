@@ -19,8 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from .errors import UsageError, VerificationError
 from .files import check_input_size, check_output
 from .kinds import parse_cli_params
@@ -46,6 +44,7 @@ from .render import (
     blocks_table,
     comparison_table,
     kinds_data,
+    messages_console,
     print_export_summary,
     print_kinds,
     print_summary,
@@ -62,12 +61,11 @@ __all__ = ["QuantizeOptions", "SurgeryOptions", "check_quantize_options", "run_b
            "run_kinds", "run_summarize"]
 
 # results (tables) on stdout (render.results_console: made per command, at the terminal's
-# width), messages on stderr
-err = Console(stderr=True, emoji=False)  # the user's text verbatim (":b:" is not an emoji)
+# width), messages on stderr (render.messages_console: made per message)
 
 
 def _warn(text: str) -> None:
-    err.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+    messages_console().print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -174,9 +172,8 @@ def _warn_costly_stages(before: Any, after: Any, *, input_size: int) -> None:
     costly = [f"{g.name} (+{g.macs - own[g.name].macs:,} vs {own[g.name].macs:,})" for g in after.groups
               if g.name in own and g.name not in ("stem", "head") and g.macs - own[g.name].macs > own[g.name].macs]
     if costly:
-        err.print(f"warning: at --input-size {input_size} the inserted modules cost more MACs than the stage "
-                  f"itself in {', '.join(costly)}; a cost that grows with (HW)^2 (nl) belongs on later stages",
-                  markup=False, highlight=False, soft_wrap=True)
+        _warn(f"at --input-size {input_size} the inserted modules cost more MACs than the stage itself in "
+              f"{', '.join(costly)}; a cost that grows with (HW)^2 (nl) belongs on later stages")
 
 
 def summarize_prepared(p: Prepared, *, input_size: int, probe: bool = True,
@@ -264,7 +261,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     with _removed_on_failure(output):
         data["output"] = str(output)
         _emit(data, as_json)
-        err.print(f"wrote {show_path(output)}", markup=False, highlight=False)
+        messages_console().print(f"wrote {show_path(output)}", markup=False, highlight=False)
 
 
 @contextlib.contextmanager
@@ -313,7 +310,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         with _stdout_to_stderr():
             data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
-            err.print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}", markup=False,
+            messages_console().print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}", markup=False,
                       highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
@@ -470,7 +467,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         raise
     with _removed_on_failure(output):
         _emit_export({**source, **summary}, as_json)
-        err.print(f"wrote {show_path(output)}", markup=False, highlight=False)
+        messages_console().print(f"wrote {show_path(output)}", markup=False, highlight=False)
 
 
 def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path] | None:

@@ -45,6 +45,13 @@ def results_console() -> Console:
     return Console(width=terminal_width(), emoji=False)
 
 
+def messages_console() -> Console:
+    """The console for warnings and errors (stderr), made per message at :func:`terminal_width`:
+    one made once took ``COLUMNS`` as it was then, and rich's width from ``COLUMNS=0`` is 0,
+    at which every later message printed nothing."""
+    return Console(stderr=True, width=terminal_width(), emoji=False)
+
+
 def _delta(console: Console) -> str:
     """The Greek Delta where the output can encode it, else "d" (an ASCII terminal)."""
     try:

@@ -126,10 +126,17 @@ def test_a_failure_after_writing_removes_the_file(cli, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("columns", ["0", "-3", "junk"])
 def test_a_nonsense_columns_still_prints(cli, monkeypatch, columns):
+    """Results and messages: a stderr console made while COLUMNS was 0 had width 0 and printed
+    nothing, and a later test's warnings vanished with it (messages now get a console each)."""
     monkeypatch.setenv("COLUMNS", columns)
     for argv in (["kinds"], ["blocks", "resnet18"]):
         result = cli(*argv)
         assert result.exit_code == 0 and len(result.stdout.splitlines()) > 10, (argv, result.stdout)
+    from attnsurgeon.render import messages_console
+
+    assert messages_console().width >= 40
+    result = cli("insert", "resnet18", "--attn", "nope", "-o", "x.pt")
+    assert result.exit_code == 2 and "error: " in result.stderr and "nope" in result.stderr
 
 
 def test_width_follows_the_terminal_when_piped(monkeypatch):
