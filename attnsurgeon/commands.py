@@ -310,8 +310,8 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         with _stdout_to_stderr():
             data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
-            messages_console().print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}", markup=False,
-                      highlight=False, soft_wrap=True)
+            messages_console().print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}",
+                                     markup=False, highlight=False, soft_wrap=True)
         _emit(data, as_json)
         return
     opts = replace(opts, model=target)

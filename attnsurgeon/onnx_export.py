@@ -200,8 +200,8 @@ def _fold_weight_layouts(model: Any) -> None:
     The exporter folds constants only up to a size limit, so a large weight that a layer
     reshapes (ODConv's kernel bank) reaches its Conv or MatMul through ops, and a
     quantizer, which quantizes initializers only, leaves it in float. These ops move data
-    without adding any; a weight used elsewhere too is still not copied (the folder's own
-    output limit)."""
+    without adding any; a large weight that other nodes also use is not copied (the
+    folder's own output limit)."""
     from onnxscript.optimizer import fold_constants
 
     fold_constants(model, should_fold=lambda node: True if node.domain == "" and node.op_type in _LAYOUT_OPS

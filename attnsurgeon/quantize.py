@@ -444,7 +444,7 @@ def export_quantized(
 
     from .calibration import split
     from .checkpoint import atomic_write
-    from .layers.odconv import ODConv2d, quantizable_export
+    from .layers.odconv import has_unfolded_form, quantizable_export
     from .onnx_export import VerificationError, _one_output, describe_onnx, export_onnx
     from .torch_state import evaluating
 
@@ -478,7 +478,7 @@ def export_quantized(
             raise VerificationError(f"{path.name}: the fp32 graph before conversion failed its check ({e}); "
                                     "no file written", e.summary, kept=False) from None
         float_ref = float_path  # the float file the converted one is timed against
-        if precision == "int8" and any(isinstance(m, ODConv2d) for m in model.modules()):
+        if precision == "int8" and has_unfolded_form(model):
             # the float file export-onnx writes (the positions form, K times fewer multiply-adds)
             float_ref = Path(tmp_dir) / f"{path.stem}.fp32-positions.onnx"
             export_onnx(model, float_ref, input_size=input_size, opset=opset, dynamic_batch=dynamic_batch,

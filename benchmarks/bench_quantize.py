@@ -44,7 +44,7 @@ import torchvision
 from torch import nn
 
 import attnsurgeon
-from attnsurgeon.layers.odconv import ODConv2d, quantizable_export
+from attnsurgeon.layers.odconv import has_unfolded_form, quantizable_export
 from attnsurgeon.onnx_export import export_onnx
 from attnsurgeon.quantize import DEFAULT_POLICY, POLICIES, attention_nodes, ort_latency, quantize_int8
 
@@ -62,10 +62,6 @@ CALIBRATION = 200
 DRAWS = 3
 TUNED = "fine-tuned"  # the ROWS kind of the reference row: the base fine-tuned as the kinds are
 
-
-def attention(kind: str | None) -> str | None:
-    """The attention kind of a row's ``kind`` (None for the base rows, fine-tuned or not)."""
-    return None if kind == TUNED else kind
 MEASURED_POLICIES = ("none", "gate+apply", "branch", "branch+apply")
 HARD = {"gate": "hard_sigmoid"}
 # the inserted modules' init: "paper" gives gates that vary with the input after the one-epoch
@@ -90,6 +86,10 @@ ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
     *[("mobilenet_v2", k, None, {}) for k in ("sk", "dynconv", "afp")],
 ]
 
+
+def attention(kind: str | None) -> str | None:
+    """The attention kind of a row's ``kind`` (None for the base rows, fine-tuned or not)."""
+    return None if kind == TUNED else kind
 
 def row_name(model: str, kind: str | None, position: str | None, params: dict[str, Any]) -> str:
     if attention(kind):
@@ -226,7 +226,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
         export_onnx(m, fp32, input_size=size, dynamic_hw=True)
         row["fp32_size"] = fp32.stat().st_size
         source = fp32  # what INT8 quantizes: as export-onnx --precision int8 traces it
-        if any(isinstance(mod, ODConv2d) for mod in m.modules()):
+        if has_unfolded_form(m):
             source = Path(tmp) / "fp32_unfolded.onnx"
             with quantizable_export():
                 export_onnx(m, source, input_size=size, dynamic_hw=True)

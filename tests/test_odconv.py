@@ -12,7 +12,7 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import set_temperature
-from attnsurgeon.layers.odconv import ODConv2d, from_conv
+from attnsurgeon.layers.odconv import ODConv2d, from_conv, has_unfolded_form
 from attnsurgeon.surgery import apply
 from attnsurgeon.training import new_modules
 
@@ -352,6 +352,7 @@ def test_int8_export_quantizes_the_kernel_bank(tmp_path):
                           ODConv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
     _randomise_norms(model).eval()
+    assert has_unfolded_form(model) and not has_unfolded_form(ODConv2d(8, 8, 1, kernels=1))
     # the bank, 4 x 128 x 64 x 9 = 294,912 elements, is over the exporter's folding limit
     images = np.random.default_rng(0).standard_normal((30, 3, 32, 32)).astype(np.float32)
     summary = export_quantized(model, tmp_path / "q.onnx", precision="int8", input_size=32, opset=18,

@@ -90,7 +90,7 @@ from torch import Tensor, nn
 from ._conv import replace_conv
 from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _pair, _Size
 
-__all__ = ["ODConv2d", "OmniAttention", "from_conv", "quantizable_export"]
+__all__ = ["ODConv2d", "OmniAttention", "from_conv", "has_unfolded_form", "quantizable_export"]
 
 _UNFOLDED = False  # set by quantizable_export: tracers get the unfolded form
 
@@ -105,6 +105,13 @@ def quantizable_export() -> Iterator[None]:
         yield
     finally:
         _UNFOLDED = previous
+
+
+def has_unfolded_form(model: nn.Module) -> bool:
+    """Whether :func:`quantizable_export` changes what a tracer sees of ``model`` (an ODConv
+    that is not a 1x1 conv with K = 1: that one is a static conv in every form)."""
+    return any(isinstance(m, ODConv2d) and not (m.attention.spatial_fc is None and m.attention.kernel_fc is None)
+               for m in model.modules())
 
 
 
