@@ -417,6 +417,7 @@ class QuantizeOptions:
     std: str | None = None
     min_agreement: float = 0.9
     quantize_all: bool = False
+    keep_float: str | None = None
 
 
 def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
@@ -476,7 +477,7 @@ def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path
     from .quantize import check_quantize_args
 
     check_quantize_args(precision=quant.precision, calibration=quant.calibration, quantize_all=quant.quantize_all,
-                        min_agreement=quant.min_agreement, count=quant.calibration_count)
+                        min_agreement=quant.min_agreement, count=quant.calibration_count, keep_float=quant.keep_float)
     if quant.precision == "fp32" and (quant.mean is not None or quant.std is not None):
         raise UsageError("--mean/--std preprocess --calibration images (for --precision int8 or fp16)")
     if quant.precision != "fp32" and not verify:
@@ -495,8 +496,10 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
                       images_found: list[Path] | None, *, input_size: int, opset: int, static_batch: bool,
                       dynamic_hw: bool, atol: float, keep_failed: bool, show_progress: bool) -> dict[str, Any]:
     from .calibration import load_images, parse_triple, preprocessing_for, split
-    from .quantize import export_quantized
+    from .quantize import check_module_paths, export_quantized, parse_module_paths
 
+    keep_float = parse_module_paths(quant.keep_float)
+    check_module_paths(model, keep_float)  # before the images are decoded
     images = calibration = None
     if images_found is not None:
         prep = preprocessing_for(model_name, input_size=input_size, mean=parse_triple(quant.mean, "--mean"),
@@ -508,6 +511,7 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
     return export_quantized(model, output, precision=quant.precision, input_size=input_size, opset=opset,
                             dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, atol=atol,
                             calibration=calibration, images=images, quantize_all=quant.quantize_all,
+                            keep_float=keep_float,
                             min_agreement=quant.min_agreement, keep_failed=keep_failed, show_progress=show_progress)
 
 

@@ -45,7 +45,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +57,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
-           "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized", "nodes_to_keep_float",
-           "ort_latency", "print_quantized_summary", "quantize_int8"]
+           "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
+           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "print_quantized_summary",
+           "quantize_int8"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("gate", "branch", "apply")
@@ -106,8 +107,9 @@ _AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 
 def check_quantize_args(*, precision: str, calibration: Path | None, quantize_all: bool,
-                        min_agreement: float, count: int) -> None:
-    """Raise UsageError for options that do not fit together (before torch is imported)."""
+                        min_agreement: float, count: int, keep_float: str | None = None) -> tuple[str, ...]:
+    """Raise UsageError for options that do not fit together (before torch is imported);
+    return ``--keep-float``'s module paths."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" and calibration is not None:
@@ -115,6 +117,8 @@ def check_quantize_args(*, precision: str, calibration: Path | None, quantize_al
                          "on random inputs)")
     if quantize_all and precision != "int8":
         raise UsageError("--quantize-all is for --precision int8")
+    if keep_float is not None and precision != "int8":
+        raise UsageError("--keep-float is for --precision int8")
     if precision == "int8" and calibration is None:
         raise UsageError("--precision int8 needs --calibration DIR: static quantization fits its activation "
                          "ranges to real images (random inputs give ranges real images do not have)")
@@ -125,6 +129,19 @@ def check_quantize_args(*, precision: str, calibration: Path | None, quantize_al
 
         if not 2 <= count <= MAX_COUNT:
             raise UsageError(f"--calibration-count must be between 2 and {MAX_COUNT}, got {count}")
+    return parse_module_paths(keep_float)
+
+
+def parse_module_paths(text: str | None) -> tuple[str, ...]:
+    """``--keep-float``'s comma list of dotted module paths (``features.0,layer4.1``)."""
+    if text is None:
+        return ()
+    paths = tuple(p.strip() for p in text.split(","))
+    for p in paths:
+        if not p or not all(part.isidentifier() or part.isdigit() for part in p.split(".")):
+            raise UsageError(f"--keep-float takes dotted module paths separated by commas (as 'summarize' "
+                             f"names them, e.g. features.0,layer4.1), got {text!r}")
+    return tuple(dict.fromkeys(paths))
 
 
 # ---------------------------------------------------------------- graph walk
@@ -138,6 +155,56 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
                 if isinstance(value, list):
                     return [str(v) for v in value]
     return []
+
+
+def _owners(nodes: list[onnx.NodeProto], paths: Iterable[str]) -> dict[str, str]:
+    """Node name -> the innermost of ``paths`` (dotted module paths) whose scope traced it."""
+    paths = list(paths)
+    owner: dict[str, str] = {}
+    for n in nodes:
+        for scope in reversed(_scopes(n)):
+            path = next((p for p in paths if scope == p or scope.startswith(p + ".")), None)
+            if path is not None:
+                owner[n.name] = path
+                break
+    return owner
+
+
+def check_module_paths(model: nn.Module, paths: tuple[str, ...]) -> None:
+    """Raise UsageError for a ``--keep-float`` path that names no module of ``model``."""
+    for p in paths:
+        try:
+            model.get_submodule(p)
+        except AttributeError:
+            children = ", ".join(name for name, _ in model.named_children())
+            raise UsageError(f"--keep-float: {type(model).__name__} has no module {p!r} (its top-level modules: "
+                             f"{children}; 'attnsurgeon summarize' lists the blocks)") from None
+
+
+def module_nodes(proto: onnx.ModelProto, model: nn.Module, paths: tuple[str, ...], *, prefix: str = "",
+                 attention: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """Every node traced inside the modules of ``model`` at ``paths`` (``--keep-float``), as
+    :func:`attention_nodes` gives them, with role ``keep-float`` and the kind of the attention
+    module it belongs to (by ``attention``, the graph's :func:`attention_nodes`, or by scope;
+    "-" for the model's own nodes). ``prefix`` is what the exported graph's scopes put before
+    ``model``'s paths (a wrapper's attribute name).
+
+    Raises:
+        UsageError: a path names no module of ``model``, or a module with no node in the graph.
+    """
+    check_module_paths(model, paths)
+    nodes = list(proto.graph.node)
+    owner = _owners(nodes, [prefix + p for p in paths])
+    for p in paths:
+        if prefix + p not in owner.values():
+            raise UsageError(f"--keep-float: module {p!r} has no node in the exported graph (it does not run, "
+                             "or the exporter folded it into a neighbour, as a conv into the batch norm after it: "
+                             "name the norm or the block)")
+    kinds = {prefix + path: kind for path, kind in _module_kinds(model).items()}
+    kind = {name: kinds[path] for name, path in _owners(nodes, kinds).items()}
+    kind.update({a["node"]: a["kind"] for a in attention or []})  # a fused squeeze or multiply, out of scope
+    return [{"node": n.name, "op": n.op_type, "module": owner[n.name][len(prefix):],
+             "kind": kind.get(n.name, "-"), "role": "keep-float"} for n in nodes if n.name in owner]
 
 
 def _module_kinds(model: nn.Module) -> dict[str, str]:
@@ -181,13 +248,7 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
     def silu_product(n: onnx.NodeProto) -> bool:
         """The Mul of x * sigmoid(x)."""
         return n.op_type == "Mul" and any(t in producer and silu(producer[t]) for t in n.input)
-    owner: dict[str, str] = {}
-    for n in nodes:
-        for scope in reversed(_scopes(n)):
-            path = next((p for p in kinds if scope == p or scope.startswith(p + ".")), None)
-            if path is not None:
-                owner[n.name] = path
-                break
+    owner = _owners(nodes, kinds)
     found: dict[str, dict[str, str]] = {}
 
     def add(n: onnx.NodeProto, path: str, role: str) -> None:
@@ -421,6 +482,7 @@ def export_quantized(
     calibration: dict[str, Any] | None = None,
     images: np.ndarray | None = None,
     quantize_all: bool = False,
+    keep_float: tuple[str, ...] = (),
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     keep_failed: bool = False,
     show_progress: bool = True,
@@ -430,7 +492,9 @@ def export_quantized(
 
     ``images`` are the preprocessed calibration images (the first part calibrates, the rest
     is held out; see :func:`attnsurgeon.calibration.split`); ``calibration`` describes them
-    for the report. The float file is a temp file; only ``path`` is written, atomically.
+    for the report. ``keep_float`` names modules of ``model`` whose every node stays in float
+    (int8), beside the attention defaults. The float file is a temp file; only ``path`` is
+    written, atomically.
 
     Raises:
         UsageError: as :func:`attnsurgeon.onnx_export.export_onnx`.
@@ -453,7 +517,10 @@ def export_quantized(
     if precision == "int8" and images is None:
         raise UsageError("--precision int8 needs --calibration DIR")
     path = Path(path)
+    original = model
+    check_module_paths(original, keep_float)
     model = _one_output(model, input_size=input_size)
+    prefix = "" if model is original else "model."  # _SegmentationOutput's attribute
     if images is not None:
         n_cal, _ = split(len(images))
         calibrate, held_out = images[:n_cal], images[n_cal:]
@@ -497,8 +564,12 @@ def export_quantized(
                 proto = onnx.load(str(float_path), load_external_data=False)
                 attn = attention_nodes(proto, model)
                 keep = nodes_to_keep_float(attn, quantize_all=quantize_all)
+                kept = {a["node"] for a in keep}
+                keep += [a for a in module_nodes(proto, original, keep_float, prefix=prefix, attention=attn)
+                         if a["node"] not in kept]
                 q["attention_nodes"] = len(attn)
                 q["quantize_all"] = quantize_all
+                q["keep_float"] = list(keep_float)
                 q["policies"] = ({} if quantize_all else
                                  {k: DEFAULT_POLICY.get(k, "none") for k in sorted({a["kind"] for a in attn})})
                 q["float_nodes"] = keep
@@ -580,21 +651,30 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
              f"(of {c['images']} used); resize {p['resize']} -> crop {p['crop']}, mean "
              f"{escape(str(p['mean']))}, std {escape(str(p['std']))} ({escape(p['source'])})")
     if q["precision"] == "int8":
-        if q.get("quantize_all"):
-            line("  kept in float: nothing (--quantize-all)")
-        elif q["float_nodes"]:
-            from collections import Counter
+        from collections import Counter
 
-            modules = len({a["module"] for a in q["float_nodes"]})
-            ops = ", ".join(f"{op} {n}" for op, n in Counter(a["op"] for a in q["float_nodes"]).most_common())
+        def nodes(found: list[dict[str, str]], what: str) -> str:
+            ops = ", ".join(f"{op} {n}" for op, n in Counter(a["op"] for a in found).most_common())
+            modules = len({a["module"] for a in found})
+            return f"{len(found)} nodes of {modules} {what}{'s' if modules != 1 else ''} ({ops})"
+
+        attn = [a for a in q["float_nodes"] if a["role"] != "keep-float"]
+        user = [a for a in q["float_nodes"] if a["role"] == "keep-float"]
+        none = "no attention node" if user else "nothing"
+        if q.get("quantize_all"):
+            line(f"  kept in float: {none} (--quantize-all)")
+        elif attn:
             why = "; ".join(f"{k}: {v} ({'+'.join(POLICIES[v]) or 'nothing'})" for k, v in q["policies"].items())
-            line(f"  kept in float: {len(q['float_nodes'])} nodes of {modules} attention modules ({ops}); "
-                 f"attention-aware defaults, measured on trained models: {why}")
+            line(f"  kept in float: {nodes(attn, 'attention module')}; attention-aware defaults, measured "
+                 f"on trained models: {why}")
         elif q.get("attention_nodes"):
             why = "; ".join(f"{k}: {v}" for k, v in q["policies"].items())
-            line(f"  kept in float: nothing (the measured defaults quantize these kinds whole: {why})")
+            line(f"  kept in float: {none} (the measured defaults quantize these kinds whole: {why})")
         else:
-            line("  kept in float: nothing (no attention module in the model)")
+            line(f"  kept in float: {none} (no attention module in the model)")
+        if user:
+            line(f"  kept in float (--keep-float {escape(','.join(q['keep_float']))}): "
+                 f"{nodes(user, 'module')}")
     a = q.get("agreement")
     if a is not None:
         verdict = "[bold green]PASSED[/]" if q["passed"] else "[bold red]FAILED[/]"

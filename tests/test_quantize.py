@@ -123,13 +123,23 @@ def coord_checkpoint(base: nn.Module, digits: dict[str, object], tmp_path_factor
     (["--precision", "int8", "--calibration", "{one}", "--std", "0.5,0,0.5"], "--std values must be > 0"),
     (["--precision", "fp16", "--mean", "0.5,0.5,0.5"], "--mean/--std preprocess --calibration images"),
     (["--precision", "fp16", "--no-verify"], "--no-verify: a fp16 file is always checked"),
+    (["--precision", "fp16", "--keep-float", "layer1"], "--keep-float is for --precision int8"),
+    (["--precision", "int8", "--calibration", "{two}", "--keep-float", "layer1,,fc"],
+     "--keep-float takes dotted module paths separated by commas"),
+    # checked once the model is built, before the (here unreadable) images are decoded
+    (["--precision", "int8", "--calibration", "{two}", "--keep-float", "layer1,layer9"],
+     "--keep-float: ResNet has no module 'layer9' (its top-level modules: conv1, bn1"),
 ])
 def test_bad_options_one_line_exit_2_nothing_written(cli, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "a.png").write_bytes(b"")
+    (tmp_path / "two").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "two" / name).write_bytes(b"")
     (tmp_path / "file").write_text("x")
-    args = [a.format(empty=tmp_path / "empty", file=tmp_path / "file", one=tmp_path / "one") for a in args]
+    args = [a.format(empty=tmp_path / "empty", file=tmp_path / "file", one=tmp_path / "one", two=tmp_path / "two")
+            for a in args]
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
     cwd = os.getcwd()
@@ -204,6 +214,52 @@ def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> 
                    ("branch", "Relu"), ("gate", "Sigmoid")]
     assert {a["module"] for a in found} == {"layer4.1.attn_standard"} and {a["kind"] for a in found} == {"se"}
     assert quantize.nodes_to_keep_float(found, quantize_all=True) == []
+
+
+def test_module_nodes_take_every_node_of_the_named_modules(tmp_path: Path) -> None:
+    """--keep-float: every node traced in the named modules, the attention module's with its
+    kind; the same through a wrapper (a segmentation model's); unknown or unused modules refused."""
+    import onnx
+
+    from attnsurgeon.errors import UsageError
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Wrapper(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    attnsurgeon.apply(model, "se", layers="layer4.1")
+    model.unused = nn.Conv2d(1, 1, 1)
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    attention = quantize.attention_nodes(proto, model)
+    found = quantize.module_nodes(proto, model, ("bn1", "layer4.1"), attention=attention)
+    assert {a["role"] for a in found} == {"keep-float"}
+    assert {a["module"] for a in found} == {"bn1", "layer4.1"}
+    stem = [a for a in found if a["module"] == "bn1"]
+    assert [a["op"] for a in stem] == ["Conv"] and stem[0]["kind"] == "-"  # conv1, bn1 folded in, in bn1's scope
+    block = [a for a in found if a["module"] == "layer4.1"]
+    assert sum(a["op"] == "Conv" for a in block) == 4  # conv1, conv2, SE's two 1x1 convs
+    se = {a["node"] for a in attention}
+    assert se <= {a["node"] for a in block}  # the block holds its SE, the fused squeeze and multiply too
+    assert {a["node"] for a in block if a["kind"] == "se"} == se
+
+    export_onnx(Wrapper(model), tmp_path / "w.onnx", input_size=32, verify=False)
+    wrapped = quantize.module_nodes(onnx.load(str(tmp_path / "w.onnx")), model, ("bn1", "layer4.1"), prefix="model.")
+    assert [(a["op"], a["module"]) for a in wrapped] == [(a["op"], a["module"]) for a in found]
+    assert {a["kind"] for a in wrapped if a["op"] == "Sigmoid"} == {"se"}  # by scope, under the prefix
+
+    with pytest.raises(UsageError, match="ResNet has no module 'layer4.9'"):
+        quantize.module_nodes(proto, model, ("layer4.9",))
+    for unseen in ("unused", "conv1"):  # never runs; folded into bn1's node
+        with pytest.raises(UsageError, match=f"module '{unseen}' has no node in the exported graph"):
+            quantize.module_nodes(proto, model, (unseen,))
 
 
 def test_int8_calibration_ranges_cover_every_image(tmp_path: Path) -> None:
@@ -305,6 +361,33 @@ def test_failed_agreement_exits_1_and_removes_the_file_unless_keep_failed(
     assert r.exit_code == 1
     assert json.loads(r.stdout)["quantized"]["passed"] is False
     assert _listing(tmp_path) == ["m.onnx"]
+
+
+@pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
+def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, digits: dict[str, object],
+                                                   tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    args = ["export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
+            "--calibration", str(digits["calib"]), "--calibration-count", "40", "--min-agreement", "0.5",
+            "--keep-float", "features.0",
+            "-o", str(out)]
+    r = cli(*args, "--json")
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.stdout)["quantized"]
+    assert q["keep_float"] == ["features.0"]
+    user = [a for a in q["float_nodes"] if a["role"] == "keep-float"]
+    assert sorted(a["op"] for a in user) == ["Clip", "Conv"] and {a["module"] for a in user} == {"features.0"}
+    proto = onnx.load(str(out))
+    producer = {t: n.op_type for n in proto.graph.node for t in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    stem = next(n for n in convs if n.name == next(a["node"] for a in user if a["op"] == "Conv"))
+    assert all(t not in producer or producer[t] != "DequantizeLinear" for t in stem.input)  # float in, float weight
+    assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs if n is not stem)  # int8 weights
+    r = cli(*args, "--force")
+    assert r.exit_code == 0, r.output
+    assert "kept in float (--keep-float features.0): 2 nodes of 1 module (Conv 1, Clip 1)" in r.output
 
 
 @pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
