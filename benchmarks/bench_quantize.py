@@ -21,10 +21,14 @@ policy's also at the training size, batch 1 and 32.
     pip install -e '.[test]'   # scikit-learn
     python benchmarks/bench_quantize.py --out results.json             # train, measure (~1.5 h)
     python benchmarks/bench_quantize.py --models resnet18 --kinds se,eca --out results.json
+    python benchmarks/bench_quantize.py --kinds fine-tuned,coord --seed 1 --out results.json  # retrain
     python benchmarks/bench_quantize.py --table results.json           # README tables, current defaults
 
 Rows are appended to ``--out`` as they finish (a rerun skips rows already there), so the
 tables can be re-printed with the current :data:`attnsurgeon.quantize.DEFAULT_POLICY`.
+``--seed K`` retrains rows with another fine-tune seed (data order, dropout, the inserted
+modules' init): a row's agreement depends on its training as well as on its kind, and the
+table of seeds puts the kinds' spread beside the fine-tuned base's.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ HARD = {"gate": "hard_sigmoid"}
 # fine-tune; "preserve" starts sigmoid gates at sigmoid(16), where they barely move in an epoch
 # (a gate that is ~1 everywhere quantizes without loss whatever the policy, and says nothing)
 INIT = "paper"
+# the fine-tune's seed (data order, dropout): the rows of one model differ by their training as
+# well as by their kind, so ``--seed`` retrains rows to measure that spread
+SEED = 0
 # (model, kind or None, position, params): the rows, most wanted first (a run cut short keeps them)
 ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
     ("mobilenet_v2", None, None, {}),
@@ -100,6 +107,8 @@ def row_name(model: str, kind: str | None, position: str | None, params: dict[st
         name += f" @{position}"
     if params:
         name += " (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+    if kind and SEED:
+        name += f" seed={SEED}"
     return name
 
 
@@ -157,17 +166,20 @@ def build(model: str, kind: str | None, position: str | None, params: dict[str, 
     m.load_state_dict(state)
     if kind:
         if attention(kind):
-            attnsurgeon.apply(m, kind, position=position, params=params or None, init=INIT, seed=0)
-        seconds = train(m, data[0], data[1], epochs=TUNE_EPOCHS, lr=TUNE_LR)
+            attnsurgeon.apply(m, kind, position=position, params=params or None, init=INIT, seed=SEED)
+        # seeded here, not by what the process ran before (MobileNetV2's dropout draws from it)
+        torch.manual_seed(SEED)
+        seconds = train(m, data[0], data[1], epochs=TUNE_EPOCHS, lr=TUNE_LR, seed=SEED)
     return m.eval(), seconds
 
 
-def train(m: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch: int = BATCH) -> float:
+def train(m: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch: int = BATCH,
+          seed: int = 0) -> float:
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(x) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     m.train()
     for _ in range(epochs):
@@ -215,6 +227,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
     row: dict[str, Any] = {"row": row_name(*spec), "model": model, "kind": kind, "position": position,
                            "params": params, "input_size": size, "train_seconds": round(seconds, 1),
                            "epochs": TUNE_EPOCHS if kind else BASE_EPOCHS[model], "batch": BATCH,
+                           "seed": SEED if kind else 0,
                            "from": (f"trained base, init {INIT}" if attention(kind) else
                                     "trained base" if kind else "scratch"),
                            "float_acc": float((want[:len(y_test)].argmax(1) == y_test).mean()), "policies": {}}
@@ -333,7 +346,40 @@ def _agree(p: dict[str, Any]) -> str:
             f"({min(draws)}-{max(draws)})/{p['compared_variants']}")
 
 
+def _default_agreement(r: dict[str, Any]) -> float:
+    """A row's mean agreement (test images and variants, over the draws) under today's default."""
+    kind = attention(r["kind"])
+    p = r["policies"].get(DEFAULT_POLICY.get(kind, "none") if kind else "none", r["policies"]["none"])
+    return float(p["agreeing_variants_mean"])
+
+
+def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows trained with several seeds: the default's agreement per seed, their mean, and that
+    mean against the fine-tuned base's mean over its seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["kind"]:
+            groups.setdefault(r["row"].split(" seed=")[0], []).append(r)
+    groups = {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+    seeds = sorted({r.get("seed", 0) for v in groups.values() for r in v})
+    base = {v[0]["model"]: float(np.mean([_default_agreement(r) for r in v]))
+            for v in groups.values() if v[0]["kind"] == TUNED}
+    out = ["", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs fine-tuned base's mean |",
+           "|---|" + "---|" * (len(seeds) + 2)]
+    for name, v in groups.items():
+        by_seed = {r.get("seed", 0): _default_agreement(r) for r in v}
+        mean = float(np.mean(list(by_seed.values())))
+        ref = base.get(v[0]["model"])
+        delta = "-" if ref is None or v[0]["kind"] == TUNED else f"{mean - ref:+.1f}"
+        out.append(f"| {name} | " + " | ".join(f"{by_seed[s]:.1f}" if s in by_seed else "-" for s in seeds)
+                   + f" | {mean:.1f} | {delta} |")
+    return out
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
+    everything, rows = rows, [r for r in rows if not r.get("seed", 0)]  # the main tables: seed 0
     reference = {r["model"]: r["policies"]["none"]["agreeing_variants_mean"] for r in rows if r["kind"] == TUNED}
     out = ["| model | float acc | INT8 acc (default / all) | agreement, default (test; +variants, mean (range) "
            f"of {DRAWS} draws) | vs fine-tuned base | agreement, all | float kept (default) | size fp32 -> int8 "
@@ -367,11 +413,11 @@ def tables(rows: list[dict[str, Any]]) -> str:
                  f"({p['float_nodes']})" if (p := r["policies"].get(name)) else "-" for name in MEASURED_POLICIES]
         out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {choose(r)} |")
     out += ["", "measured default per kind: " + ", ".join(f"{k}: {v}" for k, v in choose_per_kind(rows).items())]
-    return "\n".join(out)
+    return "\n".join(out + seeds_table(everything))
 
 
 def main() -> None:
-    global INIT
+    global INIT, SEED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench_quantize.json"))
     ap.add_argument("--table", type=Path, help="print the README tables from this results file and exit")
@@ -380,12 +426,14 @@ def main() -> None:
                     f"'{TUNED}' for the fine-tuned base (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (latency: 2)")
     ap.add_argument("--init", default=INIT, choices=("paper", "preserve"), help="init of the inserted modules")
+    ap.add_argument("--seed", type=int, default=SEED, help="seed of the fine-tune and the inserted modules' init "
+                    "(rows with another seed than 0 are named so, and fill the table of seeds)")
     args = ap.parse_args()
     if args.table:
         print(tables(json.loads(args.table.read_text())))
         return
     torch.set_num_threads(args.threads)
-    INIT = args.init
+    INIT, SEED = args.init, args.seed
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     names = {r["row"] for r in done}
     models, kinds = set(filter(None, args.models.split(","))), set(filter(None, args.kinds.split(",")))
