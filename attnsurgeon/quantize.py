@@ -107,9 +107,8 @@ _AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 
 def check_quantize_args(*, precision: str, calibration: Path | None, quantize_all: bool,
-                        min_agreement: float, count: int, keep_float: str | None = None) -> tuple[str, ...]:
-    """Raise UsageError for options that do not fit together (before torch is imported);
-    return ``--keep-float``'s module paths."""
+                        min_agreement: float, count: int, keep_float: str | None = None) -> None:
+    """Raise UsageError for options that do not fit together (before torch is imported)."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" and calibration is not None:
@@ -129,7 +128,7 @@ def check_quantize_args(*, precision: str, calibration: Path | None, quantize_al
 
         if not 2 <= count <= MAX_COUNT:
             raise UsageError(f"--calibration-count must be between 2 and {MAX_COUNT}, got {count}")
-    return parse_module_paths(keep_float)
+    parse_module_paths(keep_float)  # the paths' syntax; whether the model has them is checked once it is built
 
 
 def parse_module_paths(text: str | None) -> tuple[str, ...]:
