@@ -138,7 +138,7 @@ def parse_module_paths(text: str | None) -> tuple[str, ...]:
     paths = tuple(p.strip() for p in text.split(","))
     for p in paths:
         if not p or not all(part.isidentifier() or part.isdigit() for part in p.split(".")):
-            raise UsageError(f"--keep-float takes dotted module paths separated by commas (as 'summarize' "
+            raise UsageError(f"--keep-float takes dotted module paths separated by commas (as 'attnsurgeon blocks' "
                              f"names them, e.g. features.0,layer4.1), got {text!r}")
     return tuple(dict.fromkeys(paths))
 
@@ -177,7 +177,7 @@ def check_module_paths(model: nn.Module, paths: tuple[str, ...]) -> None:
         except AttributeError:
             children = ", ".join(name for name, _ in model.named_children())
             raise UsageError(f"--keep-float: {type(model).__name__} has no module {p!r} (its top-level modules: "
-                             f"{children}; 'attnsurgeon summarize' lists the blocks)") from None
+                             f"{children}; 'attnsurgeon blocks MODEL' lists the blocks)") from None
 
 
 def module_nodes(proto: onnx.ModelProto, model: nn.Module, paths: tuple[str, ...], *, prefix: str = "",
