@@ -371,8 +371,7 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     out = tmp_path / "m.onnx"
     args = ["export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
             "--calibration", str(digits["calib"]), "--calibration-count", "40", "--min-agreement", "0.5",
-            "--keep-float", "features.0",
-            "-o", str(out)]
+            "--keep-float", "features.0", "-o", str(out)]
     r = cli(*args, "--json")
     assert r.exit_code == 0, r.output
     q = json.loads(r.stdout)["quantized"]
