@@ -64,8 +64,13 @@ __all__ = ["QuantizeOptions", "SurgeryOptions", "check_quantize_options", "run_b
 # width), messages on stderr (render.messages_console: made per message)
 
 
+def _say(text: str) -> None:
+    """A message on stderr, verbatim (no markup)."""
+    messages_console().print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _warn(text: str) -> None:
-    messages_console().print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+    _say(f"warning: {text}")
 
 
 @contextlib.contextmanager
@@ -261,7 +266,7 @@ def run_insert(opts: SurgeryOptions, *, output: Path, force: bool, input_size: i
     with _removed_on_failure(output):
         data["output"] = str(output)
         _emit(data, as_json)
-        messages_console().print(f"wrote {show_path(output)}", markup=False, highlight=False)
+        _say(f"wrote {show_path(output)}")
 
 
 @contextlib.contextmanager
@@ -310,8 +315,7 @@ def run_summarize(target: str | None, opts: SurgeryOptions, *, input_size: int, 
         with _stdout_to_stderr():
             data = _summarize_checkpoint(Path(target), input_size=input_size, latency=latency)
         if not as_json:
-            messages_console().print(f"{show_path(target)}: made by {data['checkpoint']['made_by']}",
-                                     markup=False, highlight=False, soft_wrap=True)
+            _say(f"{show_path(target)}: made by {data['checkpoint']['made_by']}")
         _emit(data, as_json)
         return
     opts = replace(opts, model=target)
@@ -468,7 +472,7 @@ def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset:
         raise
     with _removed_on_failure(output):
         _emit_export({**source, **summary}, as_json)
-        messages_console().print(f"wrote {show_path(output)}", markup=False, highlight=False)
+        _say(f"wrote {show_path(output)}")
 
 
 def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path] | None:

@@ -98,6 +98,7 @@ def attention(kind: str | None) -> str | None:
     """The attention kind of a row's ``kind`` (None for the base rows, fine-tuned or not)."""
     return None if kind == TUNED else kind
 
+
 def row_name(model: str, kind: str | None, position: str | None, params: dict[str, Any]) -> str:
     if attention(kind):
         name = f"{model} + {kind}"
@@ -346,11 +347,17 @@ def _agree(p: dict[str, Any]) -> str:
             f"({min(draws)}-{max(draws)})/{p['compared_variants']}")
 
 
+def _default(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A row's policy under today's default, and its measurements (``none``'s where the run
+    did not measure that policy)."""
+    kind = attention(r["kind"])
+    d = DEFAULT_POLICY.get(kind, "none") if kind else "none"
+    return d, r["policies"].get(d, r["policies"]["none"])
+
+
 def _default_agreement(r: dict[str, Any]) -> float:
     """A row's mean agreement (test images and variants, over the draws) under today's default."""
-    kind = attention(r["kind"])
-    p = r["policies"].get(DEFAULT_POLICY.get(kind, "none") if kind else "none", r["policies"]["none"])
-    return float(p["agreeing_variants_mean"])
+    return float(_default(r)[1]["agreeing_variants_mean"])
 
 
 def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -386,9 +393,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
            "| CPU ms fp32 / int8, b1 | b32 | 224x224 b1 | speed-up b1 / b32 / 224 |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kind = attention(r["kind"])
-        d = DEFAULT_POLICY.get(kind, "none") if kind else "none"
-        pd, pa = r["policies"].get(d, r["policies"]["none"]), r["policies"]["none"]
+        (d, pd), pa = _default(r), r["policies"]["none"]
         lat = [r["latency_b1"], r["latency_b32"], r["latency_224_b1"]]
         int8_ms = [x["int8_default_ms"] for x in lat]
         int8_ms[2] = lat[2].get("int8_ms", {}).get(d, int8_ms[2])  # every policy was timed at 224

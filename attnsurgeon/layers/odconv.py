@@ -114,7 +114,6 @@ def has_unfolded_form(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-
 def _tracing(x: Tensor) -> bool:
     """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
