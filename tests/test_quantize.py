@@ -367,7 +367,6 @@ def test_failed_agreement_exits_1_and_removes_the_file_unless_keep_failed(
 def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, digits: dict[str, object],
                                                    tmp_path: Path) -> None:
     import onnx
-
     from rich.console import Console
 
     out = tmp_path / "m.onnx"
