@@ -131,7 +131,9 @@ def digits(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def variants(x: np.ndarray) -> np.ndarray:
     """``x`` and deterministic variants of it, stacked: shifted by one source pixel (size / 8)
     down-right and up-left (the border filled with the background's value), and with seeded
-    Gaussian noise (sigma 0.25, a tenth of the data's range)."""
+    Gaussian noise (sigma 0.25, a tenth of the data's range). The noise is not clipped to the
+    data's range, so some pixels lie where no image's do and the INT8 input quantizer clips
+    them: a flaw the README measures; mend it with a full rerun, since the stored rows have it."""
     step = x.shape[-1] // 8
     background = float(x.min())
     out = [x]
