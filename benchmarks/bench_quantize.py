@@ -208,14 +208,16 @@ def logits_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 def scores(got: np.ndarray, want: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Accuracy of ``got`` on the first ``len(y)`` rows (the test images); its top-1 agreement
     (count and fraction) and mean cosine with ``want`` (the float model) on the test images
-    and on all rows (the test images and their variants)."""
+    and on all rows (the test images and their variants), and the count per group of
+    :func:`variants` (test, shifted down-right, shifted up-left, noisy: which images flip)."""
     cos = np.sum(got * want, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     same = got.argmax(1) == want.argmax(1)
     n = len(y)
     return {"acc": float((got[:n].argmax(1) == y).mean()), "agreement": float(same[:n].mean()),
             "agreeing": int(same[:n].sum()), "compared": n, "cosine_mean": float(cos[:n].mean()),
             "agreeing_variants": int(same.sum()), "compared_variants": len(same),
-            "cosine_mean_variants": float(cos.mean())}
+            "cosine_mean_variants": float(cos.mean()),
+            "agreeing_groups": [int(same[i:i + n].sum()) for i in range(0, len(same), n)]}
 
 
 def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: Path) -> dict[str, Any]:
@@ -420,6 +422,11 @@ def tables(rows: list[dict[str, Any]]) -> str:
                  f"({p['float_nodes']})" if (p := r["policies"].get(name)) else "-" for name in MEASURED_POLICIES]
         out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {choose(r)} |")
     out += ["", "measured default per kind: " + ", ".join(f"{k}: {v}" for k, v in choose_per_kind(rows).items())]
+    if len(everything) > len(rows):  # the seeds' rows too: where the rule's pick moves, a tie within its margin
+        picks = choose_per_kind(rows)
+        moved = {k: v for k, v in choose_per_kind(everything).items() if picks.get(k) != v}
+        out += ["", f"over all {len(everything)} rows (every seed), the rule picks otherwise: "
+                + (", ".join(f"{k}: {v}" for k, v in moved.items()) or "nowhere")]
     return "\n".join(out + seeds_table(everything))
 
 
