@@ -43,7 +43,7 @@ from .errors import UsageError, VerificationError
 from .files import atomic_write
 from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, SMALL_OUTPUT, SMALL_OUTPUT_RTOL, check_export_args
 from .render import print_export_summary  # re-exported: its old home
-from .torch_state import evaluating
+from .torch_state import evaluating, out_of_place
 from .zoo import is_detector
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "VerificationError", "check_export_args",
@@ -177,7 +177,7 @@ def _export(model: nn.Module, path: Path, *, input_size: int, opset: int,
     batch = 2 if dynamic_batch else 1
     example = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     try:
-        with _quiet():
+        with _quiet(), out_of_place(model):
             program = torch.onnx.export(
                 model, (example,), dynamo=True, verbose=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

