@@ -273,17 +273,76 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
                 "agreeing_variants_draws": [p["agreeing_variants"] for p in per_draw],
                 "agreeing_variants_mean": float(np.mean([p["agreeing_variants"] for p in per_draw])),
                 "acc_mean": float(np.mean([p["acc"] for p in per_draw]))}
-        # every policy's file at the deployment size, and the default's also at the training
-        # size, batch 1 and 32: the float file interleaved with them
-        names = list(files)
-        ms = ort_latency([fp32, *files.values()], input_size=DEPLOY_SIZE, batch=1, threads=2, rounds=11)
-        row["latency_224_b1"] = {"fp32_ms": ms[0], "int8_default_ms": ms[1 + names.index(default)],
-                                 "default_policy": default, "input_size": DEPLOY_SIZE,
-                                 "int8_ms": dict(zip(names, ms[1:], strict=True))}
-        for key, batch, rounds in (("latency_b1", 1, 21), ("latency_b32", 32, 7)):
-            ms = ort_latency([fp32, files[default]], input_size=size, batch=batch, threads=2, rounds=rounds)
-            row[key] = {"fp32_ms": ms[0], "int8_default_ms": ms[1], "default_policy": default, "input_size": size}
+        row.update(timings(fp32, files, default, size))
     return row
+
+
+def timings(fp32: Path, files: dict[str, Path], default: str, size: int) -> dict[str, Any]:
+    """Every policy's INT8 file at the deployment size, and the default's also at the training
+    size, batch 1 and 32: the float file interleaved with them (onnxruntime, 2 threads)."""
+    names = list(files)
+    ms = ort_latency([fp32, *files.values()], input_size=DEPLOY_SIZE, batch=1, threads=2, rounds=11)
+    out = {"latency_224_b1": {"fp32_ms": ms[0], "int8_default_ms": ms[1 + names.index(default)],
+                              "default_policy": default, "input_size": DEPLOY_SIZE,
+                              "int8_ms": dict(zip(names, ms[1:], strict=True))}}
+    for key, batch, rounds in (("latency_b1", 1, 21), ("latency_b32", 32, 7)):
+        ms = ort_latency([fp32, files[default]], input_size=size, batch=batch, threads=2, rounds=rounds)
+        out[key] = {"fp32_ms": ms[0], "int8_default_ms": ms[1], "default_policy": default, "input_size": size}
+    return out
+
+
+LATENCY_KEYS = ("latency_224_b1", "latency_b1", "latency_b32")
+
+
+def retime(rows: list[dict[str, Any]]) -> None:
+    """Time every architecture of ``rows`` again, one at a time, and put the figures in each of
+    its rows (seeds share them); the figures they replace are kept under ``"latency_before"``.
+
+    Latency does not depend on what was learned, so the models here are untrained: the base
+    with the kind inserted (:data:`INIT`, seed 0), exported and quantized under each policy as
+    :func:`measure` does, on the first calibration draw. Checked on ResNet-18 + SK, INT8 with
+    SK's branch in float, at 224x224: trained 37.6 / 22.0 ms, untrained 37.6 / 21.7 ms (one
+    thread). Run it on an otherwise idle machine: rows trained in parallel processes were
+    timed while the others trained."""
+    import onnx
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        arch = (r["model"], attention(r["kind"]), r["position"], r["params"])
+        groups.setdefault(json.dumps(arch, sort_keys=True), []).append(r)
+    for key, mine in groups.items():
+        model, kind, position, params = json.loads(key)
+        start = time.perf_counter()
+        size = mine[0]["input_size"]
+        torch.manual_seed(0)
+        m = torchvision.models.get_model(model, num_classes=10)
+        if kind:
+            attnsurgeon.apply(m, kind, position=position, params=params or None, init=INIT, seed=0)
+        m.eval()
+        calib = digits(size)[0][:CALIBRATION]
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx(m, fp32, input_size=size, dynamic_hw=True, verify=False)
+            source = fp32
+            if has_unfolded_form(m):
+                source = Path(tmp) / "fp32_unfolded.onnx"
+                with quantizable_export():
+                    export_onnx(m, source, input_size=size, dynamic_hw=True, verify=False)
+            attn = attention_nodes(onnx.load(str(source)), m)
+            default = DEFAULT_POLICY.get(kind, "none") if kind else "none"
+            files = {}
+            for policy in dict.fromkeys((*(MEASURED_POLICIES if kind else ("none",)), default)):
+                roles = POLICIES[policy]
+                keep = [a["node"] for a in attn if a["role"] in roles or (a["role"] == "gate" and "branch" in roles)]
+                files[policy] = Path(tmp) / f"int8_{policy}.onnx"
+                quantize_int8(source, files[policy], calib, exclude=keep, show_progress=False)
+            figures = timings(fp32, files, default, size)
+        for r in mine:
+            r.setdefault("latency_before", {k: r[k] for k in LATENCY_KEYS})
+            r.update(figures)
+            r["latency_how"] = "retimed: untrained, one architecture at a time, idle machine"
+        print(f"{model} {kind or 'base'} {position or ''} {params or ''}: {len(mine)} rows, "
+              f"{time.perf_counter() - start:.0f} s, {os.getloadavg()}", file=sys.stderr, flush=True)
 
 
 # a policy keeping fewer nodes in float is preferred while it agrees within this fraction of the
@@ -435,6 +494,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench_quantize.json"))
     ap.add_argument("--table", type=Path, help="print the README tables from this results file and exit")
+    ap.add_argument("--retime", type=Path, help="time every architecture in this results file again (on an "
+                    "idle machine), write the figures into it, and exit")
     ap.add_argument("--models", default="", help="comma list of models (default: all)")
     ap.add_argument("--kinds", default="", help="comma list of kinds, 'base' for the base rows, "
                     f"'{TUNED}' for the fine-tuned base (default: all)")
@@ -445,6 +506,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         print(tables(json.loads(args.table.read_text())))
+        return
+    if args.retime:
+        rows = json.loads(args.retime.read_text())
+        retime(rows)
+        args.retime.write_text(json.dumps(rows, indent=1))
         return
     torch.set_num_threads(args.threads)
     INIT, SEED = args.init, args.seed

@@ -284,6 +284,52 @@ def test_int8_calibration_ranges_cover_every_image(tmp_path: Path) -> None:
     assert scale * (255 - zero) == pytest.approx(10.0, rel=0.01)
 
 
+def test_spatial_means_become_global_pools_with_the_same_outputs(tmp_path: Path) -> None:
+    """ReduceMean over H and W (kept or dropped) becomes GlobalAveragePool (+ Squeeze), which
+    onnxruntime runs on uint8; a mean over one axis or of a 3-D tensor stays; an excluded
+    mean stays float with its Squeeze, no quantize/dequantize between them."""
+    import onnx
+    import onnxruntime as ort
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Means(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            kept = y.mean((2, 3), keepdim=True)  # (N, 4, 1, 1)
+            dropped = y.mean((-1, -2))  # (N, 4)
+            rows = y.mean(3, keepdim=True).mean(2)  # one axis at a time
+            flat = y.flatten(2).mean((1, 2))  # rank 3
+            return (y * kept.sigmoid()).mean((2, 3)) + dropped + rows + flat[:, None]
+
+    torch.manual_seed(0)
+    export_onnx(Means().eval(), tmp_path / "m.onnx", input_size=32, dynamic_batch=False, verify=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    means = [n.name for n in proto.graph.node if n.op_type == "ReduceMean"]
+    squeezes = quantize.spatial_means_as_pools(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("GlobalAveragePool") == 3 and ops.count("Squeeze") == len(squeezes) == 2
+    assert ops.count("ReduceMean") == len(means) - 3 == 3  # the two one-axis means and the 3-D one
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "p.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    run = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+           for f in ("m.onnx", "p.onnx")]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-6, atol=1e-6)
+
+    pooled = next(iter(squeezes))
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[pooled], show_progress=False)
+    assert info["means_as_pools"] == 3
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {t: n for n in q.node for t in n.output}
+    squeeze = next(n for n in q.node if n.name == squeezes[pooled])
+    assert producer[squeeze.input[0]].name == pooled  # float pool straight into its float Squeeze
+
+
 def test_timing_sessions_do_not_spin_wait(tmp_path: Path) -> None:
     """ort_latency's sessions turn onnxruntime's spin-waiting off (threads filling a 2-core
     machine made float run twice as slow, and the INT8 speed-up swing from x1.04 to x1.77);
