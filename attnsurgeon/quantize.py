@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
            "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
-           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "print_quantized_summary",
-           "quantize_int8", "spatial_means_as_pools"]
+           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "pools_out_of_range_as_means",
+           "print_quantized_summary", "quantize_int8", "spatial_means_as_pools"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("gate", "branch", "apply")
@@ -348,6 +348,7 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
              if v.type.tensor_type.HasField("shape")}
     squeezes: dict[str, str] = {}
     nodes = []
+    detached = set()
     for node in graph.node:
         nodes.append(node)
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -359,6 +360,7 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
         if axes != {2, 3} or attrs.get("noop_with_empty_axes", 0):
             continue
         node.op_type = "GlobalAveragePool"
+        detached.add(node.input[1])
         del node.input[1:]
         del node.attribute[:]
         if attrs.get("keepdims", 1) == 0:
@@ -371,7 +373,52 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
             squeezes[node.name] = squeeze.name
     del graph.node[:]
     graph.node.extend(nodes)
+    unused = detached - {t for n in nodes for t in n.input}  # onnxruntime warns of unused initializers
+    kept = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return squeezes
+
+
+def pools_out_of_range_as_means(proto: onnx.ModelProto) -> int:
+    """Turn back, in place, each quantized GlobalAveragePool (dequantize -> pool -> quantize)
+    that onnxruntime's uint8 kernel would refuse into a ReduceMean over height and width, which
+    runs in float between the two. The kernel scales by ``in_scale / (out_scale * H * W)`` and
+    raises "parameter out of computation range" unless that lies in [2^-32, 256), with H * W
+    under 2^24; ``in_scale / out_scale`` in [2^-8, 256) keeps it there at every input size (a
+    file with a dynamic height and width). A mean whose calibrated range is tiny against its
+    input's (EMA's pooling of a group-normalised map) falls outside. Returns how many."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {t: n for n in graph.node for t in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    axes = None
+    reverted = 0
+    for node in graph.node:
+        if node.op_type != "GlobalAveragePool":
+            continue
+        dq, users = producer.get(node.input[0]), consumers.get(node.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or not users or any(
+                u.op_type != "QuantizeLinear" for u in users):
+            continue
+        ratios = [float(consts[dq.input[1]]) / float(consts[q.input[1]]) for q in users
+                  if dq.input[1] in consts and q.input[1] in consts]
+        if all(2.0 ** -8 <= r < 256.0 for r in ratios):
+            continue
+        if axes is None:
+            axes = f"{node.name}_axes"
+            graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
+        node.op_type = "ReduceMean"
+        node.input.append(axes)
+        node.attribute.append(helper.make_attribute("keepdims", 1))
+        reverted += 1
+    return reverted
 
 
 def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclude: list[str],
@@ -423,8 +470,12 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
         # the ranges it has collected each time it reaches that many batches (onnxruntime#18893), so
         # it calibrated on the last few batches only and failed on a multiple of it. Every batch's
         # outputs here are per-tensor minima and maxima, a few numbers each: keeping them is cheap.
+    quantized = onnx.load(str(out_path))
+    reverted = pools_out_of_range_as_means(quantized)
+    if reverted:
+        onnx.save(quantized, str(out_path))
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8, per-channel, symmetric",
-            "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": pools,
+            "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": pools - reverted,
             "seconds": round(time.perf_counter() - start, 3)}
 
 

@@ -315,6 +315,8 @@ def test_spatial_means_become_global_pools_with_the_same_outputs(tmp_path: Path)
     assert ops.count("GlobalAveragePool") == 3 and ops.count("Squeeze") == len(squeezes) == 2
     assert ops.count("ReduceMean") == len(means) - 3 == 3  # the two one-axis means and the 3-D one
     onnx.checker.check_model(proto, full_check=True)
+    used = {t for n in proto.graph.node for t in n.input}
+    assert all(t.name in used for t in proto.graph.initializer)  # the means' axes went with them
     onnx.save(proto, str(tmp_path / "p.onnx"))
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
     run = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -328,6 +330,39 @@ def test_spatial_means_become_global_pools_with_the_same_outputs(tmp_path: Path)
     producer = {t: n for n in q.node for t in n.output}
     squeeze = next(n for n in q.node if n.name == squeezes[pooled])
     assert producer[squeeze.input[0]].name == pooled  # float pool straight into its float Squeeze
+
+
+def test_a_pool_onnxruntime_would_refuse_stays_a_mean(tmp_path: Path) -> None:
+    """The mean of an instance-normalised map is ~0 on every image, so its calibrated range is
+    tiny against its input's, and onnxruntime's uint8 pool raises "parameter out of computation
+    range": that mean goes back to a ReduceMean between dequantize and quantize; the other
+    stays a pool; the file runs at its size and at another (dynamic height and width)."""
+    import onnx
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.norm = nn.GroupNorm(4, 4, affine=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.norm(y).mean((2, 3)) + y.mean((2, 3))
+
+    torch.manual_seed(0)
+    export_onnx(Normed().eval(), tmp_path / "m.onnx", input_size=32, dynamic_hw=True, verify=False)
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
+    assert info["means_as_pools"] == 1
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("ReduceMean") == 1
+    session = quantize._session(tmp_path / "q.onnx")
+    for size in (32, 77):
+        (out,) = session.run(None, {"input": x[:2, :, :size, :size] if size <= 32 else
+                                    np.resize(x[:2], (2, 3, size, size)).astype(np.float32)})
+        assert out.shape == (2, 4) and np.isfinite(out).all()
 
 
 def test_timing_sessions_do_not_spin_wait(tmp_path: Path) -> None:
