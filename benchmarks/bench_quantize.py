@@ -23,12 +23,15 @@ policy's also at the training size, batch 1 and 32.
     python benchmarks/bench_quantize.py --models resnet18 --kinds se,eca --out results.json
     python benchmarks/bench_quantize.py --kinds fine-tuned,coord --seed 1 --out results.json  # retrain
     python benchmarks/bench_quantize.py --table results.json           # README tables, current defaults
+    python benchmarks/bench_quantize.py --retime results.json          # latency again, idle machine (~20 min)
 
 Rows are appended to ``--out`` as they finish (a rerun skips rows already there), so the
 tables can be re-printed with the current :data:`attnsurgeon.quantize.DEFAULT_POLICY`.
 ``--seed K`` retrains rows with another fine-tune seed (data order, dropout, the inserted
 modules' init): a row's agreement depends on its training as well as on its kind, and the
-table of seeds puts the kinds' spread beside the fine-tuned base's.
+table of seeds puts the kinds' spread beside the fine-tuned base's. Rows trained in parallel
+processes are timed while the others train: ``--retime`` times each architecture again,
+alone (:func:`retime`).
 """
 
 from __future__ import annotations
