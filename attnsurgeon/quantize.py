@@ -761,8 +761,10 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
         console.print(text, style=style, highlight=False, soft_wrap=True)
 
     if q["precision"] == "int8":
+        pools = q.get("means_as_pools")
         line(f"[bold]int8[/]: {q['method']}, {q['format']}, weights {q['weights']}, activations "
-             f"{q['activations']} ({q['calibrate_method']})")
+             f"{q['activations']} ({q['calibrate_method']})"
+             + (f"; {pools} mean{'s' if pools != 1 else ''} over H, W as uint8 GlobalAveragePool" if pools else ""))
     else:
         line(f"[bold]fp16[/]: {q['method']} (keep_io_types: float32 input and output)")
     c = q.get("calibration")

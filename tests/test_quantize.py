@@ -485,7 +485,9 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs if n is not stem)  # int8 weights
     console = Console(record=True, width=200)  # the summary the CLI prints without --json, from the same data
     quantize.print_quantized_summary(console, data)
-    assert "kept in float (--keep-float features.0): 2 nodes of 1 module (Conv 1, Clip 1)" in console.export_text()
+    text = console.export_text()
+    assert "kept in float (--keep-float features.0): 2 nodes of 1 module (Conv 1, Clip 1)" in text
+    assert q["means_as_pools"] >= 1 and f"; {q['means_as_pools']} mean" in text  # the classifier's pool at least
 
 
 @pytest.mark.heavy  # trains a model (session fixture) and exports it: ~15-30 s
