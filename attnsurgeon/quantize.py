@@ -208,6 +208,26 @@ def module_nodes(proto: onnx.ModelProto, model: nn.Module, paths: tuple[str, ...
              "kind": kind.get(n.name, "-"), "role": "keep-float"} for n in nodes if n.name in owner]
 
 
+def _links(nodes: Iterable[onnx.NodeProto]) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Each tensor's producing node, and its consuming nodes."""
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        producer.update((t, n) for t in n.output)
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    return producer, consumers
+
+
+def _hw_axes(graph: onnx.GraphProto, name: str) -> str:
+    """Add an int64 initializer ``[2, 3]`` (height and width) named ``name``; return the name."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), name))
+    return name
+
+
 def _module_kinds(model: nn.Module) -> dict[str, str]:
     """Dotted path of each module the surgery added -> its kind (from the registry's builders)."""
     from .kinds import KINDS
@@ -229,11 +249,7 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
     if not kinds:
         return []
     nodes = list(proto.graph.node)
-    producer = {t: n for n in nodes for t in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producer, consumers = _links(nodes)
     constants = {t.name for t in proto.graph.initializer} | {t for n in nodes if n.op_type == "Constant"
                                                               for t in n.output}
 
@@ -325,16 +341,16 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
+def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
     """Rewrite, in place, each ReduceMean over the height and width of a 4-D tensor as a
     GlobalAveragePool (followed by a Squeeze of both where the mean drops them): the same
     function, which onnxruntime runs on uint8 (QLinearGlobalAveragePool) where a quantized
     ReduceMean runs in float between a DequantizeLinear and a QuantizeLinear. It is how a
     squeeze pools (SE, ECA, CBAM's channel gate, SK, AFP, the classifier's pool): MobileNetV2 +
     SE @mid at 224x224, batch 1, INT8 went from x1.16 to x1.70 over float, with the same
-    outputs to 1e-13. Returns the added Squeeze nodes' names, by their pool's. A mean whose
-    input's rank shape inference cannot tell is left alone."""
-    import numpy as np
+    outputs to 1e-13. Returns the pools made, by name, each with its added Squeeze's name
+    (None where the mean kept its dims). A mean whose input's rank shape inference cannot tell
+    is left alone."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -346,7 +362,7 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
         inferred = graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.value_info, *inferred.input)
              if v.type.tensor_type.HasField("shape")}
-    squeezes: dict[str, str] = {}
+    pools: dict[str, str | None] = {}
     nodes = []
     detached = set()
     for node in graph.node:
@@ -363,21 +379,21 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str]:
         detached.add(node.input[1])
         del node.input[1:]
         del node.attribute[:]
+        pools[node.name] = None
         if attrs.get("keepdims", 1) == 0:
             pooled, out = f"{node.output[0]}_pooled", node.output[0]
             node.output[0] = pooled
-            axes_name = f"{node.name}_squeeze_axes"
-            graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes_name))
+            axes_name = _hw_axes(graph, f"{node.name}_squeeze_axes")
             squeeze = helper.make_node("Squeeze", [pooled, axes_name], [out], name=f"{node.name}_squeeze")
             nodes.append(squeeze)
-            squeezes[node.name] = squeeze.name
+            pools[node.name] = squeeze.name
     del graph.node[:]
     graph.node.extend(nodes)
     unused = detached - {t for n in nodes for t in n.input}  # onnxruntime warns of unused initializers
     kept = [t for t in graph.initializer if t.name not in unused]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return squeezes
+    return pools
 
 
 def pools_out_of_range_as_means(proto: onnx.ModelProto) -> int:
@@ -388,16 +404,11 @@ def pools_out_of_range_as_means(proto: onnx.ModelProto) -> int:
     under 2^24; ``in_scale / out_scale`` in [2^-8, 256) keeps it there at every input size (a
     file with a dynamic height and width). A mean whose calibrated range is tiny against its
     input's (EMA's pooling of a group-normalised map) falls outside. Returns how many."""
-    import numpy as np
     from onnx import helper, numpy_helper
 
     graph = proto.graph
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    producer = {t: n for n in graph.node for t in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producer, consumers = _links(graph.node)
     axes = None
     reverted = 0
     for node in graph.node:
@@ -412,8 +423,7 @@ def pools_out_of_range_as_means(proto: onnx.ModelProto) -> int:
         if all(2.0 ** -8 <= r < 256.0 for r in ratios):
             continue
         if axes is None:
-            axes = f"{node.name}_axes"
-            graph.initializer.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), axes))
+            axes = _hw_axes(graph, f"{node.name}_axes")
         node.op_type = "ReduceMean"
         node.input.append(axes)
         node.attribute.append(helper.make_attribute("keepdims", 1))
@@ -443,10 +453,8 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
 
     start = time.perf_counter()
     proto = onnx.load(str(float_path))
-    pools = -sum(n.op_type == "GlobalAveragePool" for n in proto.graph.node)
-    squeezes = spatial_means_as_pools(proto)
-    pools += sum(n.op_type == "GlobalAveragePool" for n in proto.graph.node)
-    exclude = [*exclude, *(squeezes[n] for n in exclude if n in squeezes)]
+    pools = spatial_means_as_pools(proto)
+    exclude = [*exclude, *(squeeze for n in exclude if (squeeze := pools.get(n)))]
     with (tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp,
           progress_bar("calibrating", total=len(batches), enabled=show_progress) as advance, _quiet_logs()):
         source = Path(tmp) / "pooled.onnx"
@@ -475,7 +483,7 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
     if reverted:
         onnx.save(quantized, str(out_path))
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8, per-channel, symmetric",
-            "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": pools - reverted,
+            "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": len(pools) - reverted,
             "seconds": round(time.perf_counter() - start, 3)}
 
 

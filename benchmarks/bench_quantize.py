@@ -223,6 +223,34 @@ def scores(got: np.ndarray, want: np.ndarray, y: np.ndarray) -> dict[str, float]
             "agreeing_groups": [int(same[i:i + n].sum()) for i in range(0, len(same), n)]}
 
 
+def export_forms(m: nn.Module, tmp: str, size: int, *, verify: bool = True) -> tuple[Path, Path]:
+    """The float file (dynamic H/W) and the one INT8 quantizes, as export-onnx --precision int8
+    traces it (ODConv's unfolded form; else the float file itself)."""
+    fp32 = Path(tmp) / "fp32.onnx"
+    export_onnx(m, fp32, input_size=size, dynamic_hw=True, verify=verify)
+    if not has_unfolded_form(m):
+        return fp32, fp32
+    source = Path(tmp) / "fp32_unfolded.onnx"
+    with quantizable_export():
+        export_onnx(m, source, input_size=size, dynamic_hw=True, verify=verify)
+    return fp32, source
+
+
+def policies_for(kind: str | None) -> tuple[tuple[str, ...], str]:
+    """The policies a row measures (its attention ``kind``'s, or only ``none`` for a base) and
+    today's default among them."""
+    if not kind:
+        return ("none",), "none"
+    default = DEFAULT_POLICY.get(kind, "none")
+    return tuple(dict.fromkeys((*MEASURED_POLICIES, default))), default
+
+
+def kept_float(attn: list[dict[str, str]], policy: str) -> list[str]:
+    """The nodes ``policy`` keeps in float (a branch holds its gate)."""
+    roles = POLICIES[policy]
+    return [a["node"] for a in attn if a["role"] in roles or (a["role"] == "gate" and "branch" in roles)]
+
+
 def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: Path) -> dict[str, Any]:
     model, kind, position, params = spec
     size = SIZES[model]
@@ -243,26 +271,17 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
                                                                                replace=False)]
                                        for d in range(1, DRAWS)]
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(m, fp32, input_size=size, dynamic_hw=True)
+        fp32, source = export_forms(m, tmp, size)
         row["fp32_size"] = fp32.stat().st_size
-        source = fp32  # what INT8 quantizes: as export-onnx --precision int8 traces it
-        if has_unfolded_form(m):
-            source = Path(tmp) / "fp32_unfolded.onnx"
-            with quantizable_export():
-                export_onnx(m, source, input_size=size, dynamic_hw=True)
         row["fp32_onnx_acc"] = scores(logits_onnx(fp32, x_test), want[:len(y_test)], y_test)["acc"]
         import onnx
 
         attn = attention_nodes(onnx.load(str(source)), m)
         row["attention_nodes"] = {r: sum(a["role"] == r for a in attn) for r in ("gate", "branch", "apply")}
-        kind_ = attention(kind)
-        policies = MEASURED_POLICIES if kind_ else ("none",)
-        default = DEFAULT_POLICY.get(kind_, "none") if kind_ else "none"
+        policies, default = policies_for(attention(kind))
         files = {}
-        for policy in dict.fromkeys((*policies, default)):
-            roles = POLICIES[policy]
-            keep = [a["node"] for a in attn if a["role"] in roles or (a["role"] == "gate" and "branch" in roles)]
+        for policy in policies:
+            keep = kept_float(attn, policy)
             per_draw = []
             for d, calib in enumerate(draws):
                 q = Path(tmp) / f"int8_{policy}_{d}.onnx"
@@ -324,21 +343,13 @@ def retime(rows: list[dict[str, Any]]) -> None:
         m.eval()
         calib = digits(size)[0][:CALIBRATION]
         with tempfile.TemporaryDirectory() as tmp:
-            fp32 = Path(tmp) / "fp32.onnx"
-            export_onnx(m, fp32, input_size=size, dynamic_hw=True, verify=False)
-            source = fp32
-            if has_unfolded_form(m):
-                source = Path(tmp) / "fp32_unfolded.onnx"
-                with quantizable_export():
-                    export_onnx(m, source, input_size=size, dynamic_hw=True, verify=False)
+            fp32, source = export_forms(m, tmp, size, verify=False)
             attn = attention_nodes(onnx.load(str(source)), m)
-            default = DEFAULT_POLICY.get(kind, "none") if kind else "none"
+            policies, default = policies_for(kind)
             files = {}
-            for policy in dict.fromkeys((*(MEASURED_POLICIES if kind else ("none",)), default)):
-                roles = POLICIES[policy]
-                keep = [a["node"] for a in attn if a["role"] in roles or (a["role"] == "gate" and "branch" in roles)]
+            for policy in policies:
                 files[policy] = Path(tmp) / f"int8_{policy}.onnx"
-                quantize_int8(source, files[policy], calib, exclude=keep, show_progress=False)
+                quantize_int8(source, files[policy], calib, exclude=kept_float(attn, policy), show_progress=False)
             figures = timings(fp32, files, default, size)
         for r in mine:
             r.setdefault("latency_before", {k: r[k] for k in LATENCY_KEYS})
