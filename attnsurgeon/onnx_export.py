@@ -191,17 +191,17 @@ def _export(model: nn.Module, path: Path, *, input_size: int, opset: int,
     program.save(path, external_data=False)
 
 
-_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather"})
 
 
 def _fold_weight_layouts(model: Any) -> None:
-    """Fold reshapes and transposes of weights into the weights, whatever their size.
+    """Fold reshapes, transposes and selections of weights into the weights, whatever their size.
 
     The exporter folds constants only up to a size limit, so a large weight that a layer
-    reshapes (ODConv's kernel bank) reaches its Conv or MatMul through ops, and a
-    quantizer, which quantizes initializers only, leaves it in float. These ops move data
-    without adding any; a large weight that other nodes also use is not copied (the
-    folder's own output limit)."""
+    reshapes (ODConv's kernel bank) or selects from (a depthwise dynamic convolution's K
+    kernels) reaches its Conv or MatMul through ops, and a quantizer, which quantizes
+    initializers only, leaves it in float. These ops move data without adding any; a
+    large weight that other nodes also use is not copied (the folder's own output limit)."""
     from onnxscript.optimizer import fold_constants
 
     fold_constants(model, should_fold=lambda node: True if node.domain == "" and node.op_type in _LAYOUT_OPS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import onnxruntime as ort
 import pytest
@@ -283,6 +284,21 @@ def test_dynconv_forms_agree(batch, groups, bias, stride):
     torch.testing.assert_close(dyn(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_depthwise_dynconv_stacked_form_runs_one_output_per_group(bias):
+    """A depthwise conv's stacked form is K depthwise convs (onnxruntime's and PyTorch's CPU
+    depthwise kernels), not one conv with K outputs per group: same function."""
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=bias, temperature=1.0)
+    x = torch.randn(3, 8, 9, 9)
+    ref = _loop_reference(dyn, x)
+    pi = dyn.kernel_attention(x)
+    with mock.patch.object(F, "conv2d", wraps=F.conv2d) as conv:
+        y = dyn.forward_stacked(x, pi)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert [c.args[1].shape[0] for c in conv.call_args_list] == [8] * dyn.kernels
+
+
 def test_dynconv_eager_choice():
     with torch.device("meta"):
         late, early = DynamicConv2d(512, 512, 3, padding=1), DynamicConv2d(64, 64, 3, padding=1)
@@ -491,3 +507,25 @@ def test_dynconv_on_cuda_matches_cpu(monkeypatch):
         out = gpu.to(memory_format=torch.channels_last)(xg.contiguous(memory_format=torch.channels_last))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_depthwise_dynconv_onnx_keeps_every_kernel_an_initializer(tmp_path):
+    """In ONNX a depthwise dynamic conv is K depthwise Convs whose weights, selected from the
+    bank, are initializers (folded past the exporter's size limit), so a quantizer stores
+    them in int8 per channel and onnxruntime runs its depthwise kernel; the file agrees."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 512, 1), DynamicConv2d(512, 512, 3, padding=1, groups=512, temperature=1.0),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)).eval()
+    # the bank, 4 x 512 x 9 = 18,432 elements, is over the exporter's folding limit
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=True)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if helper.get_attribute_value(next(a for a in n.attribute if a.name == "group")) > 1]
+    assert all(n.input[1] in weights for n in convs)
+    assert len(depthwise) == 4 and all(weights[n.input[1]].shape == (512, 1, 3, 3) for n in depthwise)
