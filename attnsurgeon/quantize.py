@@ -17,7 +17,10 @@ activations that applies them. :func:`attention_nodes` walks the exported graph 
 for every attention module the surgery added (by the exporter's name scopes), its nodes in
 three roles:
 
-* ``gate``: the Sigmoid / HardSigmoid / Softmax that makes the attention weights;
+* ``gate``: the Sigmoid / HardSigmoid / Softmax that makes the attention weights, and the
+  reshapes and constant affines that carry them to the apply (quantized, they would hand
+  the apply a dequantized input, and onnxruntime fuses a multiply of two dequantized inputs
+  whose output is quantized into a QLinearMul: the apply would not stay float);
 * ``branch``: the gate and what computes its input back to the pooling (the squeeze's
   ReduceMean/ReduceMax, the MLP or 1-D conv, CBAM's 7x7 spatial conv, dynamic
   convolution's kernel-attention MLP, SK's select MLP), including a pooling the block's
@@ -288,7 +291,7 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
                     continue
                 seen.add(c.name)
                 if c.op_type in _SHAPE_OPS or by_constant(c):
-                    add(c, path, "branch")
+                    add(c, path, "gate")  # carries the weights to the apply: kept with the gate
                     stack.extend(c.output)
                 elif c.op_type in _APPLY_OPS:
                     add(c, path, "apply")

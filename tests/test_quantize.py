@@ -384,7 +384,7 @@ def test_timing_sessions_do_not_spin_wait(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kind", "want"), [
-    # SimAM with preserve's blend 1 + alpha (s - 1): the blend's Sub/Mul/Add are branch, the Mul by x applies
+    # SimAM with preserve's blend 1 + alpha (s - 1): the blend's Sub/Mul/Add go with the gate, the Mul by x applies
     ("simam", {("gate", "Sigmoid"): 1, ("apply", "Mul"): 1}),
     # ELA: its SiLU's Sigmoid is no gate; the walk back crosses the SiLU and GroupNorm's affine to the pooling
     ("ela", {("gate", "Sigmoid"): 2, ("apply", "Mul"): 2, ("branch", "ReduceMean"): 2, ("branch", "Conv"): 2,
@@ -553,3 +553,31 @@ def test_hard_sigmoid_gate_preserve_is_exact_and_trainable() -> None:
         module(x).square().sum().backward()
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         assert any(g.abs().sum() > 0 for g in grads)  # the gate still learns
+
+
+def test_gate_and_apply_kept_float_stay_float_in_onnxruntime(tmp_path: Path) -> None:
+    """The shape ops that carry a gate's weights to its multiply are part of the gate: kept in
+    float with it, so the multiply gets a float operand. Quantized, they handed the multiply
+    two dequantized inputs, and onnxruntime fused it into a QLinearMul (a depthwise dynamic
+    convolution's K weighted outputs): a node reported as float ran in INT8."""
+    import onnx
+    import onnxruntime as ort
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    attnsurgeon.apply(model, "dynconv", layers="features.2")
+    export_onnx(model, tmp_path / "f.onnx", input_size=32, verify=False)
+    found = quantize.attention_nodes(onnx.load(str(tmp_path / "f.onnx")), model)
+    applies = {a["node"] for a in found if a["role"] == "apply"}
+    assert len(applies) == 4 and {a["op"] for a in found if a["role"] == "gate"} == {"Softmax", "Unsqueeze", "Split"}
+    keep = [a["node"] for a in found if a["role"] in quantize.POLICIES["gate+apply"]]
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantize.quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", images, exclude=keep, show_progress=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the QDQ fusions
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ran = {n.name: n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert {ran.get(name) for name in applies} == {"Mul"}
