@@ -22,6 +22,13 @@ compares with the PyTorch model in eval mode. The relative error is
 a trained ODConv-MobileNetV2, every conv per sample, differed by 1.08e-4 on its logits),
 and, where PyTorch's outputs are below ``SMALL_OUTPUT`` (random weights of some families
 give logits of 1e-9), when the relative error is ``<= SMALL_OUTPUT_RTOL`` too.
+
+A run outside that tolerance is judged again against the model run in float64: it passes
+when onnxruntime's error there is ``<= atol + FLOAT64_FACTOR x`` PyTorch's own float32
+error. Some trained models round so much that the two float32 runs differ by more than any
+fixed tolerance while both are as close to the exact result (an undertrained
+SK-MobileNetV2 at 96x80: 4.8e-4 apart, 2.7e-4 allowed; 1.8e-4 and 3.3e-4 from float64);
+an export bug is off by far more than float32 rounding.
 """
 
 from __future__ import annotations
@@ -41,7 +48,15 @@ from torch import nn
 
 from .errors import UsageError, VerificationError
 from .files import atomic_write
-from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, SMALL_OUTPUT, SMALL_OUTPUT_RTOL, check_export_args
+from .options import (
+    DEFAULT_OPSET,
+    FLOAT64_FACTOR,
+    MAX_OPSET,
+    MIN_OPSET,
+    SMALL_OUTPUT,
+    SMALL_OUTPUT_RTOL,
+    check_export_args,
+)
 from .render import print_export_summary  # re-exported: its old home
 from .torch_state import evaluating, out_of_place
 from .zoo import is_detector
@@ -154,14 +169,35 @@ def _one_output(model: nn.Module, *, input_size: int) -> nn.Module:
     return model
 
 
+def _float64_referee(model: nn.Module, x: torch.Tensor, want: Any, have: Any, *, atol: float) -> dict[str, Any]:
+    """``torch_vs_float64`` and ``onnx_vs_float64`` (max abs errors against the model run in
+    float64 on ``x``) and ``passed`` by them (module docstring; ``atol`` 0 for outputs below
+    ``SMALL_OUTPUT``, which atol would pass whatever they are); nothing where the model does
+    not run in float64."""
+    import copy
+
+    import numpy as np
+
+    try:
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(x.double()).numpy()
+    except Exception:  # a module that cannot run in float64: the float32 tolerance decides
+        return {}
+    torch_error, onnx_error = float(np.max(np.abs(want - exact))), float(np.max(np.abs(have - exact)))
+    return {"torch_vs_float64": torch_error, "onnx_vs_float64": onnx_error,
+            "passed": onnx_error <= atol + FLOAT64_FACTOR * torch_error}
+
+
 def _failure(path: Path, result: dict[str, Any], *, kept: bool) -> str:
     fate = f"kept {path} anyway (--keep-failed)" if kept else "no file written"
     if result["error"]:
         return f"{path.name} FAILED verification: {result['error']}; {fate}"
-    worst = max(result["runs"], key=lambda r: r["max_abs"])
+    worst = max((r for r in result["runs"] if not r["passed"]), key=lambda r: r["max_abs"])
+    exact = (f", and {worst['onnx_vs_float64']:.3g} from float64 where PyTorch's float32 is "
+             f"{worst['torch_vs_float64']:.3g}" if "onnx_vs_float64" in worst else "")
     return (f"{path.name} FAILED verification: max abs error {worst['max_abs']:.3g} at input "
             f"{worst['shape']} > atol {result['atol']:g} + rtol {result['rtol']:g} x max |output| "
-            f"{worst['max_output']:.3g}; {fate}")
+            f"{worst['max_output']:.3g}{exact}; {fate}")
 
 
 def _dynamic_shapes(dynamic_batch: bool, dynamic_hw: bool) -> tuple[dict[int, str]] | None:
@@ -362,7 +398,7 @@ def verify_onnx(
     except Exception as e:  # onnxruntime's Fail, InvalidGraph, InvalidArgument, ...
         result["error"] = f"onnxruntime: {_first_sentence(str(e))}"
     else:
-        for shape, want, have in zip(shapes, expected, got, strict=True):  # one output per input
+        for shape, x, want, have in zip(shapes, inputs, expected, got, strict=True):  # one output per input
             if have.shape != want.shape:
                 result["error"] = (f"onnxruntime returns shape {list(have.shape)} for input {list(shape)}, "
                                    f"PyTorch {list(want.shape)}")
@@ -374,8 +410,11 @@ def verify_onnx(
             if scale < SMALL_OUTPUT:  # atol alone would pass anything: the relative error decides too
                 result["small_outputs"] = max(result.get("small_outputs", 0.0), scale)
                 passed = passed and max_rel <= SMALL_OUTPUT_RTOL
-            result["runs"].append({"batch": shape[0], "shape": list(shape), "max_abs": max_abs,
-                                   "max_rel": max_rel, "max_output": scale, "passed": passed})
+            run = {"batch": shape[0], "shape": list(shape), "max_abs": max_abs, "max_rel": max_rel,
+                   "max_output": scale, "passed": passed}
+            if not passed and max_abs == max_abs:  # not NaN: ask float64 which side rounds
+                run.update(_float64_referee(model, x, want, have, atol=atol if scale >= SMALL_OUTPUT else 0.0))
+            result["runs"].append(run)
         result["passed"] = result["error"] is None and all(r["passed"] for r in result["runs"])
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result

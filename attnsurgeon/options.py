@@ -16,9 +16,9 @@ from .errors import UsageError, suggest
 from .files import check_input_size
 from .model_names import MODEL_NAMES
 
-__all__ = ["DEFAULT_OPSET", "DEVICES", "MAX_BATCH", "MAX_OPSET", "MAX_RECIPE_BYTES", "MIN_OPSET", "SMALL_OUTPUT",
-           "SMALL_OUTPUT_RTOL", "LatencyOptions", "check_export_args", "check_latency_options", "check_model_name",
-           "check_regular_file", "show_path"]
+__all__ = ["DEFAULT_OPSET", "DEVICES", "FLOAT64_FACTOR", "MAX_BATCH", "MAX_OPSET", "MAX_RECIPE_BYTES", "MIN_OPSET",
+           "SMALL_OUTPUT", "SMALL_OUTPUT_RTOL", "LatencyOptions", "check_export_args", "check_latency_options",
+           "check_model_name", "check_regular_file", "show_path"]
 
 # A timing batch beyond this only exhausts memory (a ResNet-50 at 224 and batch 4096
 # already needs tens of GB); checked up front, so the answer is a line, not a traceback.
@@ -33,6 +33,10 @@ DEVICES = ("cpu", "cuda")
 # summary warns, and ONNX verification also requires SMALL_OUTPUT_RTOL.
 SMALL_OUTPUT = 1e-4
 SMALL_OUTPUT_RTOL = 1e-3
+# A run outside the tolerance passes ONNX verification when onnxruntime's error against the
+# model run in float64 is at most atol + this many times PyTorch's own float32 error (a
+# different summation order: 0.7x to 2.2x measured on convs that cancel large terms).
+FLOAT64_FACTOR = 4.0
 
 
 def show_path(path: str | Path) -> str:

@@ -15,7 +15,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from .kinds import HEADS, KINDS, POSITIONS
-from .options import SMALL_OUTPUT_RTOL
+from .options import FLOAT64_FACTOR, SMALL_OUTPUT_RTOL
 
 __all__ = ["blocks_table", "comparison_table", "kinds_data", "print_export_summary", "print_kinds", "print_summary",
            "print_table", "results_console", "si", "terminal_width"]
@@ -389,6 +389,12 @@ def print_export_summary(console: Any, data: dict[str, Any]) -> None:
         table.add_row(str(r["batch"]), dims(r["shape"]), f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}",
                       "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
     console.print(table)
+    for r in v["runs"]:
+        if "onnx_vs_float64" in r:
+            console.print(f"  input {dims(r['shape'])} judged against the model in float64: onnxruntime "
+                          f"{r['onnx_vs_float64']:.2e} from it, PyTorch's float32 {r['torch_vs_float64']:.2e} "
+                          f"(allowed: atol + {FLOAT64_FACTOR:g}x PyTorch's)", style=None if r["passed"] else "red",
+                          highlight=False, soft_wrap=True)
     if v.get("small_outputs") is not None:
         console.print(f"  warning: the model's outputs are at most {v['small_outputs']:.2g} (random weights?), "
                       f"too small for atol {v['atol']:g} to judge: runs also had to be within a relative "

@@ -16,13 +16,14 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from rich.console import Console
 from torch import nn
 
 import attnsurgeon
 from attnsurgeon import export_onnx
 from attnsurgeon.errors import UsageError
 from attnsurgeon.kinds import KINDS, POSITIONS
-from attnsurgeon.onnx_export import VerificationError
+from attnsurgeon.onnx_export import VerificationError, print_export_summary
 from attnsurgeon.surgery import apply
 
 ATOL = 1e-4
@@ -187,6 +188,38 @@ def test_api_failed_verification(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.onnx"]
 
 
+class Cancelling(nn.Module):
+    """``conv(x + 1e4) - conv(1e4)``: float32 rounds the large terms, each runtime its own way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        big = torch.full_like(x, 1e4)
+        return self.conv(x + big) - self.conv(big)
+
+
+def test_rounding_beyond_the_tolerance_is_judged_against_float64(tmp_path):
+    """PyTorch and onnxruntime both round this model's float32 sums by more than the tolerance
+    allows between them, and both are as close to the float64 result: it passes; a file that
+    computes something else still fails, and its message gives both errors against float64."""
+    def head(*middle: nn.Module) -> nn.Module:
+        return nn.Sequential(Cancelling(), *middle, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    torch.manual_seed(0)
+    summary = export_onnx(head(), tmp_path / "m.onnx", input_size=32)
+    runs = summary["verification"]["runs"]
+    assert all(r["max_abs"] > 1e-4 + 1e-5 * r["max_output"] for r in runs)  # the float32 tolerance fails them
+    assert all(r["passed"] and r["onnx_vs_float64"] <= 1e-4 + 4 * r["torch_vs_float64"] for r in runs)
+    console = Console(record=True, width=200)
+    print_export_summary(console, summary)
+    assert console.export_text().count("judged against the model in float64") == len(runs)
+    with pytest.raises(VerificationError, match=r"from float64 where PyTorch's float32 is .*no file written"):
+        export_onnx(head(Cheat()), tmp_path / "c.onnx", input_size=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
 def one_line_error(result, code: int, match: str) -> None:
     assert result.exit_code == code, (result.exit_code, result.output)
     lines = result.stderr.strip().splitlines()
@@ -244,7 +277,8 @@ def test_cli_static_batch(cli, tmp_path):
 def test_cli_failed_verification_exit_1(cli, tmp_path, monkeypatch):
     from attnsurgeon import onnx_export
 
-    monkeypatch.setattr(onnx_export, "VERIFY_RTOL", 0.0)  # with --atol 0: any rounding fails
+    monkeypatch.setattr(onnx_export, "VERIFY_RTOL", 0.0)  # with --atol 0: any rounding fails,
+    monkeypatch.setattr(onnx_export, "FLOAT64_FACTOR", 0.0)  # also against float64
     out = tmp_path / "f.onnx"
     result = cli("export-onnx", "resnet18", "-o", str(out), "--input-size", "32", "--atol", "0")
     one_line_error(result, 1, "FAILED verification")
