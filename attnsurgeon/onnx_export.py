@@ -368,7 +368,8 @@ def verify_onnx(
 
     Returns:
         ``{"checker": "passed" | "failed", "error": None | str, "provider", "atol", "rtol",
-        "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "max_output", "passed"}]}``;
+        "passed", "seconds", "runs": [{"batch", "shape", "max_abs", "max_rel", "max_output", "passed"}]}``
+        (a run outside the tolerance also has ``torch_vs_float64`` and ``onnx_vs_float64``);
         ``error`` says why the checker or onnxruntime rejected the file; ``small_outputs``
         (the largest |output|) is there when PyTorch's outputs are below ``SMALL_OUTPUT``
         and the relative error decided too.
