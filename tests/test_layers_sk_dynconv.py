@@ -284,18 +284,21 @@ def test_dynconv_forms_agree(batch, groups, bias, stride):
     torch.testing.assert_close(dyn(x), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_depthwise_dynconv_stacked_form_runs_one_output_per_group(bias):
+@pytest.mark.parametrize(("bias", "channels_last"), [(False, False), (True, False), (True, True)])
+def test_depthwise_dynconv_stacked_form_runs_one_output_per_group(bias, channels_last):
     """A depthwise conv's stacked form is K depthwise convs (onnxruntime's and PyTorch's CPU
-    depthwise kernels), not one conv with K outputs per group: same function."""
+    depthwise kernels), not one conv with K outputs per group: same function, same layout."""
     torch.manual_seed(0)
     dyn = DynamicConv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=bias, temperature=1.0)
     x = torch.randn(3, 8, 9, 9)
     ref = _loop_reference(dyn, x)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    dyn, x = dyn.to(memory_format=layout), x.contiguous(memory_format=layout)
     pi = dyn.kernel_attention(x)
     with mock.patch.object(F, "conv2d", wraps=F.conv2d) as conv:
         y = dyn.forward_stacked(x, pi)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=layout)
     assert [c.args[1].shape[0] for c in conv.call_args_list] == [8] * dyn.kernels
 
 
