@@ -63,8 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
            "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
-           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "pools_out_of_range_as_means",
-           "print_quantized_summary", "quantize_int8", "spatial_means_as_pools"]
+           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "policy_keeps",
+           "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8", "spatial_means_as_pools"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("gate", "branch", "apply")
@@ -318,16 +318,17 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
     return [found[n.name] for n in nodes if n.name in found]
 
 
+def policy_keeps(policy: str, role: str) -> bool:
+    """Whether ``policy`` keeps a node of ``role`` in float (a branch holds its gate)."""
+    roles = POLICIES[policy]
+    return role in roles or (role == "gate" and "branch" in roles)
+
+
 def nodes_to_keep_float(attn: list[dict[str, str]], *, quantize_all: bool) -> list[dict[str, str]]:
     """The attention nodes the kinds' default policies keep in float (none with ``quantize_all``)."""
     if quantize_all:
         return []
-    keep = []
-    for a in attn:
-        roles = POLICIES[DEFAULT_POLICY.get(a["kind"], "none")]
-        if a["role"] in roles or (a["role"] == "gate" and "branch" in roles):
-            keep.append(a)
-    return keep
+    return [a for a in attn if policy_keeps(DEFAULT_POLICY.get(a["kind"], "none"), a["role"])]
 
 
 # ---------------------------------------------------------------- converters
@@ -368,6 +369,7 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
     pools: dict[str, str | None] = {}
     nodes = []
     detached = set()
+    axes_name = None  # the [2, 3] the added Squeezes share
     for node in graph.node:
         nodes.append(node)
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -386,7 +388,7 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
         if attrs.get("keepdims", 1) == 0:
             pooled, out = f"{node.output[0]}_pooled", node.output[0]
             node.output[0] = pooled
-            axes_name = _hw_axes(graph, f"{node.name}_squeeze_axes")
+            axes_name = axes_name or _hw_axes(graph, f"{node.name}_squeeze_axes")
             squeeze = helper.make_node("Squeeze", [pooled, axes_name], [out], name=f"{node.name}_squeeze")
             nodes.append(squeeze)
             pools[node.name] = squeeze.name

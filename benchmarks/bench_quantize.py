@@ -53,7 +53,7 @@ from torch import nn
 import attnsurgeon
 from attnsurgeon.layers.odconv import has_unfolded_form, quantizable_export
 from attnsurgeon.onnx_export import export_onnx
-from attnsurgeon.quantize import DEFAULT_POLICY, POLICIES, attention_nodes, ort_latency, quantize_int8
+from attnsurgeon.quantize import DEFAULT_POLICY, attention_nodes, ort_latency, policy_keeps, quantize_int8
 
 # input size per model: MobileNetV2 downsamples 32x, so 32x32 leaves a 1x1 final map and a
 # base that learns slowly; at 64x64 it reaches ResNet-18's accuracy at 32x32
@@ -246,9 +246,8 @@ def policies_for(kind: str | None) -> tuple[tuple[str, ...], str]:
 
 
 def kept_float(attn: list[dict[str, str]], policy: str) -> list[str]:
-    """The nodes ``policy`` keeps in float (a branch holds its gate)."""
-    roles = POLICIES[policy]
-    return [a["node"] for a in attn if a["role"] in roles or (a["role"] == "gate" and "branch" in roles)]
+    """The nodes ``policy`` keeps in float."""
+    return [a["node"] for a in attn if policy_keeps(policy, a["role"])]
 
 
 def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: Path) -> dict[str, Any]:

@@ -513,7 +513,7 @@ def test_dynconv_on_cuda_matches_cpu(monkeypatch):
 
 
 def test_depthwise_dynconv_onnx_keeps_every_kernel_an_initializer(tmp_path):
-    """In ONNX a depthwise dynamic conv is K depthwise Convs whose weights, selected from the
+    """In ONNX a depthwise dynamic conv is K depthwise Convs whose weights, sliced from the
     bank, are initializers (folded past the exporter's size limit), so a quantizer stores
     them in int8 per channel and onnxruntime runs its depthwise kernel; the file agrees."""
     import onnx

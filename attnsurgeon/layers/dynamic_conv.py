@@ -383,13 +383,12 @@ class DynamicConv2d(nn.Module):
 
     def _forward_depthwise(self, x: Tensor, pi: Tensor) -> Tensor:
         """The stacked form of a depthwise conv as K depthwise convs, one per kernel."""
-        weight = self._grouped(self.weight)  # (C, K, 1, 1, kh, kw)
-        bias = None if self.bias is None else self._grouped(self.bias)  # (C, K, 1)
+        c, k = self.groups, self.kernels
+        weights = self.weight.unflatten(0, (c, k)).unbind(1)  # K x (C, 1, kh, kw)
+        biases = [None] * k if self.bias is None else self.bias.view(c, k).unbind(1)  # K x (C,)
         y = None
-        for i, pi_i in enumerate(pi[:, :, None, None].split(1, dim=1)):  # (N, 1, 1, 1) each: one op in ONNX
-            y_i = F.conv2d(x, weight[:, i].flatten(0, 1), None if bias is None else bias[:, i].flatten(),
-                           self.stride, self.padding, self.dilation, self.groups)
-            y_i = y_i * pi_i.to(y_i.dtype)
+        for w_i, b_i, pi_i in zip(weights, biases, pi[:, :, None, None].split(1, dim=1), strict=True):
+            y_i = F.conv2d(x, w_i, b_i, self.stride, self.padding, self.dilation, c) * pi_i.to(x.dtype)
             y = y_i if y is None else y + y_i
         assert y is not None  # kernels >= 1
         return y
