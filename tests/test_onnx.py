@@ -108,10 +108,11 @@ def check_case(model: nn.Module, path, classes: int = 1000, check: bool = False)
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(set(KINDS) - {"odconv"}))
 def test_dynamic_hw_traced_where_a_map_is_1x1(kind, tmp_path):
     """Traced at 32x32 (resnet18's layer4 at 1x1) and run at larger sizes: broadcasts onto a
-    map that was 1x1 at the trace must not keep that shape in the graph."""
+    map that was 1x1 at the trace must not keep that shape in the graph. ODConv is checked on
+    a smaller net in tests/test_odconv.py (its layer4 here took 30 s of export)."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     apply(model, kind, layers="layer4")
