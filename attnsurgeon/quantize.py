@@ -309,7 +309,16 @@ def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, 
             if p.op_type in _POOL_OPS and (inside or owner.get(p.name) is None):
                 add(p, path, "branch")  # the squeeze: stop here
             elif inside and p.op_type == "MatMul" and not by_constant(p):
-                add(p, path, "branch")  # a product of two activations making a gate's logits: stop here
+                add(p, path, "branch")  # a product of two activations making a gate's logits: stop
+                # here, with the reshapes and constant scales that make its operands: kept with it,
+                # they give it a float operand (quantized, or with dequantized inputs only, which
+                # onnxruntime moves past reshapes, it is fused into a slower MatMulIntegerToFloat)
+                operands = list(p.input)
+                while operands:
+                    q = producer.get(operands.pop())
+                    if q is not None and owner.get(q.name) == path and (q.op_type in _SHAPE_OPS or by_constant(q)):
+                        add(q, path, "branch")
+                        operands.extend(q.input)
             elif inside and (p.op_type not in _APPLY_OPS or by_constant(p) or silu_product(p)):
                 add(p, path, "branch")
                 stack.extend(p.input)

@@ -581,3 +581,33 @@ def test_gate_and_apply_kept_float_stay_float_in_onnxruntime(tmp_path: Path) -> 
     ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
     ran = {n.name: n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert {ran.get(name) for name in applies} == {"Mul"}
+
+
+def test_non_local_product_kept_float_stays_float_in_onnxruntime(tmp_path: Path) -> None:
+    """The reshapes and the scale that make the non-local query-key product's operands are
+    part of its branch, and the scale multiplies theta before the product: the product gets a
+    float operand. With dequantized operands only, onnxruntime moved the dequantize past the
+    reshapes and fused the "float" product into a MatMulIntegerToFloat, slower than the float
+    MatMul (MobileNetV2 + non-local in every block, INT8, 224x224: x0.66 -> x1.02 of float)."""
+    import onnx
+    import onnxruntime as ort
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    attnsurgeon.apply(model, "nl", layers="features.14")
+    export_onnx(model, tmp_path / "f.onnx", input_size=64, verify=False)
+    found = quantize.attention_nodes(onnx.load(str(tmp_path / "f.onnx")), model)
+    branch = [a["op"] for a in found if a["role"] == "branch"]
+    assert sorted(branch) == ["MatMul", "Mul", "Reshape", "Reshape", "Transpose"]
+    keep = [a["node"] for a in found if quantize.policy_keeps("branch+apply", a["role"])]
+    images = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    quantize.quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", images, exclude=keep, show_progress=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the QDQ fusions
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    ran = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert sum(op in ("MatMul", "FusedMatMul") for op in ran) == 2  # the query-key product and the apply
+    assert not {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger"} & set(ran)

@@ -21,7 +21,11 @@ Departures from mmcv:
   builds them with a norm on the last conv only; ``--init paper`` is mmcv's: theta, phi,
   g normal(0, 0.01) with bias 0, W_z Kaiming (PyTorch's default), BN gamma = beta = 0;
 * ``--init preserve`` is the same (already the identity, exactly, in train and eval mode);
-* hidden width ``max(1, C // r)``.
+* hidden width ``max(1, C // r)``;
+* ``use_scale`` multiplies theta by 1 / sqrt(C/r) before the pairwise product, where mmcv
+  divides the product (the same function, to float rounding): HW x C/r multiplies instead
+  of (HW)^2, and in an INT8 file the product keeps a float operand, which stops onnxruntime
+  from fusing the float-kept product into a slower integer one (README, quantized export).
 """
 
 from __future__ import annotations
@@ -66,9 +70,11 @@ class NonLocal(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         theta = self.theta(x).flatten(2).transpose(1, 2)  # (N, HW, C')
+        if self.scale != 1.0:
+            theta = theta * self.scale  # before the product: HW x C' multiplies, not (HW)^2
         phi = self.phi(x).flatten(2)  # (N, C', HW)
         g = self.g(x).flatten(2).transpose(1, 2)  # (N, HW, C')
-        attn = ((theta @ phi) * self.scale).softmax(-1)  # (N, HW, HW), Eq. 3
+        attn = (theta @ phi).softmax(-1)  # (N, HW, HW), Eq. 3
         y = (attn @ g).transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])
         return x + self.norm(self.conv_out(y))
 
