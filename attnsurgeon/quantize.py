@@ -553,6 +553,30 @@ def _session(path: Path, *, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run_as_integer(path: Path, nodes: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Those of ``nodes`` (kept in float in the QDQ file ``path``) that onnxruntime's CPU
+    provider fuses into an integer op all the same, each with ``ran_as``.
+
+    In a QDQ file, ``DequantizeLinear -> op -> QuantizeLinear`` is a quantized op to a runtime:
+    onnxruntime runs a "float" Sigmoid between them as a QLinearSigmoid, and moves dequantize
+    nodes past reshapes to get there. Read from its optimized graph (fusions keep the node's
+    name), so that the summary does not call such a node float."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the QDQ fusions
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ran = {n.name: n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    integer = {name: op for name, op in ran.items() if op.startswith("QLinear") or "Integer" in op or op == "QGemm"}
+    return [{**a, "ran_as": integer[a["node"]]} for a in nodes if a["node"] in integer]
+
+
 def compare_outputs(model: nn.Module, path: Path, images: np.ndarray, *, batch: int = 16) -> dict[str, Any]:
     """Top-1 agreement and cosine similarity of ``path`` (onnxruntime) with ``model`` (eval).
 
@@ -718,6 +742,7 @@ def export_quantized(
                 q["float_nodes"] = keep
                 q.update(quantize_int8(float_path, tmp, calibrate, exclude=[a["node"] for a in keep],
                                        show_progress=show_progress))
+                q["run_as_integer"] = run_as_integer(tmp, keep)
             else:
                 q.update(convert_fp16(float_path, tmp))
             q.update(describe_onnx(tmp))
@@ -820,6 +845,11 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
         if user:
             line(f"  kept in float (--keep-float {escape(','.join(q['keep_float']))}): "
                  f"{nodes(user, 'module')}")
+        fused = q.get("run_as_integer")
+        if fused:
+            ops = ", ".join(f"{op} {n}" for op, n in Counter(a["ran_as"] for a in fused).most_common())
+            line(f"  of those, onnxruntime's CPU provider fuses {len(fused)} into integer ops ({ops}): float in "
+                 "the file, INT8 when onnxruntime runs it", style="yellow")
     a = q.get("agreement")
     if a is not None:
         verdict = "[bold green]PASSED[/]" if q["passed"] else "[bold red]FAILED[/]"

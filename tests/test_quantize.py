@@ -535,6 +535,7 @@ def test_int8_agreement_of_a_trained_model_with_every_kind(base: nn.Module, digi
     assert q["passed"] and q["agreement"]["top1_agreement"] >= 0.9
     kept = {a["kind"] for a in q["float_nodes"]}
     assert kept == {k for k in EVERY_KIND if quantize.DEFAULT_POLICY[k] != "none"}
+    assert q["run_as_integer"] == []  # what the defaults keep in float, onnxruntime runs in float
     assert set(quantize.DEFAULT_POLICY) == set(EVERY_KIND)
     assert q["attention_nodes"] > len(EVERY_KIND)
 
@@ -611,3 +612,26 @@ def test_non_local_product_kept_float_stays_float_in_onnxruntime(tmp_path: Path)
     ran = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert sum(op in ("MatMul", "FusedMatMul") for op in ran) == 2  # the query-key product and the apply
     assert not {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger"} & set(ran)
+
+
+def test_a_gate_kept_float_alone_is_reported_as_run_in_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Sigmoid kept in float between quantized neighbours is, to onnxruntime, a quantized
+    sigmoid (DequantizeLinear -> Sigmoid -> QuantizeLinear): it runs QLinearSigmoid, and the
+    summary says so rather than counting it as float (a policy of the gate alone)."""
+    from rich.console import Console
+
+    monkeypatch.setitem(quantize.DEFAULT_POLICY, "ema", "gate")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    attnsurgeon.apply(model, "ema", position="mid", layers="features.14")
+    images = np.random.default_rng(0).standard_normal((10, 3, 32, 32)).astype(np.float32)
+    summary = quantize.export_quantized(model, tmp_path / "q.onnx", precision="int8", input_size=32, opset=18,
+                                        images=images, min_agreement=0.0, show_progress=False)
+    q = summary["quantized"]
+    gates = {a["node"] for a in q["float_nodes"] if a["op"] in ("Sigmoid", "Softmax")}
+    assert {a["ran_as"] for a in q["run_as_integer"]} == {"QLinearSigmoid", "QLinearSoftmax"}
+    assert {a["node"] for a in q["run_as_integer"]} == gates and len(gates) == 5
+    console = Console(record=True, width=300)
+    quantize.print_quantized_summary(console, summary)
+    assert "onnxruntime's CPU provider fuses 5 into integer ops (QLinearSigmoid 3, QLinearSoftmax 2)" \
+        in console.export_text()
