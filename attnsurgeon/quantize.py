@@ -95,7 +95,7 @@ DEFAULT_POLICY: dict[str, str] = {
     "triplet": "none",
     "nl": "branch+apply",
     "ela": "branch",
-    "odconv": "branch",
+    "odconv": "gate+apply",
 }
 DEFAULT_MIN_AGREEMENT = 0.9
 LATENCY_THREADS = 2

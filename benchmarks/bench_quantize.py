@@ -111,6 +111,8 @@ def row_name(model: str, kind: str | None, position: str | None, params: dict[st
         name += f" @{position}"
     if params:
         name += " (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+    if attention(kind) and INIT != "paper":
+        name += f" init={INIT}"
     if kind and SEED:
         name += f" seed={SEED}"
     return name

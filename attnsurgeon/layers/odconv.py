@@ -391,7 +391,7 @@ class ODConv2d(nn.Module):
         down the stacked slices ``cols`` (N, C, kh * kw, H', W'); returns (N, C, 1, H'W').
         onnxruntime's QLinearConv has a fast path for depthwise convs and not for the general
         form's grouped conv with K outputs per group (MobileNetV2 + ODConv, INT8, 224x224:
-        75 -> 40 ms; README)."""
+        76 -> 39 ms; README)."""
         c, p = cols.shape[1:3]
         cols = cols.flatten(3)
         gates = [None] * self.kernels if a_w is None else a_w.to(cols.dtype)[:, :, None, None].split(1, dim=1)
