@@ -742,7 +742,10 @@ def export_quantized(
                 q["float_nodes"] = keep
                 q.update(quantize_int8(float_path, tmp, calibrate, exclude=[a["node"] for a in keep],
                                        show_progress=show_progress))
-                q["run_as_integer"] = run_as_integer(tmp, keep)
+                try:
+                    q["run_as_integer"] = run_as_integer(tmp, keep)
+                except Exception:  # onnxruntime cannot load the file: the agreement check below reports why
+                    q["run_as_integer"] = None
             else:
                 q.update(convert_fp16(float_path, tmp))
             q.update(describe_onnx(tmp))
