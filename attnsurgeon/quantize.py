@@ -63,8 +63,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
            "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
-           "module_nodes", "nodes_to_keep_float", "ort_latency", "parse_module_paths", "policy_keeps",
-           "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8", "spatial_means_as_pools"]
+           "module_nodes", "nodes_to_keep_float", "onnxruntime_graph", "ort_latency", "parse_module_paths",
+           "policy_keeps", "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8",
+           "run_as_integer", "spatial_means_as_pools"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("gate", "branch", "apply")
@@ -553,14 +554,9 @@ def _session(path: Path, *, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_as_integer(path: Path, nodes: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Those of ``nodes`` (kept in float in the QDQ file ``path``) that onnxruntime's CPU
-    provider fuses into an integer op all the same, each with ``ran_as``.
-
-    In a QDQ file, ``DequantizeLinear -> op -> QuantizeLinear`` is a quantized op to a runtime:
-    onnxruntime runs a "float" Sigmoid between them as a QLinearSigmoid, and moves dequantize
-    nodes past reshapes to get there. Read from its optimized graph (fusions keep the node's
-    name), so that the summary does not call such a node float."""
+def onnxruntime_graph(path: Path) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU provider runs for ``path``: after its extended
+    optimizations, which include the QDQ fusions (fused nodes keep the node's name)."""
     import tempfile
 
     import onnx
@@ -569,11 +565,22 @@ def run_as_integer(path: Path, nodes: list[dict[str, str]]) -> list[dict[str, st
     with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the QDQ fusions
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        ran = {n.name: n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
-    integer = {name: op for name, op in ran.items() if op.startswith("QLinear") or "Integer" in op or op == "QGemm"}
+        return onnx.load(options.optimized_model_filepath).graph
+
+
+def run_as_integer(path: Path, nodes: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Those of ``nodes`` (kept in float in the QDQ file ``path``) that onnxruntime's CPU
+    provider fuses into an integer op all the same, each with ``ran_as``.
+
+    In a QDQ file, ``DequantizeLinear -> op -> QuantizeLinear`` is a quantized op to a runtime:
+    onnxruntime runs a "float" Sigmoid between them as a QLinearSigmoid, and moves dequantize
+    nodes past reshapes to get there. Read from :func:`onnxruntime_graph`, so that the summary
+    does not call such a node float."""
+    integer = {n.name: n.op_type for n in onnxruntime_graph(path).node
+               if n.op_type.startswith("QLinear") or "Integer" in n.op_type or n.op_type == "QGemm"}
     return [{**a, "ran_as": integer[a["node"]]} for a in nodes if a["node"] in integer]
 
 

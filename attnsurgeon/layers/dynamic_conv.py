@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -386,18 +387,29 @@ class DynamicConv2d(nn.Module):
         c, k = self.groups, self.kernels
         weights = self.weight.unflatten(0, (c, k)).unbind(1)  # K x (C, 1, kh, kw)
         biases = [None] * k if self.bias is None else self.bias.view(c, k).unbind(1)  # K x (C,)
-        y = None
-        for w_i, b_i, pi_i in zip(weights, biases, pi[:, :, None, None].split(1, dim=1), strict=True):
-            y_i = F.conv2d(x, w_i, b_i, self.stride, self.padding, self.dilation, c) * pi_i.to(x.dtype)
-            y = y_i if y is None else y + y_i
-        assert y is not None  # kernels >= 1
-        return y
+        return _mix((F.conv2d(x, w_i, b_i, self.stride, self.padding, self.dilation, c)
+                     for w_i, b_i in zip(weights, biases, strict=True)), pi.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}"
                 + ("" if self.form == "auto" else f", form={self.form}"))
+
+
+def _mix(outputs: Iterable[Tensor], weights: Tensor | None) -> Tensor:
+    """``sum_k weights[:, k] * outputs[k]`` over the K outputs of one layer's kernels, one
+    product and one sum per kernel (a single split of ``weights`` (N, K), one op in ONNX);
+    the one output where ``weights`` is None (K = 1). ``outputs`` may be a generator: each
+    is added as it comes, so no more than two maps are alive."""
+    if weights is None:
+        (y,) = outputs
+        return y
+    y = None
+    for y_i, w_i in zip(outputs, weights[:, :, None, None].split(1, dim=1), strict=True):
+        y = y_i * w_i if y is None else y + y_i * w_i
+    assert y is not None  # K >= 1
+    return y
 
 
 def _fastest_within_memory(results: dict[str, tuple[float, int]]) -> str:

@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conv import replace_conv
-from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _pair, _Size
+from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _mix, _pair, _Size
 
 __all__ = ["ODConv2d", "OmniAttention", "from_conv", "has_unfolded_form", "quantizable_export"]
 
@@ -394,15 +394,8 @@ class ODConv2d(nn.Module):
         76 -> 39 ms; README)."""
         c, p = cols.shape[1:3]
         cols = cols.flatten(3)
-        gates = [None] * self.kernels if a_w is None else a_w.to(cols.dtype)[:, :, None, None].split(1, dim=1)
-        y = None
-        for w_i, a_i in zip(self.bank().unbind(0), gates, strict=True):
-            y_i = F.conv2d(cols, w_i.to(cols.dtype).reshape(c, 1, p, 1), None, 1, 0, 1, c)
-            if a_i is not None:
-                y_i = y_i * a_i
-            y = y_i if y is None else y + y_i
-        assert y is not None  # kernels >= 1
-        return y  # (N, C, 1, H'W')
+        return _mix((F.conv2d(cols, w_i.to(cols.dtype).reshape(c, 1, p, 1), None, 1, 0, 1, c)
+                     for w_i in self.bank().unbind(0)), None if a_w is None else a_w.to(cols.dtype))
 
     def forward_positions(self, x: Tensor, w: Tensor) -> Tensor:
         """The same conv as ``kh * kw`` per-sample matrix products (no op depends on N)."""
