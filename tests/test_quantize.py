@@ -366,6 +366,66 @@ def test_a_pool_onnxruntime_would_refuse_stays_a_mean(tmp_path: Path) -> None:
         assert out.shape == (2, 4) and np.isfinite(out).all()
 
 
+def test_narrow_grouped_convs_quantize_as_dense_block_diagonal_convs(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped conv of 2 channels a group (EMA's, SK's, ResNeXt's narrowest) is quantized as
+    a dense conv with a block-diagonal weight, which onnxruntime runs by its fast path; one of
+    8 a group, a depthwise one and one kept in float stay grouped. The file computes what
+    the grouped one does: its int8 weights are the grouped ones with zeros, and its outputs
+    match the file quantized without the rewrite to a rounding step."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.narrow = nn.Conv2d(16, 16, 3, padding=1, groups=8)  # 2 a group: rewritten
+            self.wide = nn.Conv2d(16, 16, 3, padding=1, groups=2)  # 8 a group: stays
+            self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.kept = nn.Conv2d(16, 16, 3, padding=1, groups=8)  # kept float: stays
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.narrow(torch.relu(self.stem(x))))
+            return self.kept(torch.relu(self.depthwise(torch.relu(self.wide(y))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    export_onnx(Grouped().eval(), tmp_path / "m.onnx", input_size=32, dynamic_hw=True, verify=False)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    group = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "group"))
+             for n in graph.node if n.op_type == "Conv"}
+    names = [n for n, g in group.items() if g == 8]
+    assert len(names) == 2 and sorted(group.values()) == [1, 2, 8, 8, 16]
+    narrow, kept = names  # in graph order
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[kept], show_progress=False)
+    assert info["grouped_as_dense"] == 1
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    inits = {t.name: t for t in q.initializer}
+    producer = {t: n for n in q.node for t in n.output}
+    convs = {n.name: n for n in q.node if n.op_type == "Conv"}
+    after = {name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "group"))
+             for name, n in convs.items()}
+    assert after[narrow] == 1 and after[kept] == 8 and sorted(after.values()) == [1, 1, 2, 8, 16]
+    weight_dq = producer[convs[narrow].input[1]]
+    w = numpy_helper.to_array(inits[weight_dq.input[0]])  # the int8 weight
+    assert w.dtype == np.int8 and w.shape == (16, 16, 3, 3)
+    blocks = np.zeros((16, 16), dtype=bool)
+    for g in range(8):
+        blocks[2 * g:2 * g + 2, 2 * g:2 * g + 2] = True
+    assert not w[~blocks].any() and w[blocks].any()
+
+    monkeypatch.setattr(quantize, "DENSE_GROUP_WIDTH", 1)  # no conv qualifies
+    grouped = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "g.onnx", x, exclude=[kept], show_progress=False)
+    assert grouped["grouped_as_dense"] == 0
+    run = [quantize._session(tmp_path / f).run(None, {"input": x[:4]})[0] for f in ("q.onnx", "g.onnx")]
+    step = float(np.abs(run[1]).max()) / 127
+    np.testing.assert_allclose(run[0], run[1], atol=2 * step)
+
+
 def test_timing_sessions_do_not_spin_wait(tmp_path: Path) -> None:
     """ort_latency's sessions turn onnxruntime's spin-waiting off (threads filling a 2-core
     machine made float run twice as slow, and the INT8 speed-up swing from x1.04 to x1.77);
