@@ -88,7 +88,7 @@ DEFAULT_POLICY: dict[str, str] = {
     "se": "none",
     "eca": "none",
     "coord": "none",
-    "cbam": "branch+apply",
+    "cbam": "gate+apply",
     "gc": "none",
     "sk": "gate+apply",
     "dynconv": "gate+apply",
@@ -97,7 +97,7 @@ DEFAULT_POLICY: dict[str, str] = {
     "simam": "none",
     "triplet": "none",
     "nl": "branch+apply",
-    "ela": "branch",
+    "ela": "none",
     "odconv": "gate+apply",
 }
 DEFAULT_MIN_AGREEMENT = 0.9
