@@ -47,7 +47,6 @@ held-out images when given, else seeded random inputs (and says so).
 from __future__ import annotations
 
 import ast
-import collections
 import contextlib
 import logging
 import tempfile
@@ -431,7 +430,7 @@ def grouped_convs_as_dense(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) 
     from onnx import helper, numpy_helper
 
     consts = {t.name: t for t in proto.graph.initializer}
-    users = collections.Counter(t for n in proto.graph.node for t in n.input)
+    _, consumers = _links(proto.graph.node)
     skip = set(skip)
     done: list[str] = []
     reshaped: set[str] = set()
@@ -441,7 +440,7 @@ def grouped_convs_as_dense(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) 
         attrs = {a.name: a for a in node.attribute}
         groups = helper.get_attribute_value(attrs["group"]) if "group" in attrs else 1
         weight = consts.get(node.input[1])
-        if groups == 1 or weight is None or users[weight.name] != 1:
+        if groups == 1 or weight is None or len(consumers[weight.name]) != 1:
             continue
         w = numpy_helper.to_array(weight)
         per_in, per_out = w.shape[1], w.shape[0] // groups
