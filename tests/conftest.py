@@ -14,7 +14,9 @@ torch.set_num_threads(1)
 
 # The files that take longest (seconds of test time in a cold run: 227, 196, 139, 129, 84),
 # collected first: ``-n 2 --dist loadfile`` hands out whole files in collection order, and
-# one of these started last kept one core busy for minutes after the other had finished.
+# one of these handed out last (test_training_stacks.py was, alphabetically) can keep one
+# core busy for minutes after the other has finished. The gain was not separable from the
+# run-to-run noise (about 40 s) in the runs that measured it.
 LONGEST_FIRST = ("test_families.py", "test_onnx.py", "test_training_stacks.py", "test_quantize.py",
                  "test_fused_kernels.py")
 
