@@ -79,15 +79,16 @@ POLICIES: dict[str, tuple[str, ...]] = {
 }
 # Each kind's default, as measured on trained models (benchmarks/bench_quantize.py, README,
 # "Measured on trained models"): per kind, the most images agreeing with the float model
-# (mean over three calibration draws, summed over the kind's rows whose float model reached
-# 90% accuracy), preferring the policy with fewer float nodes while it is within 0.25% of the
-# images of the best, unless another such policy's INT8 file runs in under 3/4 of its time at
-# 224x224. "none" where keeping nodes in float measured no better.
+# (mean over three calibration draws, summed over the kind's rows of every seed whose float
+# model reached 90% accuracy: the line `bench_quantize.py --table` prints), preferring the
+# policy with fewer float nodes while it is within 0.25% of the images of the best, unless
+# another such policy's INT8 file runs in under 3/4 of its time at 224x224. "none" where
+# keeping nodes in float measured no better.
 DEFAULT_POLICY: dict[str, str] = {
     "se": "none",
     "eca": "none",
     "coord": "none",
-    "cbam": "gate+apply",
+    "cbam": "none",
     "gc": "none",
     "sk": "gate+apply",
     "dynconv": "gate+apply",

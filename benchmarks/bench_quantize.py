@@ -498,12 +498,17 @@ def tables(rows: list[dict[str, Any]]) -> str:
         cells = [f"{p['agreeing_variants_mean']:.1f}, x{lat['fp32_ms'] / lat['int8_ms'][name]:.2f} "
                  f"({p['float_nodes']})" if (p := r["policies"].get(name)) else "-" for name in MEASURED_POLICIES]
         out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {choose(r)} |")
-    out += ["", "measured default per kind: " + ", ".join(f"{k}: {v}" for k, v in choose_per_kind(rows).items())]
-    if len(everything) > len(rows):  # the seeds' rows too: where the rule's pick moves, a tie within its margin
-        picks = choose_per_kind(rows)
-        moved = {k: v for k, v in choose_per_kind(everything).items() if picks.get(k) != v}
-        out += ["", f"over all {len(everything)} rows (every seed), the rule picks otherwise: "
-                + (", ".join(f"{k}: {v}" for k, v in moved.items()) or "nowhere")]
+    picks = choose_per_kind(everything)  # what DEFAULT_POLICY follows: more seeds, fewer ties decided by one training
+    out += ["", f"measured default per kind, over all {len(everything)} rows (every seed): "
+            + ", ".join(f"{k}: {v}" for k, v in picks.items())]
+    if len(everything) > len(rows):  # where seed 0 alone picks otherwise: a tie within the margin
+        moved = {k: v for k, v in choose_per_kind(rows).items() if picks.get(k) != v}
+        out += ["", "the seed-0 rows alone pick otherwise: " + (", ".join(f"{k}: {v}" for k, v in moved.items())
+                                                               or "nowhere")]
+    differs = {k: v for k, v in picks.items() if DEFAULT_POLICY.get(k, "none") != v}
+    if differs:
+        out += ["", "DEFAULT_POLICY differs from the measured defaults: "
+                + ", ".join(f"{k}: {DEFAULT_POLICY.get(k, 'none')}" for k in differs)]
     return "\n".join(out + seeds_table(everything))
 
 
