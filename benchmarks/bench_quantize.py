@@ -442,8 +442,10 @@ def _default_agreement(r: dict[str, Any]) -> float:
 
 
 def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Rows trained with several seeds: the default's agreement per seed, their mean, and that
-    mean against the fine-tuned base's mean over its seeds."""
+    """Rows trained with several seeds: the default's agreement per seed, their mean, and the
+    mean difference from the fine-tuned base of the same seeds with its standard error (paired:
+    a seed's kind and base were fine-tuned from one trained base, where different seeds may
+    come from different ones)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["kind"]:
@@ -452,15 +454,18 @@ def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
     if not groups:
         return []
     seeds = sorted({r.get("seed", 0) for v in groups.values() for r in v})
-    base = {v[0]["model"]: float(np.mean([_default_agreement(r) for r in v]))
+    base = {v[0]["model"]: {r.get("seed", 0): _default_agreement(r) for r in v}
             for v in groups.values() if v[0]["kind"] == TUNED}
-    out = ["", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs fine-tuned base's mean |",
-           "|---|" + "---|" * (len(seeds) + 2)]
+    out = ["", "| model | " + " | ".join(f"seed {s}" for s in seeds)
+           + " | mean | vs fine-tuned base, same seeds |", "|---|" + "---|" * (len(seeds) + 2)]
     for name, v in groups.items():
         by_seed = {r.get("seed", 0): _default_agreement(r) for r in v}
         mean = float(np.mean(list(by_seed.values())))
-        ref = base.get(v[0]["model"])
-        delta = "-" if ref is None or v[0]["kind"] == TUNED else f"{mean - ref:+.1f}"
+        ref = base.get(v[0]["model"], {})
+        paired = [a - ref[s] for s, a in by_seed.items() if s in ref]
+        delta = "-" if not paired or v[0]["kind"] == TUNED else f"{np.mean(paired):+.1f}"
+        if len(paired) > 1 and v[0]["kind"] != TUNED:  # the standard error of that mean, from the pairs' spread
+            delta += f" ± {np.std(paired, ddof=1) / np.sqrt(len(paired)):.1f}"
         out.append(f"| {name} | " + " | ".join(f"{by_seed[s]:.1f}" if s in by_seed else "-" for s in seeds)
                    + f" | {mean:.1f} | {delta} |")
     return out
