@@ -600,6 +600,21 @@ def test_int8_agreement_of_a_trained_model_with_every_kind(base: nn.Module, digi
     assert q["attention_nodes"] > len(EVERY_KIND)
 
 
+def test_default_policy_is_the_rule_over_the_measured_rows() -> None:
+    """DEFAULT_POLICY is what the benchmark's rule picks over every seed's rows of the
+    committed results file (README, "Measured on trained models"): a default changed by hand,
+    or rows added without the default that follows them, fails here."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_quantize", root / "bench_quantize.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = json.loads((root / "bench_quantize_results.json").read_text())
+    assert bench.choose_per_kind(rows) == quantize.DEFAULT_POLICY
+
+
 def test_hard_sigmoid_gate_preserve_is_exact_and_trainable() -> None:
     from attnsurgeon.layers import coord, eca, squeeze_excite
 
