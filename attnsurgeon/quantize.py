@@ -6,7 +6,8 @@ calibration images (MinMax). uint8 activations with int8 weights ("U8S8") are wh
 onnxruntime's x86 kernels are fastest at; int8 activations ran several times slower than
 float there. A mean over height and width is quantized as a GlobalAveragePool
 (:func:`spatial_means_as_pools`), which onnxruntime runs on uint8, and a grouped conv of a
-few channels a group as a dense one (:func:`grouped_convs_as_dense`). FP16 is onnxruntime's
+few channels a group as a dense one (:func:`grouped_convs_as_dense`), and the model's
+outputs are not rounded to uint8 (:func:`outputs_in_float`). FP16 is onnxruntime's
 own converter (``onnxruntime.transformers.float16``, the code ``onnxconverter-common``
 ships, maintained in the onnxruntime tree) with ``keep_io_types``, so the file still takes
 and returns float32: no new dependency, and the converter is tested against the same
@@ -15,8 +16,8 @@ runtime that verifies the file.
 Attention-aware quantization. Gates are where post-training quantization breaks: a
 sigmoid's output crowded near 1, a softmax's small weights, and the multiply of two
 activations that applies them. :func:`attention_nodes` walks the exported graph and finds,
-for every attention module the surgery added (by the exporter's name scopes), its nodes in
-three roles:
+for every attention module the surgery added and every torchvision ``SqueezeExcitation`` the
+model has of its own (by the exporter's name scopes), its nodes in three roles:
 
 * ``gate``: the Sigmoid / HardSigmoid / Softmax that makes the attention weights, and the
   reshapes and constant affines that carry them to the apply (quantized, they would hand
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
            "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
            "grouped_convs_as_dense", "module_nodes", "nodes_to_keep_float", "onnxruntime_graph", "ort_latency",
+           "outputs_in_float",
            "parse_module_paths", "policy_keeps", "pools_out_of_range_as_means", "print_quantized_summary",
            "quantize_int8", "run_as_integer", "spatial_means_as_pools"]
 
@@ -235,13 +237,20 @@ def _hw_axes(graph: onnx.GraphProto, name: str) -> str:
 
 
 def _module_kinds(model: nn.Module) -> dict[str, str]:
-    """Dotted path of each module the surgery added -> its kind (from the registry's builders)."""
+    """Dotted path of each attention module -> its kind: the modules the surgery added (by the
+    registry's builders), and the model's own torchvision ``SqueezeExcitation`` (MobileNetV3,
+    EfficientNet, RegNetY: the SE the issue's users ship), which is SE's pooling, MLP, gate and
+    multiply and is quantized by SE's policy."""
+    from torchvision.ops import SqueezeExcitation
+
     from .kinds import KINDS
     from .training import new_modules
 
     by_module = {spec.builder.partition(":")[0]: name for name, spec in KINDS.items()}
-    return {path: by_module[type(m).__module__] for path, m in new_modules(model)
-            if type(m).__module__ in by_module}
+    kinds = {path: by_module[type(m).__module__] for path, m in new_modules(model)
+             if type(m).__module__ in by_module}
+    kinds.update({path: "se" for path, m in model.named_modules() if isinstance(m, SqueezeExcitation)})
+    return kinds
 
 
 def attention_nodes(proto: onnx.ModelProto, model: nn.Module) -> list[dict[str, str]]:
@@ -495,13 +504,48 @@ def pools_out_of_range_as_means(proto: onnx.ModelProto) -> int:
     return reverted
 
 
+def outputs_in_float(proto: onnx.ModelProto) -> int:
+    """Remove, in place, the QuantizeLinear -> DequantizeLinear pair before each graph output,
+    so the last op (a classifier's Gemm, a head's conv) hands out its float result. Quantized,
+    the outputs lie on a uint8 grid of 1/255 of their calibrated range: for logits spanning 60
+    (EfficientNet-B0 trained on digits) a step of about 0.25, where an image whose top two
+    logits lie within one step of each other may flip. onnxruntime still runs the op in
+    integer arithmetic with a float output (a QGemm), so the file is no slower. A pair whose
+    tensors have other users stays. Returns how many outputs were freed."""
+    graph = proto.graph
+    producer, consumers = _links(graph.node)
+    outputs = {o.name for o in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for name in outputs:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or consumers.get(name):
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or len(consumers.get(q.input[0], [])) != 1 or q.input[0] in outputs:
+            continue
+        source.output[list(source.output).index(q.input[0])] = name
+        drop += [q, dq]
+    for n in drop:
+        graph.node.remove(n)
+    used = {t for n in graph.node for t in n.input}
+    params = {t for n in drop for t in n.input[1:]} - used  # the pairs' scales and zero points
+    kept = [t for t in graph.initializer if t.name not in params]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(drop) // 2
+
+
 def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclude: list[str],
                   show_progress: bool = True) -> dict[str, Any]:
     """Static INT8 quantization of ``float_path`` into ``out_path``, calibrated on ``images``.
 
     The graph quantized is ``float_path``'s with its spatial means as pools
     (:func:`spatial_means_as_pools`; a mean in ``exclude`` stays in float with its Squeeze) and
-    its narrow grouped convs dense (:func:`grouped_convs_as_dense`; not those in ``exclude``)."""
+    its narrow grouped convs dense (:func:`grouped_convs_as_dense`; not those in ``exclude``);
+    the quantized file's outputs are left in float (:func:`outputs_in_float`)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -546,11 +590,12 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
         # outputs here are per-tensor minima and maxima, a few numbers each: keeping them is cheap.
     quantized = onnx.load(str(out_path))
     reverted = pools_out_of_range_as_means(quantized)
-    if reverted:
+    freed = outputs_in_float(quantized)
+    if reverted or freed:
         onnx.save(quantized, str(out_path))
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8, per-channel, symmetric",
             "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": len(pools) - reverted,
-            "grouped_as_dense": len(dense),
+            "grouped_as_dense": len(dense), "float_outputs": freed,
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -874,7 +919,8 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
         line(f"[bold]int8[/]: {q['method']}, {q['format']}, weights {q['weights']}, activations "
              f"{q['activations']} ({q['calibrate_method']})"
              + (f"; {pools} mean{'s' if pools != 1 else ''} over H, W as uint8 GlobalAveragePool" if pools else "")
-             + (f"; {dense} narrow grouped conv{'s' if dense != 1 else ''} as dense" if dense else ""))
+             + (f"; {dense} narrow grouped conv{'s' if dense != 1 else ''} as dense" if dense else "")
+             + ("; outputs in float (the last op's result not rounded to uint8)" if q.get("float_outputs") else ""))
     else:
         line(f"[bold]fp16[/]: {q['method']} (keep_io_types: float32 input and output)")
     c = q.get("calibration")

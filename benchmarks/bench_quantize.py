@@ -16,7 +16,10 @@ deterministic variants of them (shifted by one source pixel diagonally both ways
 seeded Gaussian noise: 4 x 360 images), its mean over the draws, file sizes, and
 onnxruntime CPU latency (2 threads) of the float and the INT8 files, interleaved: every
 policy's file at 224x224 (latency does not depend on what was learned), the default
-policy's also at the training size, batch 1 and 32.
+policy's also at the training size, batch 1 and 32. The INT8 files' outputs are float
+(``outputs_in_float``; rows marked ``float_outputs``): the rows without that mark were
+measured with the outputs rounded to uint8, and make the table of seeds. Models with a
+built-in SqueezeExcitation (:data:`BUILTIN`) are measured as base rows under every policy.
 
     pip install -e '.[test]'   # scikit-learn
     python benchmarks/bench_quantize.py --out results.json             # train, measure (~1.5 h)
@@ -57,8 +60,13 @@ from attnsurgeon.quantize import DEFAULT_POLICY, attention_nodes, ort_latency, p
 
 # input size per model: MobileNetV2 downsamples 32x, so 32x32 leaves a 1x1 final map and a
 # base that learns slowly; at 64x64 it reaches ResNet-18's accuracy at 32x32
-SIZES = {"resnet18": 32, "mobilenet_v2": 64}
-BASE_EPOCHS = {"resnet18": 3, "mobilenet_v2": 4}
+SIZES = {"resnet18": 32, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "mobilenet_v3_large": 64,
+         "efficientnet_b0": 64, "regnet_y_400mf": 64}
+BASE_EPOCHS = {"resnet18": 3, **dict.fromkeys(("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                                               "efficientnet_b0", "regnet_y_400mf"), 4)}
+# the attention kind a model has of its own: torchvision's SqueezeExcitation, which
+# export-onnx quantizes by SE's policy; such a model's base row measures every policy
+BUILTIN = dict.fromkeys(("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"), "se")
 BASE_LR, TUNE_LR, BATCH = 4e-3, 1e-3, 32
 # three epochs: after one, a kind that replaces trained convs (SK, dynamic convolution) was
 # still at 84-96% and agreed less in INT8 for it; the base itself agrees more after more
@@ -94,12 +102,19 @@ ROWS: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
     *[("mobilenet_v2", k, "mid", {}) for k in ("se", "eca", "coord", "cbam", "gc")],
     *[("mobilenet_v2", k, "mid", HARD) for k in ("se", "eca", "coord")],
     *[("mobilenet_v2", k, None, {}) for k in ("sk", "dynconv", "afp")],
+    *[(m, None, None, {}) for m in BUILTIN],
 ]
 
 
 def attention(kind: str | None) -> str | None:
     """The attention kind of a row's ``kind`` (None for the base rows, fine-tuned or not)."""
     return None if kind == TUNED else kind
+
+
+def policy_kind(model: str, kind: str | None) -> str | None:
+    """The kind whose policy a row's INT8 files measure: the inserted kind, or the model's own
+    (:data:`BUILTIN`) in its base rows."""
+    return attention(kind) or BUILTIN.get(model)
 
 
 def row_name(model: str, kind: str | None, position: str | None, params: dict[str, Any]) -> str:
@@ -156,6 +171,17 @@ def variants(x: np.ndarray) -> np.ndarray:
 _BASES: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 
 
+def short_schedule_norms(m: nn.Module) -> nn.Module:
+    """Batch norms at torch's default momentum, 0.1. torchvision's MobileNetV3 keeps its running
+    statistics with 0.01 (for ImageNet's hundreds of epochs): after this benchmark's few hundred
+    steps they are still mostly their init, and the trained model predicted one class in eval
+    mode (11.4%). The other models' norms already use 0.1: no change for them."""
+    for b in m.modules():
+        if isinstance(b, nn.modules.batchnorm._BatchNorm):
+            b.momentum = 0.1
+    return m
+
+
 def build(model: str, kind: str | None, position: str | None, params: dict[str, Any], *,
           data: tuple[np.ndarray, ...], cache: Path) -> tuple[nn.Module, float]:
     """The trained base (from scratch; kept in ``cache`` for the rows of one run), or the
@@ -167,12 +193,12 @@ def build(model: str, kind: str | None, position: str | None, params: dict[str, 
             _BASES[model] = (blob["state_dict"], blob["seconds"])
         else:
             torch.manual_seed(0)
-            base = torchvision.models.get_model(model, num_classes=10)
+            base = short_schedule_norms(torchvision.models.get_model(model, num_classes=10))
             seconds = train(base, data[0], data[1], epochs=BASE_EPOCHS[model], lr=BASE_LR)
             _BASES[model] = ({k: v.clone() for k, v in base.state_dict().items()}, seconds)
             torch.save({"state_dict": _BASES[model][0], "seconds": seconds}, saved)
     state, seconds = _BASES[model]
-    m = torchvision.models.get_model(model, num_classes=10)
+    m = short_schedule_norms(torchvision.models.get_model(model, num_classes=10))
     m.load_state_dict(state)
     if kind:
         if attention(kind):
@@ -270,7 +296,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
                            "from": (f"trained base, init {INIT}" if attention(kind) else
                                     "trained base" if kind else "scratch"),
                            "float_acc": float((want[:len(y_test)].argmax(1) == y_test).mean()),
-                           "noise_clipped": True, "policies": {}}
+                           "noise_clipped": True, "float_outputs": True, "policies": {}}
     draws = [x_train[:CALIBRATION]] + [x_train[np.random.default_rng(d).choice(len(x_train), CALIBRATION,
                                                                                replace=False)]
                                        for d in range(1, DRAWS)]
@@ -282,7 +308,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
 
         attn = attention_nodes(onnx.load(str(source)), m)
         row["attention_nodes"] = {r: sum(a["role"] == r for a in attn) for r in ("gate", "branch", "apply")}
-        policies, default = policies_for(attention(kind))
+        policies, default = policies_for(policy_kind(model, kind))
         files = {}
         for policy in policies:
             keep = kept_float(attn, policy)
@@ -349,7 +375,7 @@ def retime(rows: list[dict[str, Any]]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fp32, source = export_forms(m, tmp, size, verify=False)
             attn = attention_nodes(onnx.load(str(source)), m)
-            policies, default = policies_for(kind)
+            policies, default = policies_for(policy_kind(model, kind))
             files = {}
             for policy in policies:
                 files[policy] = Path(tmp) / f"int8_{policy}.onnx"
@@ -409,8 +435,8 @@ def choose_per_kind(rows: list[dict[str, Any]]) -> dict[str, str]:
     MIN_FLOAT_ACC: as :func:`choose`, on the mean agreements and relative times summed over them."""
     out = {}
     rows = [r for r in rows if r["float_acc"] >= MIN_FLOAT_ACC]
-    for kind in dict.fromkeys(k for r in rows if (k := attention(r["kind"]))):
-        mine = [_measured(r) for r in rows if r["kind"] == kind]
+    for kind in dict.fromkeys(k for r in rows if (k := policy_kind(r["model"], r["kind"]))):
+        mine = [_measured(r) for r in rows if policy_kind(r["model"], r["kind"]) == kind]
         policies = [p for p in MEASURED_POLICIES if all(p in m[0] for m in mine)]
         out[kind] = _pick({p: sum(m[0][p] for m in mine) for p in policies},
                           {p: sum(m[1].get(p, float("inf")) for m in mine) for p in policies},
@@ -431,7 +457,7 @@ def _agree(p: dict[str, Any]) -> str:
 def _default(r: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A row's policy under today's default, and its measurements (``none``'s where the run
     did not measure that policy)."""
-    kind = attention(r["kind"])
+    kind = policy_kind(r["model"], r["kind"])
     d = DEFAULT_POLICY.get(kind, "none") if kind else "none"
     return d, r["policies"].get(d, r["policies"]["none"])
 
@@ -473,7 +499,10 @@ def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def tables(rows: list[dict[str, Any]]) -> str:
-    everything, rows = rows, [r for r in rows if not r.get("seed", 0)]  # the main tables: seed 0
+    # the main tables: seed 0, today's protocol (outputs left in float); the seeds table: the rows
+    # with outputs rounded to uint8, the protocol every seed was trained under
+    everything = rows
+    rows = [r for r in rows if not r.get("seed", 0) and r.get("float_outputs")]
     reference = {r["model"]: r["policies"]["none"]["agreeing_variants_mean"] for r in rows if r["kind"] == TUNED}
     out = ["| model | float acc | INT8 acc (default / all) | agreement, default (test; +variants, mean (range) "
            f"of {DRAWS} draws) | vs fine-tuned base | agreement, all | float kept (default) | size fp32 -> int8 "
@@ -498,7 +527,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
     out += ["", "| model | " + " | ".join(MEASURED_POLICIES) + " | measured choice |",
             "|---|" + "---|" * (len(MEASURED_POLICIES) + 1)]
     for r in rows:
-        if not attention(r["kind"]):
+        if not policy_kind(r["model"], r["kind"]):
             continue
         lat = r["latency_224_b1"]
         cells = [f"{p['agreeing_variants_mean']:.1f}, x{lat['fp32_ms'] / lat['int8_ms'][name]:.2f} "
@@ -514,7 +543,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
     differs = [f"{k}: {DEFAULT_POLICY.get(k, 'none')}" for k, v in picks.items() if DEFAULT_POLICY.get(k, "none") != v]
     if differs:  # tests/test_quantize.py holds DEFAULT_POLICY to the results file too
         out += ["", "DEFAULT_POLICY differs from the measured defaults: " + ", ".join(differs)]
-    return "\n".join(out + seeds_table(everything))
+    return "\n".join(out + seeds_table([r for r in everything if not r.get("float_outputs")]))
 
 
 def main() -> None:

@@ -217,6 +217,38 @@ def test_attention_nodes_find_gate_branch_and_fused_multiply(tmp_path: Path) -> 
     assert quantize.nodes_to_keep_float(found, quantize_all=True) == []
 
 
+@pytest.mark.parametrize(("name", "branch_ops"), [
+    ("mobilenet_v3_small", ["Conv", "Conv", "ReduceMean", "Relu"]),  # hard sigmoid gate
+    ("efficientnet_b0", ["Conv", "Conv", "Mul", "ReduceMean", "Sigmoid"]),  # SiLU inside: not a gate
+])
+def test_attention_nodes_find_the_models_own_squeeze_excitation(tmp_path: Path, name: str,
+                                                                  branch_ops: list[str]) -> None:
+    """torchvision's built-in SqueezeExcitation (MobileNetV3, EfficientNet) is quantized by SE's
+    policy: every one is found, with SE's roles; one replaced by our SE is found once, as ours."""
+    import onnx
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    builtin = [p for p, m in model.named_modules() if isinstance(m, torchvision.ops.SqueezeExcitation)]
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, verify=False)
+    found = quantize.attention_nodes(onnx.load(str(tmp_path / "m.onnx")), model)
+    assert sorted({a["module"] for a in found}) == sorted(builtin) and {a["kind"] for a in found} == {"se"}
+    one = [a for a in found if a["module"] == builtin[0]]
+    assert sorted(a["op"] for a in one if a["role"] == "branch") == branch_ops
+    assert [(a["role"], a["op"]) for a in one if a["role"] != "branch"] == [
+        ("gate", "HardSigmoid" if name == "mobilenet_v3_small" else "Sigmoid"), ("apply", "Mul")]
+
+    attnsurgeon.apply(model, "se", position="builtin", layers=builtin[0].rsplit(".", 2)[0])
+    export_onnx(model, tmp_path / "r.onnx", input_size=32, verify=False)
+    replaced = quantize.attention_nodes(onnx.load(str(tmp_path / "r.onnx")), model)
+    assert not isinstance(model.get_submodule(builtin[0]), torchvision.ops.SqueezeExcitation)  # ours, same path
+    assert sorted({a["module"] for a in replaced}) == sorted(builtin) and {a["kind"] for a in replaced} == {"se"}
+    assert [a["op"] for a in replaced if a["module"] == builtin[0] and a["role"] == "gate"] == ["Sigmoid"]
+    assert len(replaced) == len({a["node"] for a in replaced})
+
+
 def test_module_nodes_take_every_node_of_the_named_modules(tmp_path: Path) -> None:
     """--keep-float: every node traced in the named modules, the attention module's with its
     kind; the same through a wrapper (a segmentation model's); unknown or unused modules refused."""
@@ -425,6 +457,51 @@ def test_narrow_grouped_convs_quantize_as_dense_block_diagonal_convs(tmp_path: P
     run = [quantize._session(tmp_path / f).run(None, {"input": x[:4]})[0] for f in ("q.onnx", "g.onnx")]
     step = float(np.abs(run[1]).max()) / 127
     np.testing.assert_allclose(run[0], run[1], atol=2 * step)
+
+
+def test_quantized_files_hand_out_float_outputs(tmp_path: Path) -> None:
+    """The classifier's output is not rounded to uint8: the graph output comes from the Gemm
+    itself, which onnxruntime still runs as an integer QGemm (float output), and its values
+    are not on a 256-step grid (rounded, 64 images x 10 classes would take at most 256
+    distinct values). A hand-made graph: an output whose tensor also feeds another node
+    keeps its pair."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    export_onnx(model.eval(), tmp_path / "m.onnx", input_size=32, verify=False)
+    x = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x[:16], exclude=[], show_progress=False)
+    assert info["float_outputs"] == 1
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {t: n for n in graph.node for t in n.output}
+    assert producer[graph.output[0].name].op_type == "Gemm"
+    assert not any(t.name.startswith(graph.output[0].name + "_") for t in graph.initializer)  # the pair's constants
+    assert [n.op_type for n in quantize.onnxruntime_graph(tmp_path / "q.onnx").node][-1] == "QGemm"
+    (out,) = quantize._session(tmp_path / "q.onnx").run(None, {"input": x})
+    assert len(np.unique(out)) > 256
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(out - want).max() < 0.1 * np.abs(want).max()
+
+    # hand-made: t -> Q -> DQ -> y (freed); u -> Q -> DQ -> z, and u -> Relu -> w (kept)
+    def pair(src: str, out: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("QuantizeLinear", [src, "s", "zp"], [src + "_q"], name=src + "_Q"),
+                helper.make_node("DequantizeLinear", [src + "_q", "s", "zp"], [out], name=src + "_DQ")]
+    nodes = [helper.make_node("Neg", ["a"], ["t"], name="neg"), helper.make_node("Abs", ["a"], ["u"], name="abs"),
+             *pair("t", "y"), *pair("u", "z"), helper.make_node("Relu", ["u"], ["w"], name="relu")]
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "y", "z", "w")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", value[:1], value[1:],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("zp", TensorProto.UINT8, [], [0])]))
+    assert quantize.outputs_in_float(proto) == 1
+    assert [(n.name, list(n.output)) for n in proto.graph.node] == [
+        ("neg", ["y"]), ("abs", ["u"]), ("u_Q", ["u_q"]), ("u_DQ", ["z"]), ("relu", ["w"])]
+    assert {t.name for t in proto.graph.initializer} == {"s", "zp"}  # still used by the kept pair
+    onnx.checker.check_model(proto, full_check=True)
 
 
 def test_timing_sessions_do_not_spin_wait(tmp_path: Path) -> None:
