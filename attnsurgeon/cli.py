@@ -236,6 +236,7 @@ def export_onnx(
     min_agreement: Annotated[float, typer.Option("--min-agreement", help="Least top-1 agreement (0 to 1) of the fp16/int8 file with the float PyTorch model on the held-out images; below it verification fails.", rich_help_panel=Q)] = 0.9,
     quantize_all: Annotated[bool, typer.Option("--quantize-all", help="int8: quantize every node, attention gates too (the default keeps each kind's measured gate nodes in float).", rich_help_panel=Q)] = False,
     keep_float: Annotated[str | None, typer.Option("--keep-float", metavar="MODULES", help="int8: comma list of module paths (e.g. features.0,layer4.1) whose every node stays in float, for layers the agreement check shows to be sensitive.", rich_help_panel=Q, show_default=False)] = None,
+    policy: Annotated[str | None, typer.Option("--policy", metavar="KIND=POLICY", help="int8: comma list of KIND=POLICY (none, gate, gate+apply, branch, branch+apply) replacing those kinds' measured defaults, e.g. se=branch.", rich_help_panel=Q, show_default=False)] = None,
 ) -> None:
     """Export a checkpoint or a model after surgery to verified ONNX (dynamic batch)."""
     with _user_errors():
@@ -243,7 +244,7 @@ def export_onnx(
 
         quant = QuantizeOptions(precision=precision, calibration=calibration, calibration_count=calibration_count,
                                 mean=mean, std=std, min_agreement=min_agreement, quantize_all=quantize_all,
-                                keep_float=keep_float)
+                                keep_float=keep_float, policy=policy)
 
         try:
             run_export(target, _opts(None, attn, position, layers, param, recipe, weights, weights_file, init, seed, head),

@@ -422,6 +422,7 @@ class QuantizeOptions:
     min_agreement: float = 0.9
     quantize_all: bool = False
     keep_float: str | None = None
+    policy: str | None = None
 
 
 def run_export(target: str | None, opts: SurgeryOptions, *, output: Path, opset: int, input_size: int,
@@ -481,7 +482,8 @@ def check_quantize_options(quant: QuantizeOptions, *, verify: bool) -> list[Path
     from .quantize import check_quantize_args
 
     check_quantize_args(precision=quant.precision, calibration=quant.calibration, quantize_all=quant.quantize_all,
-                        min_agreement=quant.min_agreement, count=quant.calibration_count, keep_float=quant.keep_float)
+                        min_agreement=quant.min_agreement, count=quant.calibration_count, keep_float=quant.keep_float,
+                        policy=quant.policy)
     if quant.precision == "fp32" and (quant.mean is not None or quant.std is not None):
         raise UsageError("--mean/--std preprocess --calibration images (for --precision int8 or fp16)")
     if quant.precision != "fp32" and not verify:
@@ -500,7 +502,7 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
                       images_found: list[Path] | None, *, input_size: int, opset: int, static_batch: bool,
                       dynamic_hw: bool, atol: float, keep_failed: bool, show_progress: bool) -> dict[str, Any]:
     from .calibration import load_images, parse_triple, preprocessing_for, split
-    from .quantize import check_module_paths, export_quantized, parse_module_paths
+    from .quantize import check_module_paths, export_quantized, parse_module_paths, parse_policies
 
     keep_float = parse_module_paths(quant.keep_float)
     check_module_paths(model, keep_float)  # before the images are decoded
@@ -515,7 +517,7 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
     return export_quantized(model, output, precision=quant.precision, input_size=input_size, opset=opset,
                             dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, atol=atol,
                             calibration=calibration, images=images, quantize_all=quant.quantize_all,
-                            keep_float=keep_float,
+                            keep_float=keep_float, policies=parse_policies(quant.policy),
                             min_agreement=quant.min_agreement, keep_failed=keep_failed, show_progress=show_progress)
 
 

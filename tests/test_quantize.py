@@ -127,6 +127,12 @@ def coord_checkpoint(base: nn.Module, digits: dict[str, object], tmp_path_factor
     (["--precision", "fp16", "--keep-float", "layer1"], "--keep-float is for --precision int8"),
     (["--precision", "int8", "--calibration", "{two}", "--keep-float", "layer1,,fc"],
      "--keep-float takes dotted module paths separated by commas"),
+    (["--precision", "fp16", "--policy", "se=branch"], "--policy is for --precision int8"),
+    (["--precision", "int8", "--calibration", "{two}", "--policy", "se=none", "--quantize-all"],
+     "--policy and --quantize-all do not go together"),
+    (["--precision", "int8", "--calibration", "{two}", "--policy", "se"], "--policy takes KIND=POLICY pairs"),
+    (["--precision", "int8", "--calibration", "{two}", "--policy", "sqex=none"], "--policy: unknown kind 'sqex'"),
+    (["--precision", "int8", "--calibration", "{two}", "--policy", "se=all"], "--policy: unknown policy 'all' for se"),
     # checked once the model is built, before the (here unreadable) images are decoded
     (["--precision", "int8", "--calibration", "{two}", "--keep-float", "layer1,layer9"],
      "--keep-float: ResNet has no module 'layer9' (its top-level modules: conv1, bn1"),
@@ -608,11 +614,14 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     out = tmp_path / "m.onnx"
     r = cli("export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
             "--calibration", str(digits["calib"]), "--calibration-count", "40", "--min-agreement", "0.5",
-            "--keep-float", "features.0", "--json", "-o", str(out))
+            "--keep-float", "features.0", "--policy", "coord=gate+apply", "--json", "-o", str(out))
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     q = data["quantized"]
     assert q["keep_float"] == ["features.0"]
+    assert q["policies"] == {"coord": "gate+apply"} and quantize.DEFAULT_POLICY["coord"] != "gate+apply"
+    assert {a["role"] for a in q["float_nodes"]} == {"gate", "apply", "keep-float"}  # --policy's, --keep-float's
+    assert q["float_outputs"] == 1
     user = [a for a in q["float_nodes"] if a["role"] == "keep-float"]
     assert sorted(a["op"] for a in user) == ["Clip", "Conv"] and {a["module"] for a in user} == {"features.0"}
     proto = onnx.load(str(out))
@@ -625,6 +634,7 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     quantize.print_quantized_summary(console, data)
     text = console.export_text()
     assert "kept in float (--keep-float features.0): 2 nodes of 1 module (Conv 1, Clip 1)" in text
+    assert "coord: gate+apply (gate+apply) (--policy)" in text and "; outputs in float" in text
     assert q["means_as_pools"] >= 1 and f"; {q['means_as_pools']} mean" in text  # the classifier's pool at least
 
 
