@@ -31,10 +31,10 @@ built-in SqueezeExcitation (:data:`BUILTIN`) are measured as base rows under eve
 Rows are appended to ``--out`` as they finish (a rerun skips rows already there), so the
 tables can be re-printed with the current :data:`attnsurgeon.quantize.DEFAULT_POLICY`.
 ``--seed K`` retrains rows with another fine-tune seed (data order, dropout, the inserted
-modules' init): a row's agreement depends on its training as well as on its kind, and the
-table of seeds puts the kinds' spread beside the fine-tuned base's. Rows trained in parallel
-processes are timed while the others train: ``--retime`` times each architecture again,
-alone (:func:`retime`).
+modules' init; a :data:`BUILTIN` model's base from scratch): a row's agreement depends on
+its training as well as on its kind, and the table of seeds puts the kinds' spread beside
+the fine-tuned base's. Rows trained in parallel processes are timed while the others train:
+``--retime`` times each architecture again, alone (:func:`retime`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def row_name(model: str, kind: str | None, position: str | None, params: dict[st
         name += " (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
     if attention(kind) and INIT != "paper":
         name += f" init={INIT}"
-    if kind and SEED:
+    if (kind or model in BUILTIN) and SEED:
         name += f" seed={SEED}"
     return name
 
@@ -185,16 +185,19 @@ def short_schedule_norms(m: nn.Module) -> nn.Module:
 def build(model: str, kind: str | None, position: str | None, params: dict[str, Any], *,
           data: tuple[np.ndarray, ...], cache: Path) -> tuple[nn.Module, float]:
     """The trained base (from scratch; kept in ``cache`` for the rows of one run), or the
-    kind inserted into it (:data:`INIT`) and fine-tuned."""
+    kind inserted into it (:data:`INIT`) and fine-tuned. A :data:`BUILTIN` model's base row
+    is its attention row: ``--seed`` retrains it from scratch (init and data order)."""
+    base_seed = SEED if model in BUILTIN else 0
     if model not in _BASES:
-        saved = cache / f"{model}_digits_{SIZES[model]}px_{BASE_EPOCHS[model]}ep_b{BATCH}.pt"
+        saved = cache / (f"{model}_digits_{SIZES[model]}px_{BASE_EPOCHS[model]}ep_b{BATCH}"
+                         + (f"_seed{base_seed}" if base_seed else "") + ".pt")
         if saved.exists():
             blob = torch.load(saved, weights_only=True)
             _BASES[model] = (blob["state_dict"], blob["seconds"])
         else:
-            torch.manual_seed(0)
+            torch.manual_seed(base_seed)
             base = short_schedule_norms(torchvision.models.get_model(model, num_classes=10))
-            seconds = train(base, data[0], data[1], epochs=BASE_EPOCHS[model], lr=BASE_LR)
+            seconds = train(base, data[0], data[1], epochs=BASE_EPOCHS[model], lr=BASE_LR, seed=base_seed)
             _BASES[model] = ({k: v.clone() for k, v in base.state_dict().items()}, seconds)
             torch.save({"state_dict": _BASES[model][0], "seconds": seconds}, saved)
     state, seconds = _BASES[model]
@@ -292,7 +295,7 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
     row: dict[str, Any] = {"row": row_name(*spec), "model": model, "kind": kind, "position": position,
                            "params": params, "input_size": size, "train_seconds": round(seconds, 1),
                            "epochs": TUNE_EPOCHS if kind else BASE_EPOCHS[model], "batch": BATCH,
-                           "seed": SEED if kind else 0,
+                           "seed": SEED if kind or model in BUILTIN else 0,
                            "from": (f"trained base, init {INIT}" if attention(kind) else
                                     "trained base" if kind else "scratch"),
                            "float_acc": float((want[:len(y_test)].argmax(1) == y_test).mean()),
@@ -474,7 +477,7 @@ def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
     come from different ones)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["kind"]:
+        if r["kind"] or r["model"] in BUILTIN:
             groups.setdefault(r["row"].split(" seed=")[0], []).append(r)
     groups = {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items() if len(v) > 1}
     if not groups:
@@ -543,7 +546,9 @@ def tables(rows: list[dict[str, Any]]) -> str:
     differs = [f"{k}: {DEFAULT_POLICY.get(k, 'none')}" for k, v in picks.items() if DEFAULT_POLICY.get(k, "none") != v]
     if differs:  # tests/test_quantize.py holds DEFAULT_POLICY to the results file too
         out += ["", "DEFAULT_POLICY differs from the measured defaults: " + ", ".join(differs)]
-    return "\n".join(out + seeds_table([r for r in everything if not r.get("float_outputs")]))
+    # the models with their own SE, each seed trained from scratch (outputs in float)
+    builtin = seeds_table([r for r in everything if r.get("float_outputs") and r["model"] in BUILTIN])
+    return "\n".join(out + seeds_table([r for r in everything if not r.get("float_outputs")]) + builtin)
 
 
 def main() -> None:
