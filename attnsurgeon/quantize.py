@@ -546,7 +546,9 @@ def outputs_in_float(proto: onnx.ModelProto) -> int:
     (EfficientNet-B0 trained on digits) a step of about 0.25, where an image whose top two
     logits lie within one step of each other may flip. onnxruntime still runs the op in
     integer arithmetic with a float output (a QGemm), so the file is no slower. A pair whose
-    tensors have other users stays. Returns how many outputs were freed."""
+    tensors have other users stays. (onnxruntime's ``OpTypesToExcludeOutputQuantization``
+    works by op type: it would leave every Gemm's output float, the kernel-attention MLPs'
+    too, not only the model's.) Returns how many outputs were freed."""
     graph = proto.graph
     producer, consumers = _links(graph.node)
     outputs = {o.name for o in graph.output}

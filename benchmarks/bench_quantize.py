@@ -62,8 +62,7 @@ from attnsurgeon.quantize import DEFAULT_POLICY, attention_nodes, ort_latency, p
 # base that learns slowly; at 64x64 it reaches ResNet-18's accuracy at 32x32
 SIZES = {"resnet18": 32, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "mobilenet_v3_large": 64,
          "efficientnet_b0": 64, "regnet_y_400mf": 64}
-BASE_EPOCHS = {"resnet18": 3, **dict.fromkeys(("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-                                               "efficientnet_b0", "regnet_y_400mf"), 4)}
+BASE_EPOCHS = {m: 3 if m == "resnet18" else 4 for m in SIZES}
 # the attention kind a model has of its own: torchvision's SqueezeExcitation, which
 # export-onnx quantizes by SE's policy; such a model's base row measures every policy
 BUILTIN = dict.fromkeys(("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf"), "se")
