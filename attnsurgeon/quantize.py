@@ -89,7 +89,7 @@ POLICIES: dict[str, tuple[str, ...]] = {
 DEFAULT_POLICY: dict[str, str] = {
     "se": "none",
     "eca": "none",
-    "coord": "none",
+    "coord": "gate+apply",
     "cbam": "none",
     "gc": "none",
     "sk": "gate+apply",

@@ -614,13 +614,13 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     out = tmp_path / "m.onnx"
     r = cli("export-onnx", str(coord_checkpoint), "--input-size", str(SIZE), "--precision", "int8",
             "--calibration", str(digits["calib"]), "--calibration-count", "40", "--min-agreement", "0.5",
-            "--keep-float", "features.0", "--policy", "coord=gate+apply", "--json", "-o", str(out))
+            "--keep-float", "features.0", "--policy", "coord=branch+apply", "--json", "-o", str(out))
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     q = data["quantized"]
     assert q["keep_float"] == ["features.0"]
-    assert q["policies"] == {"coord": "gate+apply"} and quantize.DEFAULT_POLICY["coord"] != "gate+apply"
-    assert {a["role"] for a in q["float_nodes"]} == {"gate", "apply", "keep-float"}  # --policy's, --keep-float's
+    assert q["policies"] == {"coord": "branch+apply"} and quantize.DEFAULT_POLICY["coord"] != "branch+apply"
+    assert {a["role"] for a in q["float_nodes"]} == {"gate", "branch", "apply", "keep-float"}  # --policy's, --keep-float's
     assert q["float_outputs"] == 1
     user = [a for a in q["float_nodes"] if a["role"] == "keep-float"]
     assert sorted(a["op"] for a in user) == ["Clip", "Conv"] and {a["module"] for a in user} == {"features.0"}
@@ -629,12 +629,13 @@ def test_keep_float_leaves_the_named_modules_float(cli, coord_checkpoint: Path, 
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     stem = next(n for n in convs if n.name == next(a["node"] for a in user if a["op"] == "Conv"))
     assert all(t not in producer or producer[t] != "DequantizeLinear" for t in stem.input)  # float in, float weight
-    assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs if n is not stem)  # int8 weights
+    floats = {a["node"] for a in q["float_nodes"]}  # the stem, and coordinate attention's branch convs
+    assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs if n.name not in floats)  # int8
     console = Console(record=True, width=200)  # the summary the CLI prints without --json, from the same data
     quantize.print_quantized_summary(console, data)
     text = console.export_text()
     assert "kept in float (--keep-float features.0): 2 nodes of 1 module (Conv 1, Clip 1)" in text
-    assert "coord: gate+apply (gate+apply) (--policy)" in text and "; outputs in float" in text
+    assert "coord: branch+apply (branch+apply) (--policy)" in text and "; outputs in float" in text
     assert q["means_as_pools"] >= 1 and f"; {q['means_as_pools']} mean" in text  # the classifier's pool at least
 
 
