@@ -502,10 +502,11 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
                       images_found: list[Path] | None, *, input_size: int, opset: int, static_batch: bool,
                       dynamic_hw: bool, atol: float, keep_failed: bool, show_progress: bool) -> dict[str, Any]:
     from .calibration import load_images, parse_triple, preprocessing_for, split
-    from .quantize import check_module_paths, export_quantized, parse_module_paths, parse_policies
+    from .quantize import check_module_paths, check_policy_kinds, export_quantized, parse_module_paths, parse_policies
 
-    keep_float = parse_module_paths(quant.keep_float)
+    keep_float, policies = parse_module_paths(quant.keep_float), parse_policies(quant.policy)
     check_module_paths(model, keep_float)  # before the images are decoded
+    check_policy_kinds(model, policies)
     images = calibration = None
     if images_found is not None:
         prep = preprocessing_for(model_name, input_size=input_size, mean=parse_triple(quant.mean, "--mean"),
@@ -517,7 +518,7 @@ def _export_quantized(model: nn.Module, model_name: str, output: Path, quant: Qu
     return export_quantized(model, output, precision=quant.precision, input_size=input_size, opset=opset,
                             dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, atol=atol,
                             calibration=calibration, images=images, quantize_all=quant.quantize_all,
-                            keep_float=keep_float, policies=parse_policies(quant.policy),
+                            keep_float=keep_float, policies=policies,
                             min_agreement=quant.min_agreement, keep_failed=keep_failed, show_progress=show_progress)
 
 

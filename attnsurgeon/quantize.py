@@ -64,10 +64,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
-           "check_module_paths", "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized",
-           "grouped_convs_as_dense", "kind_policies", "module_nodes", "nodes_to_keep_float", "onnxruntime_graph",
-           "ort_latency", "outputs_in_float", "parse_module_paths", "parse_policies", "policy_keeps",
-           "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8", "run_as_integer",
+           "check_module_paths", "check_policy_kinds", "check_quantize_args", "compare_outputs", "convert_fp16",
+           "export_quantized", "grouped_convs_as_dense", "kind_policies", "module_nodes", "nodes_to_keep_float",
+           "onnxruntime_graph", "ort_latency", "outputs_in_float", "parse_module_paths", "parse_policies",
+           "policy_keeps", "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8", "run_as_integer",
            "spatial_means_as_pools"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -214,6 +214,16 @@ def check_module_paths(model: nn.Module, paths: tuple[str, ...]) -> None:
             children = ", ".join(name for name, _ in model.named_children())
             raise UsageError(f"--keep-float: {type(model).__name__} has no module {p!r} (its top-level modules: "
                              f"{children}; 'attnsurgeon blocks MODEL' lists the blocks)") from None
+
+
+def check_policy_kinds(model: nn.Module, policies: dict[str, str]) -> None:
+    """Raise UsageError for a ``--policy`` kind that ``model`` has no module of: it would
+    change nothing, where the user asked for a change."""
+    have = sorted(set(_module_kinds(model).values()))
+    for kind in policies:
+        if kind not in have:
+            raise UsageError(f"--policy: {type(model).__name__} has no {kind} module (its attention kinds: "
+                             f"{', '.join(have) or 'none'})")
 
 
 def module_nodes(proto: onnx.ModelProto, model: nn.Module, paths: tuple[str, ...], *, prefix: str = "",
@@ -829,6 +839,7 @@ def export_quantized(
     path = Path(path)
     original = model
     check_module_paths(original, keep_float)
+    check_policy_kinds(original, policies or {})
     model = _one_output(model, input_size=input_size)
     prefix = "" if model is original else "model."  # _SegmentationOutput's attribute
     if images is not None:

@@ -516,20 +516,19 @@ def goals_table(rows: list[dict[str, Any]]) -> list[str]:
     models = ("resnet18", "mobilenet_v2")
     rows = [r for r in rows if r["model"] in models and r["kind"]]
     tuned = {(r["model"], r["seed"]): _default_agreement(r) for r in rows if r["kind"] == TUNED}
-    cells: dict[str, dict[str, tuple[list[float], float | None, bool]]] = {}
+    cells: dict[str, dict[str, dict[str, Any]]] = {}  # kind (and gate) -> model -> diffs, speed, preserve
     for r in rows:
         if r["kind"] == TUNED or r["float_acc"] < MIN_FLOAT_ACC or (r["model"], r["seed"]) not in tuned:
             continue
         name = r["row"].split(" seed=")[0]
-        preserve = name.endswith(" init=preserve")
         key = name.removesuffix(" init=preserve").split(" + ", 1)[1].replace(" @mid", "")
-        diffs, speed, _ = cells.setdefault(key, {}).get(r["model"], ([], None, preserve))
-        diffs.append(_default_agreement(r) - tuned[(r["model"], r["seed"])])
+        cell = cells.setdefault(key, {}).setdefault(
+            r["model"], {"diffs": [], "speed": None, "preserve": name.endswith(" init=preserve")})
+        cell["diffs"].append(_default_agreement(r) - tuned[(r["model"], r["seed"])])
         if not r["seed"]:
             d, _ = _default(r)
             lat = r["latency_224_b1"]
-            speed = lat["fp32_ms"] / lat.get("int8_ms", {}).get(d, lat["int8_default_ms"])
-        cells[key][r["model"]] = (diffs, speed, preserve)
+            cell["speed"] = lat["fp32_ms"] / lat.get("int8_ms", {}).get(d, lat["int8_default_ms"])
     out = ["| kind | ResNet-18: agreement vs base | x at 224 | MobileNetV2: agreement vs base | x at 224 |",
            "|---|---|---|---|---|"]
     met = dict.fromkeys(models, 0)
@@ -539,7 +538,7 @@ def goals_table(rows: list[dict[str, Any]]) -> list[str]:
             if model not in by_model:
                 line += ["-", "-"]
                 continue
-            diffs, speed, preserve = by_model[model]
+            diffs, speed, preserve = by_model[model]["diffs"], by_model[model]["speed"], by_model[model]["preserve"]
             mean = float(np.mean(diffs))
             error = f" ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else ""
             both = speed is not None and mean >= -AGREEMENT_SLACK and speed >= GOAL_SPEEDUP

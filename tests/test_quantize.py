@@ -136,6 +136,10 @@ def coord_checkpoint(base: nn.Module, digits: dict[str, object], tmp_path_factor
     # checked once the model is built, before the (here unreadable) images are decoded
     (["--precision", "int8", "--calibration", "{two}", "--keep-float", "layer1,layer9"],
      "--keep-float: ResNet has no module 'layer9' (its top-level modules: conv1, bn1"),
+    (["--precision", "int8", "--calibration", "{two}", "--policy", "se=branch"],
+     "--policy: ResNet has no se module (its attention kinds: none)"),
+    (["--precision", "int8", "--calibration", "{two}", "--attn", "eca", "--policy", "eca=branch,se=none"],
+     "--policy: ResNet has no se module (its attention kinds: eca)"),
 ])
 def test_bad_options_one_line_exit_2_nothing_written(cli, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
