@@ -12,6 +12,7 @@ from torch import nn
 
 import attnsurgeon
 from attnsurgeon import set_temperature
+from attnsurgeon.layers import odconv
 from attnsurgeon.layers.odconv import ODConv2d, from_conv, has_unfolded_form
 from attnsurgeon.surgery import apply
 from attnsurgeon.training import new_modules
@@ -51,7 +52,7 @@ GEOMETRIES = [  # (C_in, C_out, kernel, stride, padding, dilation, groups, bias,
 
 
 @pytest.mark.parametrize("c_in, c_out, k, s, p, d, g, bias, kernels", GEOMETRIES)
-def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias, kernels):
+def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias, kernels, monkeypatch):
     torch.manual_seed(0)
     od = ODConv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, groups=g, bias=bias, kernels=kernels,
                   temperature=2.0, reduction=2, min_dim=4)
@@ -68,7 +69,10 @@ def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias,
         xc = x * a_c[:, :, None, None]
         f = a_f[:, :, None, None] if a_f is not None else 1
         forms += [od.forward_per_sample(xc, w) * f + b, od.forward_positions(xc, w) * f + b,
-                  od.forward_stacked(xc, a_s, a_w) * f + b, od.forward_unfolded(xc, a_s, a_w) * f + b]
+                  od.forward_unfolded(xc, a_s, a_w) * f + b]
+        with monkeypatch.context() as m:  # the unfolded form as tracers build it: strided slices
+            m.setattr(odconv, "_tracing", lambda x: True)
+            forms.append(od.forward_unfolded(xc, a_s, a_w) * f + b)
         w = od.kernels_per_sample(a_s, a_w, x.dtype, gates=(a_c, a_f))  # gates in the kernels
         forms += [od.forward_per_sample(x, w) + b, od.forward_positions(x, w) + b]
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, od.weight), retain_graph=True)
@@ -77,6 +81,18 @@ def test_both_forms_compute_the_papers_formula(c_in, c_out, k, s, p, d, g, bias,
         grads = torch.autograd.grad(y.square().sum(), (x, od.weight), retain_graph=True)
         for got, want in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_scaled_im2col_gradients(needs):
+    """The unfolded form's im2col, which recomputes the unfolded map in its backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=needs[0])
+    a_s = torch.rand(2, 4, dtype=torch.float64, requires_grad=needs[1])
+    geometry = ((2, 2), (1, 2), (1, 0), (2, 1))  # kernel, dilation, padding, stride
+    assert torch.autograd.gradcheck(lambda x, a: odconv._ScaledIm2col.apply(x, a, geometry), (x, a_s))
+    want = F.unfold(x, *geometry).unflatten(1, (3, -1)) * a_s[:, None, :, None]
+    torch.testing.assert_close(odconv._ScaledIm2col.apply(x, a_s, geometry), want)
 
 
 def test_eager_choices():

@@ -33,23 +33,21 @@ Three forms of the same function (equal to float rounding):
   ``a_s * sum_k a_w,k W_k``, and run the batch as one grouped conv with
   ``groups = N * groups`` (the authors' form, which makes the N x K mix first and sums it;
   here it is one ``(N, K) @ (K, ...)`` product);
-* *stacked* (eager, small feature maps, by dynamic convolution's CPU cost rule): all K
-  kernels as one matrix product with the unfolded input, whose kernel positions ``a_s``
-  scales, then the ``a_w``-weighted sum of the K outputs. K times the multiply-adds but no
-  per-sample kernel, which on late, wide layers is the larger cost;
-* *positions* (tracers: ``torch.export``, ONNX, ``torch.compile``, ``jit.trace``, fx): the
-  per-sample kernels applied as ``kh * kw`` per-sample matrix products of strided slices of
-  the padded input, so no op depends on the batch size and the graph exports with a
-  dynamic batch (slow in eager mode on a CPU);
-* *unfolded* (tracers inside :func:`quantizable_export`, which INT8 export uses): the
-  stacked form's maths as one static conv: the ``a_s``-scaled strided slices stacked as
-  channels, a 1x1 conv holding all K kernels, the ``a_w``-weighted sum. Its kernel bank is a
-  conv weight, which a post-training quantizer stores in int8 per channel; in the positions
-  form the bank is an operand of per-sample products of activations and stays float (an
-  INT8 file of ODConv-ResNet-18 was 171 of the float file's 172 MiB). K times the
-  multiply-adds of the positions form, so float files keep that one. A depthwise conv's
-  1x1 conv is K depthwise convs instead, down the stacked slices (a fast path in
-  onnxruntime's INT8 convs).
+* *unfolded* (eager on small feature maps, by dynamic convolution's CPU cost rule; and
+  tracers inside :func:`quantizable_export`, which INT8 export uses): the input's strided
+  slices as ``C_in * kh * kw`` channels (an im2col), scaled by ``a_s``, one 1x1 conv
+  holding all K kernels, then the ``a_w``-weighted sum of the K outputs. K times the
+  multiply-adds but no per-sample kernel, which on late, wide layers is the larger cost.
+  Its kernel bank is a conv weight, which a post-training quantizer stores in int8 per
+  channel; in the positions form the bank is an operand of per-sample products of
+  activations and stays float (an INT8 file of ODConv-ResNet-18 was 171 of the float
+  file's 172 MiB). A depthwise conv's 1x1 conv is K depthwise convs instead, down the
+  stacked slices (a fast path in onnxruntime's INT8 convs);
+* *positions* (other tracers: ``torch.export``, ONNX, ``torch.compile``, ``jit.trace``,
+  fx): the per-sample kernels applied as ``kh * kw`` per-sample matrix products of strided
+  slices of the padded input, so no op depends on the batch size and the graph exports
+  with a dynamic batch (slow in eager mode on a CPU); float files keep it, with K times
+  fewer multiply-adds than the unfolded form.
 
 Departures from the authors' code, and why:
 
@@ -119,6 +117,27 @@ def has_unfolded_form(model: nn.Module) -> bool:
 def _tracing(x: Tensor) -> bool:
     """True under torch.export / onnx export / compile (is_compiling), jit.trace, fx."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+
+
+class _ScaledIm2col(torch.autograd.Function):
+    """``unfold(x) * a_s`` as (N, C, kh * kw, H'W'), saving x rather than the unfolded map
+    (kh * kw times larger), which the backward unfolds again for ``a_s``'s gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a_s: Tensor, geometry: tuple) -> Tensor:
+        ctx.save_for_backward(x, a_s)
+        ctx.geometry = geometry
+        return F.unfold(x, *geometry).unflatten(1, (x.shape[1], -1)).mul_(a_s[:, None, :, None])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, a_s = ctx.saved_tensors
+        grad_x = grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = F.unfold(x, *ctx.geometry).unflatten(1, (x.shape[1], -1)).mul_(grad).sum((1, 3))
+        if ctx.needs_input_grad[0]:
+            grad_x = F.fold((grad * a_s[:, None, :, None]).flatten(1, 2), x.shape[2:], *ctx.geometry)
+        return grad_x, grad_s, None
 
 
 class OmniAttention(nn.Module):
@@ -263,10 +282,8 @@ class ODConv2d(nn.Module):
             y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             return self._finish(y, a_f)
-        if _UNFOLDED and _tracing(x):
+        if (_UNFOLDED and _tracing(x)) or (not _tracing(x) and self.prefers_stacked(x)):
             return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
-        if not _tracing(x) and self.prefers_stacked(x):
-            return self._finish(self.forward_stacked(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
@@ -342,49 +359,42 @@ class ODConv2d(nn.Module):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
-    def forward_stacked(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
-        """All K kernels on the unfolded input, ``a_s`` scaling its kernel positions, then the
-        ``a_w``-weighted sum of the K outputs: K times the multiply-adds, no per-sample kernel."""
-        n, g, k = x.shape[0], self.groups, self.kernels
-        h, w = self._out_size(x)
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C_in * P, H'W')
-        if a_s is not None:
-            cols = (cols.unflatten(1, (self.in_channels, -1)) * a_s.to(cols.dtype)[:, None, :, None]).flatten(1, 2)
-        bank = self.weight.to(cols.dtype).reshape(k, g, self.out_channels // g, -1).transpose(0, 1).flatten(1, 2)
-        # (g, K * C_out / g, F) @ (g, F, N * H'W'): a broadcast (N, g, ...) product would expand the bank N times
-        cols = cols.unflatten(1, (g, -1)).permute(1, 2, 0, 3).flatten(2)
-        y = (bank @ cols).unflatten(2, (n, -1)).permute(2, 0, 1, 3)  # (N, g, K * C_out / g, H'W')
-        if a_w is not None:
-            y = (y.unflatten(2, (k, -1)) * a_w.to(y.dtype)[:, None, :, None, None]).sum(2)
-        y = y.reshape(n, self.out_channels, h, w)
-        if _channels_last(x):
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
-
     def forward_unfolded(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
-        """``forward_stacked`` as one conv with a static weight: the ``a_s``-scaled strided
-        slices of the padded input as ``C_in * kh * kw`` channels, a 1x1 conv holding all K
-        kernels (the weight a quantizer sees), then the ``a_w``-weighted sum."""
+        """The stacked form, as one conv with a static weight: the input's ``kh * kw`` strided
+        slices as ``C_in * kh * kw`` channels, scaled by ``a_s``, a 1x1 conv holding all K
+        kernels (the weight a quantizer sees), then the ``a_w``-weighted sum. K times the
+        multiply-adds of a per-sample kernel, none of its N kernels to build."""
         g, k, (kh, kw), (sh, sw) = self.groups, self.kernels, self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self.padding, self.dilation
         n, h_out, w_out = x.shape[0], *self._out_size(x)
-        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        # a copy of each slice: see forward_positions
-        cols = torch.stack([xp[:, :, i * dh: i * dh + sh * (h_out - 1) + 1: sh,
-                               j * dw: j * dw + sw * (w_out - 1) + 1: sw].clone(memory_format=torch.contiguous_format)
-                            for i in range(kh) for j in range(kw)], 2)  # (N, C_in, kh * kw, H', W')
-        if a_s is not None:
-            cols = cols * a_s.to(cols.dtype)[:, None, :, None, None]
+        if _tracing(x):  # strided slices: a graph without Im2Col, exported with a dynamic batch
+            xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+            # a copy of each slice: see forward_positions
+            cols = torch.stack([xp[:, :, i * dh: i * dh + sh * (h_out - 1) + 1: sh,
+                                   j * dw: j * dw + sw * (w_out - 1) + 1: sw].clone(
+                                       memory_format=torch.contiguous_format)
+                                for i in range(kh) for j in range(kw)], 2)  # (N, C_in, kh * kw, H', W')
+            if a_s is not None:
+                cols = cols * a_s.to(cols.dtype)[:, None, :, None, None]
+        else:  # eager: one im2col, the same channel order
+            geometry = (self.kernel_size, self.dilation, self.padding, self.stride)
+            if a_s is None:
+                cols = F.unfold(x, *geometry)
+            else:
+                cols = _ScaledIm2col.apply(x, a_s.to(x.dtype), geometry)
+            cols = cols.reshape(n, self.in_channels, kh * kw, h_out, w_out)
         if self.in_channels == g == self.out_channels:
-            return self._unfolded_depthwise(cols, a_w).reshape(n, self.out_channels, h_out, w_out)
-        cols = cols.reshape(n, -1, h_out, w_out)  # channel c * kh * kw + p, as the weight's (C_in / g, kh, kw)
-        weight = self.weight.to(cols.dtype)
-        if g > 1:  # a grouped conv's outputs come group by group: (K, g, C_out / g) -> (g, K, C_out / g)
-            weight = weight.unflatten(0, (k, g, -1)).transpose(0, 1).flatten(0, 2)
-        y = F.conv2d(cols, weight.reshape(k * self.out_channels, -1, 1, 1), None, 1, 0, 1, g)
-        y = y.reshape(n, g, k, self.out_channels // g, h_out, w_out)
-        y = y.squeeze(2) if a_w is None else (y * a_w.to(y.dtype)[:, None, :, None, None, None]).sum(2)
-        return y.reshape(n, self.out_channels, h_out, w_out)
+            y = self._unfolded_depthwise(cols, a_w)
+        else:
+            cols = cols.reshape(n, -1, h_out, w_out)  # channel c * kh * kw + p, as the weight's (C_in / g, kh, kw)
+            weight = self.weight.to(cols.dtype)
+            if g > 1:  # a grouped conv's outputs come group by group: (K, g, C_out / g) -> (g, K, C_out / g)
+                weight = weight.unflatten(0, (k, g, -1)).transpose(0, 1).flatten(0, 2)
+            y = F.conv2d(cols, weight.reshape(k * self.out_channels, -1, 1, 1), None, 1, 0, 1, g)
+            y = y.reshape(n, g, k, self.out_channels // g, h_out, w_out)
+            y = y.squeeze(2) if a_w is None else (y * a_w.to(y.dtype)[:, None, :, None, None, None]).sum(2)
+        y = y.reshape(n, self.out_channels, h_out, w_out)
+        return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
 
     def _unfolded_depthwise(self, cols: Tensor, a_w: Tensor | None) -> Tensor:
         """A depthwise conv's unfolded form as K depthwise convs, each a ``kh * kw`` x 1 kernel
