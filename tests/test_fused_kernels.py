@@ -122,6 +122,20 @@ def test_tracers_get_the_plain_form(monkeypatch):
     assert not kernels.active(torch.fx.Proxy(torch.fx.Graph().placeholder("x")))
 
 
+def test_exporting_is_true_under_torch_export_only():
+    """torch.compile is not an export (Dynamo up to torch 2.11 said it was, through
+    torch.compiler.is_exporting(), and compiled models then took their export forms)."""
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1 if kernels.exporting() else x
+
+    x = torch.zeros(2)
+    assert not kernels.exporting()
+    assert torch.equal(torch.compile(Probe(), backend="eager", fullgraph=True)(x), x)
+    assert torch.equal(torch.export.export(Probe(), (x,)).module()(x), x + 1)
+
+
 def test_what_the_kernels_do_not_take_runs_plain(monkeypatch):
     """A gate broadcast over the batch, float64, a shortcut of another shape: the plain form
     (the kernel path, allowed on this CPU here, would raise)."""

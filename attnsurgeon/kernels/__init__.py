@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "NormAct", "active", "context_pool", "coord_pool", "enabled", "has_hooks", "mean_max_hw", "norm_act_mean_max",
+    "NormAct", "active", "context_pool", "coord_pool", "enabled", "exporting", "has_hooks", "mean_max_hw",
+    "norm_act_mean_max",
     "scale", "scale_hw", "scale_spatial", "set_enabled", "shift", "spatial_pool", "use_fused",
 ]
 
@@ -128,6 +129,13 @@ def _interpret_on_cpu(flag: bool) -> None:
     _interpret = flag
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` (and so the ONNX exporter) is tracing: ``torch.compiler.is_exporting()``
+    read from its flag, because Dynamo up to torch 2.11 at least (checked there) answers that
+    call with True under every ``torch.compile``, which sent compiled models down their export path."""
+    return bool(torch.compiler._is_exporting_flag)
+
+
 def _tensor_ok(t: Tensor, like: Tensor) -> bool:
     return t.dtype in _DTYPES and t.device == like.device
 
@@ -139,7 +147,7 @@ def active(x: object, *others: object) -> bool:
     if x.device.type != "cuda" and not (_interpret and x.device.type == "cpu"):
         return False  # first, so the CPU path pays for little more than this
     if torch.compiler.is_compiling():
-        if _mode != "compile" or torch.compiler.is_exporting():
+        if _mode != "compile" or exporting():
             return False
     elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ._conv import replace_conv
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ class DynamicConv2d(nn.Module):
 
     def form_for(self, x: Tensor) -> str:
         """Which form ``forward`` runs on ``x``: ``form``, tracing, device, cost (module docstring)."""
-        exporting = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or torch.compiler.is_exporting()
+        exporting = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or kernels.exporting()
         if exporting or self.form == "stacked":
             return "stacked"
         if torch.compiler.is_compiling():  # torch.compile: its one op where it applies, else stacked
@@ -432,8 +433,9 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     if isinstance(x, torch.fx.Proxy):  # fx tracing: no device, no autocast
         return weight.dtype
     device = x.device.type  # a meta tensor (a shape-only trace) has no autocast; asking raises
-    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            and weight.is_floating_point()):
+    # torch.compile traces real devices only, and before torch 2.12 could not trace the first test
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device) and weight.is_floating_point():
         return torch.get_autocast_dtype(device)
     return weight.dtype
 

@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ._conv import replace_conv
 from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _mix, _pair, _Size
 
@@ -318,7 +319,7 @@ class ODConv2d(nn.Module):
         feature maps: where a kernel has fewer elements than the input and output maps."""
         if isinstance(x, torch.fx.Proxy):
             return False
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        if torch.jit.is_tracing() or kernels.exporting():
             # one form whatever the traced map size: the size rule below would be a guard on
             # a dynamic H and W, and the graph would keep the form chosen for the traced size
             return True
