@@ -130,9 +130,10 @@ def _interpret_on_cpu(flag: bool) -> None:
 
 
 def exporting() -> bool:
-    """Whether ``torch.export`` (and so the ONNX exporter) is tracing: ``torch.compiler.is_exporting()``
-    read from its flag, because Dynamo up to torch 2.11 at least (checked there) answers that
-    call with True under every ``torch.compile``, which sent compiled models down their export path."""
+    """Whether ``torch.export`` (and so the ONNX exporter) is tracing. It reads the flag behind
+    ``torch.compiler.is_exporting()``, because Dynamo in torch 2.10 and 2.11 (checked; not in
+    2.14) answers that call with True under every ``torch.compile``, which sent compiled
+    models down their export path."""
     return bool(torch.compiler._is_exporting_flag)
 
 

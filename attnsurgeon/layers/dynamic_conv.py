@@ -433,7 +433,7 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     if isinstance(x, torch.fx.Proxy):  # fx tracing: no device, no autocast
         return weight.dtype
     device = x.device.type  # a meta tensor (a shape-only trace) has no autocast; asking raises
-    # torch.compile traces real devices only, and before torch 2.12 could not trace the first test
+    # torch.compile traces real devices only, and in torch 2.10 and 2.11 could not trace the first test
     available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
     if available and torch.is_autocast_enabled(device) and weight.is_floating_point():
         return torch.get_autocast_dtype(device)
