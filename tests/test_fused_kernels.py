@@ -123,7 +123,7 @@ def test_tracers_get_the_plain_form(monkeypatch):
 
 
 def test_exporting_is_true_under_torch_export_only():
-    """torch.compile is not an export (Dynamo up to torch 2.11 said it was, through
+    """torch.compile is not an export (Dynamo in torch 2.10 and 2.11 said it was, through
     torch.compiler.is_exporting(), and compiled models then took their export forms)."""
 
     class Probe(nn.Module):

@@ -99,7 +99,7 @@ def test_eager_choices():
     od = ODConv2d(64, 64, 3, padding=1)
     assert od.folds(torch.empty(2, 64, 56, 56))  # 36,864 kernel elements < 401,408 map elements
     assert not od.folds(torch.empty(2, 64, 7, 7))
-    late = ODConv2d(512, 512, 3, padding=1)  # ResNet-18's layer4: stacked, as dynconv there
+    late = ODConv2d(512, 512, 3, padding=1)  # ResNet-18's layer4: unfolded, where dynconv stacks
     assert late.prefers_stacked(torch.empty(32, 512, 7, 7)) and not late.prefers_stacked(torch.empty(1, 512, 7, 7))
     assert not od.prefers_stacked(torch.empty(32, 64, 56, 56))
 
