@@ -15,7 +15,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } > "$out/device.txt" 2>&1
+  python -c 'import numpy, torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "numpy", numpy.__version__)'
+} > "$out/device.txt" 2>&1
 status=0
 for step in "$@"; do
     case "$step" in
