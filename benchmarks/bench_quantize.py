@@ -469,6 +469,12 @@ def _default_agreement(r: dict[str, Any]) -> float:
     return float(_default(r)[1]["agreeing_variants_mean"])
 
 
+def _mean_and_error(values: list[float]) -> str:
+    """``+m.m ± e.e``: the mean and, from two values on, its standard error."""
+    error = f" ± {np.std(values, ddof=1) / np.sqrt(len(values)):.1f}" if len(values) > 1 else ""
+    return f"{np.mean(values):+.1f}{error}"
+
+
 def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
     """Rows trained with several seeds: the default's agreement per seed, their mean, and the
     mean difference from the fine-tuned base of the same seeds with its standard error (paired:
@@ -493,8 +499,7 @@ def seeds_table(rows: list[dict[str, Any]]) -> list[str]:
         paired = [a - ref[s] for s, a in by_seed.items() if s in ref]
         delta = "-"
         if paired and v[0]["kind"] != TUNED:  # with the standard error of that mean, from the pairs' spread
-            delta = f"{np.mean(paired):+.1f}" + (f" ± {np.std(paired, ddof=1) / np.sqrt(len(paired)):.1f}"
-                                                 if len(paired) > 1 else "")
+            delta = _mean_and_error(paired)
         out.append(f"| {name} | " + " | ".join(f"{by_seed[s]:.1f}" if s in by_seed else "-" for s in seeds)
                    + f" | {mean:.1f} | {delta} |")
     return out
@@ -539,12 +544,10 @@ def goals_table(rows: list[dict[str, Any]]) -> list[str]:
                 line += ["-", "-"]
                 continue
             diffs, speed, preserve = by_model[model]["diffs"], by_model[model]["speed"], by_model[model]["preserve"]
-            mean = float(np.mean(diffs))
-            error = f" ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else ""
-            both = speed is not None and mean >= -AGREEMENT_SLACK and speed >= GOAL_SPEEDUP
+            both = speed is not None and float(np.mean(diffs)) >= -AGREEMENT_SLACK and speed >= GOAL_SPEEDUP
             met[model] += both
             seeds = f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}{', init preserve' if preserve else ''}"
-            line += [f"{mean:+.1f}{error} ({seeds})",
+            line += [f"{_mean_and_error(diffs)} ({seeds})",
                      ("-" if speed is None else f"x{speed:.2f}") + (" **both**" if both else "")]
         out.append("| " + " | ".join(line) + " |")
     out += ["", "both goals met: " + ", ".join(

@@ -283,13 +283,14 @@ class ODConv2d(nn.Module):
             y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             return self._finish(y, a_f)
-        if (_UNFOLDED and _tracing(x)) or (not _tracing(x) and self.prefers_stacked(x)):
+        tracing = _tracing(x)
+        if (_UNFOLDED and tracing) or (not tracing and self.prefers_stacked(x)):
             return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
             x = x * a_c.to(dtype)[:, :, None, None]
-        y = self.forward_positions(x, w) if _tracing(x) else self.forward_per_sample(x, w)
+        y = self.forward_positions(x, w) if tracing else self.forward_per_sample(x, w)
         return self._finish(y, None if fold else a_f)
 
     def _finish(self, y: Tensor, a_f: Tensor | None) -> Tensor:
