@@ -22,6 +22,13 @@ bfloat16, float16, accumulating in float32. The bias is left to the caller. It r
 or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests check it against the plain forms.
 
+ODConv (:mod:`.odconv`) runs on the same kernels: its kernel of sample n at tap t is
+``a_s[n, t] sum_k a_w[n, k] W_k[..., t]``, so ``pi`` may hold one mix per tap, ``(N, kh * kw,
+K)``; a program reads its tap's K weights, and the dW kernel, whose programs each hold one
+tap, leaves ``<G_n, W_k>`` per tap, the gradient of that mix. ODConv's bank is ordered
+(kernel, group, out-channel) where dynamic convolution's is (group, kernel, out-channel);
+the kernels take the row strides of either.
+
 Departure from a textbook implicit GEMM: stride > 1 in ``dx`` masks the output positions
 that no kernel tap reaches instead of splitting the conv into stride-phase sub-convs
 (simpler, up to stride^2 more work in that one kernel).
@@ -117,7 +124,7 @@ if AVAILABLE:
     @triton.jit
     def _forward_kernel(
         x_ptr, w_ptr, pi_ptr, y_ptr,
-        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K,
+        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
         sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -134,11 +141,11 @@ if AVAILABLE:
         x_base = x_ptr + n * sxn + (g * C_IN_G) * sxc
         offs_kk = tl.arange(0, KP)
         mask_kk = offs_kk < K
-        p = tl.load(pi_ptr + n * K + offs_kk, mask=mask_kk, other=0.0)
-        w_rows = w_ptr + ((g * K + offs_kk)[:, None, None] * C_OUT_G + offs_c[None, None, :]) * swo
+        w_rows = w_ptr + (g * ROW_G + offs_kk[:, None, None] * ROW_K + offs_c[None, None, :]) * swo
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for rs in range(KH * KW):
             r, s = rs // KW, rs % KW
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_kk, mask=mask_kk, other=0.0)
             ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
             valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             for c0 in range(0, C_IN_G, BK):
@@ -158,7 +165,7 @@ if AVAILABLE:
     @triton.jit
     def _grad_input_kernel(
         dy_ptr, w_ptr, pi_ptr, dx_ptr,
-        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K,
+        C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
         sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -175,10 +182,10 @@ if AVAILABLE:
         dy_base = dy_ptr + n * sdn + (g * C_OUT_G) * sdc
         offs_kk = tl.arange(0, KP)
         mask_kk = offs_kk < K
-        p = tl.load(pi_ptr + n * K + offs_kk, mask=mask_kk, other=0.0)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for rs in range(KH * KW):
             r, s = rs // KW, rs % KW
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_kk, mask=mask_kk, other=0.0)
             th, tw = ih + PH - r * DH, iw + PW - s * DW
             th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
             oh, ow = th0 // SH, tw0 // SW
@@ -189,7 +196,7 @@ if AVAILABLE:
                 mask_k = offs_k < C_OUT_G
                 dyt = tl.load(dy_base + offs_k[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
                               mask=valid[:, None] & mask_k[None, :], other=0.0)
-                rows = (g * K + offs_kk)[:, None, None] * C_OUT_G + offs_k[None, :, None]
+                rows = g * ROW_G + offs_kk[:, None, None] * ROW_K + offs_k[None, :, None]
                 wk = tl.load(w_ptr + rows * swo + offs_c[None, None, :] * swi + r * swh + s * sww,
                              mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
                 wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
@@ -201,7 +208,7 @@ if AVAILABLE:
     @triton.jit
     def _grad_weight_kernel(
         dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr,
-        N, C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, PER_SPLIT,
+        N, C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt, PER_SPLIT,
         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -219,7 +226,7 @@ if AVAILABLE:
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
         # the K kernel tiles, (KP, BO, BI), read once
-        rows = (g * K + offs_k)[:, None, None] * C_OUT_G + offs_o[None, :, None]
+        rows = g * ROW_G + offs_k[:, None, None] * ROW_K + offs_o[None, :, None]
         w_off = rows * swo + offs_i[None, None, :] * swi + r * swh + s * sww
         mask_w = mask_k[:, None, None] & mask_o[None, :, None] & mask_i[None, None, :]
         wk = tl.load(w_ptr + w_off, mask=mask_w, other=0.0).to(tl.float32)
@@ -240,7 +247,7 @@ if AVAILABLE:
                 xt = tl.load(x_base + offs_i[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                              mask=valid[:, None] & mask_i[None, :], other=0.0)
                 gn = _dot(dyt, xt, gn, F32, PRECISION)
-            p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             dw += p[:, None, None] * gn[None, :, :]
             part = tl.sum(tl.sum(wk * gn[None, :, :], axis=2), axis=1)  # <G_n, W_k> on this tile
             tl.store(dpi_ptr + (tile * N + n) * K + offs_k, part, mask=mask_k)
@@ -253,7 +260,7 @@ if AVAILABLE:
 
     @triton.jit
     def _depthwise_forward_kernel(
-        x_ptr, w_ptr, pi_ptr, y_ptr, C, H, W, OH, OW, K,
+        x_ptr, w_ptr, pi_ptr, y_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
         sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -268,11 +275,11 @@ if AVAILABLE:
         mask_c = offs_c < C
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
-        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo  # (KP, BC)
+        w_rows = w_ptr + (offs_c[None, :] * ROW_G + offs_k[:, None] * ROW_K) * swo  # (KP, BC)
         acc = tl.zeros((BM, BC), dtype=tl.float32)
         for rs in range(KH * KW):
             r, s = rs // KW, rs % KW
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
             ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
@@ -285,7 +292,7 @@ if AVAILABLE:
 
     @triton.jit
     def _depthwise_grad_input_kernel(
-        dy_ptr, w_ptr, pi_ptr, dx_ptr, C, H, W, OH, OW, K,
+        dy_ptr, w_ptr, pi_ptr, dx_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
         sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -299,11 +306,11 @@ if AVAILABLE:
         mask_c = offs_c < C
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
-        w_rows = w_ptr + (offs_c[None, :] * K + offs_k[:, None]) * swo
+        w_rows = w_ptr + (offs_c[None, :] * ROW_G + offs_k[:, None] * ROW_K) * swo
         acc = tl.zeros((BM, BC), dtype=tl.float32)
         for rs in range(KH * KW):
             r, s = rs // KW, rs % KW
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
             th, tw = ih + PH - r * DH, iw + PW - s * DW
@@ -319,7 +326,7 @@ if AVAILABLE:
 
     @triton.jit
     def _depthwise_grad_weight_kernel(
-        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr, N, C, H, W, OH, OW, K, PER_SPLIT,
+        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr, N, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt, PER_SPLIT,
         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swh, sww,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -332,7 +339,7 @@ if AVAILABLE:
         mask_c = offs_c < C
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        rows = offs_c[None, :] * K + offs_k[:, None]  # (KP, BC)
+        rows = offs_c[None, :] * ROW_G + offs_k[:, None] * ROW_K  # (KP, BC)
         mask_w = mask_k[:, None] & mask_c[None, :]
         wk = tl.load(w_ptr + rows * swo + r * swh + s * sww, mask=mask_w, other=0.0).to(tl.float32)
         dw = tl.zeros((KP, BC), dtype=tl.float32)
@@ -350,7 +357,7 @@ if AVAILABLE:
                 xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                              mask=valid[:, None] & mask_c[None, :], other=0.0)
                 gn += tl.sum(dyt.to(tl.float32) * xt.to(tl.float32), axis=0)
-            p = tl.load(pi_ptr + n * K + offs_k, mask=mask_k, other=0.0)
+            p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             dw += p[:, None] * gn[None, :]
             tl.store(dpi_ptr + (tile * N + n) * K + offs_k, tl.sum(wk * gn[None, :], axis=1), mask=mask_k)
         out = pid_s.to(tl.int64) * (C * K * KH * KW)
@@ -373,29 +380,43 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
 
 
+def _rows(kernels: int, c_out_g: int, groups: int, kernel_major: bool) -> dict[str, int]:
+    """Where kernel k's out-channel c of group g lies in the bank, in rows: ``g * ROW_G +
+    k * ROW_K + c``. Dynamic convolution stores (group, kernel, channel), ODConv (kernel,
+    group, channel)."""
+    if kernel_major:
+        return dict(ROW_G=c_out_g, ROW_K=groups * c_out_g)
+    return dict(ROW_G=kernels * c_out_g, ROW_K=c_out_g)
+
+
+def _pi_strides(pi: Tensor) -> tuple[int, int]:
+    """pi's sample and tap strides; the tap stride is 0 where one mix serves every tap."""
+    return pi.stride(0), (pi.stride(1) if pi.shape[1] > 1 else 0)
+
+
 def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
-             dilation: list[int], groups: int, blocks: Blocks) -> Tensor:
+             dilation: list[int], groups: int, kernel_major: bool, blocks: Blocks) -> Tensor:
     c_out, oh, ow, c_in = _geometry(x, weight, kernels, stride, padding, dilation, groups)
     n, _, h, w = x.shape
     c_in_g, c_out_g = c_in // groups, c_out // groups
     y = _like(x, (n, c_out, oh, ow), x.dtype)
     kh, kw = weight.shape[2:]
     geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+                    KH=kh, KW=kw)
+    rows = _rows(kernels, c_out_g, groups, kernel_major)
+    _CALLS["forward"] += 1
     if c_in_g == c_out_g == 1:
-        _CALLS["forward"] += 1
         grid = (n, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_forward_kernel[grid](
-            x, weight, pi, y, c_in, h, w, oh, ow, kernels, *x.stride(), weight.stride(0), *weight.stride()[2:],
-            *y.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+            x, weight, pi, y, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *x.stride(),
+            weight.stride(0), *weight.stride()[2:], *y.stride(), **geometry, KP=triton.next_power_of_2(kernels),
+            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
         return y
     grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
-    _CALLS["forward"] += 1
     _forward_kernel[grid](
-        x, weight, pi, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
-        *x.stride(), *weight.stride(), *y.stride(),
-        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+        x, weight, pi, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
+        *x.stride(), *weight.stride(), *y.stride(), **geometry,
         KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
         num_warps=blocks.warps,
     )
@@ -403,28 +424,29 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[i
 
 
 def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                padding: list[int], dilation: list[int], groups: int, blocks: Blocks) -> Tensor:
+                padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
+                blocks: Blocks) -> Tensor:
     n, c_in, h, w = x.shape
     c_out, oh, ow = dy.shape[1:]
     c_in_g, c_out_g = c_in // groups, c_out // groups
     dx = _like(x, tuple(x.shape), x.dtype)
     kh, kw = weight.shape[2:]
     geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-                    KH=kh, KW=kw, KP=triton.next_power_of_2(kernels))
+                    KH=kh, KW=kw)
+    rows = _rows(kernels, c_out_g, groups, kernel_major)
+    _CALLS["grad_input"] += 1
     if c_in_g == c_out_g == 1:
-        _CALLS["grad_input"] += 1
         grid = (n, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_grad_input_kernel[grid](
-            dy, weight, pi, dx, c_in, h, w, oh, ow, kernels, *dy.stride(), weight.stride(0), *weight.stride()[2:],
-            *dx.stride(), **geometry, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+            dy, weight, pi, dx, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *dy.stride(),
+            weight.stride(0), *weight.stride()[2:], *dx.stride(), **geometry, KP=triton.next_power_of_2(kernels),
+            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
         return dx
     grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
-    _CALLS["grad_input"] += 1
     _grad_input_kernel[grid](
-        dy, weight, pi, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
-        *dy.stride(), *weight.stride(), *dx.stride(),
-        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
+        dy, weight, pi, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
+        *dy.stride(), *weight.stride(), *dx.stride(), **geometry,
         KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
         num_warps=blocks.warps,
     )
@@ -432,24 +454,27 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int,
 
 
 def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                 padding: list[int], dilation: list[int], groups: int, blocks: Blocks) -> tuple[Tensor, Tensor]:
+                 padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
+                 blocks: Blocks) -> tuple[Tensor, Tensor]:
     n, c_in, h, w = x.shape
     c_out, oh, ow = dy.shape[1:]
     c_in_g, c_out_g = c_in // groups, c_out // groups
     kh, kw = weight.shape[2:]
     kp = triton.next_power_of_2(kernels)
+    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                    KH=kh, KW=kw, KP=kp)
+    rows = _rows(kernels, c_out_g, groups, kernel_major)
+    _CALLS["grad_weight"] += 1
     if c_in_g == c_out_g == 1:
         grid = (triton.cdiv(c_in, blocks.n), kh * kw)
         splits, per_split = _splits(n, grid[0] * grid[1], blocks.programs)
         dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
         dpi = torch.empty((grid[0] * grid[1], n, kernels), dtype=torch.float32, device=x.device)
-        _CALLS["grad_weight"] += 1
         _depthwise_grad_weight_kernel[grid + (splits,)](
-            dy, x, weight, pi, dw, dpi, n, c_in, h, w, oh, ow, kernels, per_split, *dy.stride(), *x.stride(),
-            weight.stride(0), *weight.stride()[2:],
-            SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
-            KP=kp, BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
-        return _reduce_grad_weight(dw, dpi, weight)
+            dy, x, weight, pi, dw, dpi, n, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi),
+            per_split, *dy.stride(), *x.stride(), weight.stride(0), *weight.stride()[2:], **geometry,
+            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+        return _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, 1)
     # the K kernel tiles and their gradients, (KP, BO, BI) each, stay in registers: at most
     # 4096 elements each where K allows
     bo, bi = min(blocks.n, 32), min(blocks.k, 32)
@@ -460,15 +485,12 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
     splits, per_split = _splits(n, grid0 * grid1, blocks.programs)
     dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
     dpi = torch.empty((grid0 * grid1, n, kernels), dtype=torch.float32, device=x.device)
-    _CALLS["grad_weight"] += 1
     _grad_weight_kernel[(grid0, grid1, splits)](
-        dy, x, weight, pi, dw, dpi, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, per_split,
-        *dy.stride(), *x.stride(), *weight.stride(),
-        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], KH=kh, KW=kw,
-        KP=kp, BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype),
-        num_warps=blocks.warps,
+        dy, x, weight, pi, dw, dpi, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
+        *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), *weight.stride(), **geometry,
+        BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype), num_warps=blocks.warps,
     )
-    return _reduce_grad_weight(dw, dpi, weight)
+    return _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, triton.cdiv(c_in_g, bi))
 
 
 def _splits(n: int, programs: int, target: int) -> tuple[int, int]:
@@ -479,13 +501,18 @@ def _splits(n: int, programs: int, target: int) -> tuple[int, int]:
     return triton.cdiv(n, per_split), per_split
 
 
-def _reduce_grad_weight(dw: Tensor, dpi: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum the per-split partial dW and per-tile partial dpi; dW in the weight's dtype and layout."""
+def _reduce_grad_weight(dw: Tensor, dpi: Tensor, weight: Tensor, pi: Tensor, taps: int,
+                        inner: int) -> tuple[Tensor, Tensor]:
+    """Sum the per-split partial dW, and the per-tile partial dpi into pi's shape. The dW
+    grids order their tiles (outer, tap, ``inner``), so a per-tap pi sums each tap's tiles.
+    dW in the weight's dtype and layout."""
     last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     dw = dw.sum(0).to(weight.dtype)
     if last:
         dw = dw.contiguous(memory_format=torch.channels_last)
-    return dw, dpi.sum(0)
+    dpi = dpi.view(-1, taps, inner, *dpi.shape[1:])
+    dpi = dpi.sum((0, 1, 2))[:, None] if pi.shape[1] == 1 else dpi.sum((0, 2)).transpose(0, 1)
+    return dw, dpi.contiguous()
 
 
 # --- the torch.library op ----------------------------------------------------------------
@@ -494,33 +521,36 @@ if AVAILABLE:
 
     @torch.library.custom_op("attnsurgeon::dynconv", mutates_args=())
     def _dynconv(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
-                 dilation: list[int], groups: int, blocks: list[int]) -> Tensor:
-        return _forward(x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+                 dilation: list[int], groups: int, kernel_major: bool, blocks: list[int]) -> Tensor:
+        return _forward(x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, Blocks(*blocks))
 
     @_dynconv.register_fake
-    def _(x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+    def _(x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
         c_out, oh, ow, _ = _geometry(x, weight, kernels, stride, padding, dilation, groups)
         return _like(x, (x.shape[0], c_out, oh, ow), x.dtype)
 
     @torch.library.custom_op("attnsurgeon::dynconv_grad_input", mutates_args=())
     def _dynconv_grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                            padding: list[int], dilation: list[int], groups: int, blocks: list[int]) -> Tensor:
-        return _grad_input(dy, x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+                            padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
+                            blocks: list[int]) -> Tensor:
+        return _grad_input(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major,
+                           Blocks(*blocks))
 
     @_dynconv_grad_input.register_fake
-    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
         return _like(x, tuple(x.shape), x.dtype)
 
     @torch.library.custom_op("attnsurgeon::dynconv_grad_weight", mutates_args=())
     def _dynconv_grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                             padding: list[int], dilation: list[int], groups: int,
+                             padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
                              blocks: list[int]) -> tuple[Tensor, Tensor]:
-        return _grad_weight(dy, x, weight, pi, kernels, stride, padding, dilation, groups, Blocks(*blocks))
+        return _grad_weight(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major,
+                            Blocks(*blocks))
 
     @_dynconv_grad_weight.register_fake
-    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, blocks):  # noqa: ANN001, ANN202
+    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
         dw = _like(weight, tuple(weight.shape), weight.dtype)
-        return dw, pi.new_empty((x.shape[0], kernels), dtype=torch.float32)
+        return dw, pi.new_empty(tuple(pi.shape), dtype=torch.float32)
 
     def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
         x, weight, pi, *ctx.args = inputs
@@ -534,28 +564,32 @@ if AVAILABLE:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dw, dpi = _dynconv_grad_weight(dy, x, weight, pi, *ctx.args)
             dpi = dpi.to(pi.dtype)
-        return dx, dw, dpi, None, None, None, None, None, None
+        return dx, dw, dpi, None, None, None, None, None, None, None
 
     _dynconv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _format(t: Tensor) -> torch.memory_format:
-    last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if last else torch.contiguous_format
-
-
 def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, stride: tuple[int, int],
-                   padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                   padding: tuple[int, int], dilation: tuple[int, int], groups: int, kernel_major: bool = False,
                    blocks: Blocks | None = None) -> Tensor:
     """``conv2d(x[n], sum_k pi[n, k] W_k)`` for every sample n, without bias.
 
     Args:
         x: ``(N, C_in, H, W)``, contiguous or channels_last; ``weight`` has its dtype.
-        weight: the bank ``(K * C_out, C_in / groups, kh, kw)`` ordered (group, kernel,
-            out-channel of the group), any memory format.
-        pi: ``(N, K)`` attention weights (computed in float32).
+        weight: the bank ``(K * C_out, C_in / groups, kh, kw)``, any memory format, its rows
+            ordered (group, kernel, out-channel of the group), or with ``kernel_major``
+            (kernel, group, out-channel of the group).
+        pi: ``(N, K)`` attention weights, or ``(N, kh * kw, K)`` for a mix per kernel tap
+            (ODConv's spatial attention times its kernel attention): tap t of sample n's
+            kernel is ``sum_k pi[n, t, k] W_k[..., t]``. Computed in float32.
         blocks: tile sizes (the tests use small ones in the interpreter).
     """
     blocks = blocks or _BLOCKS
+    taps = weight.shape[2] * weight.shape[3]
+    if pi.dim() == 2:
+        pi = pi[:, None]
+    if pi.dim() != 3 or pi.shape[1] not in (1, taps) or pi.shape[2] != kernels or pi.shape[0] != x.shape[0]:
+        raise ValueError(f"dynconv: pi {tuple(pi.shape)} is neither (N, K) nor (N, kh * kw, K) for input "
+                         f"{tuple(x.shape)}, K={kernels}, {taps} taps")
     return _dynconv(x, weight, pi.float().contiguous(), kernels, list(stride), list(padding), list(dilation),
-                    groups, [blocks.m, blocks.n, blocks.k, blocks.warps, blocks.programs])
+                    groups, kernel_major, [blocks.m, blocks.n, blocks.k, blocks.warps, blocks.programs])
