@@ -18,8 +18,8 @@ Every row has its time and memory over both references ("x seed", "x timm").
 
 ODConv rows (``--odconv-only`` runs just them): ``odconv``, the
 :class:`attnsurgeon.layers.odconv.ODConv2d` that replaces the same conv (K = 4, r = 16; eager
-runs its per-sample form; ``odconv:positions``, its traced form, is built but not in the
-default rows), against ``ours``; and
+picks its form as ``ours`` does; ``odconv:positions``, its traced form, is built but not in
+the default rows; ``odconv:triton`` etc. force a form), against ``ours``; and
 ODConv-ResNet-18 (4x: both 3x3 convs of every block, the authors' model) against
 DY-ResNet-18 and the static ResNet-18. The ratio column is then "x ours" (DY).
 
@@ -65,7 +65,8 @@ training step, with ``ours`` (the measured choice, labelled with what it chose),
 CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
 seed's), inference at batch 256 and training step at batch 128, eager, and under
 ``torch.compile`` (where ``ours`` runs the Triton op); ODConv-ResNet-18 (4x) against
-DY-ResNet-18 at the same settings, eager.
+DY-ResNet-18 at the same settings, eager, its measured choice and forced to the Triton form
+(the layer tables have both ODConv rows too).
 
     python benchmarks/bench_dynconv.py --gpu-protocol                     # needs CUDA
     python benchmarks/bench_dynconv.py --gpu-protocol --device cpu --reps 1 --model-reps 1 \
@@ -95,6 +96,7 @@ LAYER_VARIANTS = ("ours", "ours:per-sample", "ours:stacked", "seed", "timm-condc
 MODEL_VARIANTS = ("resnet18-static", "ours", "seed", "timm-condconv")
 ODCONV_LAYER_VARIANTS = ("ours", "odconv")  # add "odconv:positions" to time the traced form (slow on CPU)
 ODCONV_MODEL_VARIANTS = ("resnet18-static", "ours", "odconv")
+GPU_ODCONV_VARIANTS = ("odconv", "odconv:triton")  # the GPU protocol's ODConv rows: measured choice, forced Triton
 
 
 class SeedDynamicConv2d(nn.Module):
@@ -177,7 +179,11 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
         from attnsurgeon.layers.odconv import from_conv as od_from_conv
 
         od, _ = od_from_conv(conv, None)
-        return ODPositions(od) if variant == "odconv:positions" else od
+        form = variant.partition(":")[2]
+        if form == "positions":
+            return ODPositions(od)
+        od.form = form.replace("-", "_") or "auto"  # a forced form ("triton" falls back off CUDA)
+        return od
     dyn, _ = from_conv(conv, None)
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 
@@ -424,8 +430,9 @@ def gpu_protocol(args: argparse.Namespace) -> None:
         mode = "training step (forward + backward)" if train else "inference"
         for batch in layer_batches:
             for case in layers:
-                protocol_table(f"3x3 conv {case}, batch {batch}, {mode}", case, _gpu_variants(LAYER_VARIANTS),
-                               ("seed",), size, batch, args.reps, train, device)
+                protocol_table(f"3x3 conv {case}, batch {batch}, {mode}", case,
+                               _gpu_variants(LAYER_VARIANTS) + GPU_ODCONV_VARIANTS, ("seed",), size, batch,
+                               args.reps, train, device)
     if args.skip_model:
         return
     for train, batch in ((False, 2 if smoke else 256), (True, 2 if smoke else 128)):
@@ -438,7 +445,8 @@ def gpu_protocol(args: argparse.Namespace) -> None:
                            f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
                            ("resnet18-static",), size, batch, args.model_reps, train, device, args.compile_backend)
         protocol_table(f"ODConv-ResNet-18 (4x) vs DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
-                       ODCONV_MODEL_VARIANTS, ("ours",), size, batch, args.model_reps, train, device)
+                       ODCONV_MODEL_VARIANTS + GPU_ODCONV_VARIANTS[1:], ("ours",), size, batch, args.model_reps,
+                       train, device)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 

@@ -106,6 +106,7 @@ def test_interpreter_suite():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     expected = len(CASES) + 5  # the interp tests below and the one plain test
+    expected += len(OD_CASES) + 2  # ODConv's
     assert passed and int(passed.group(1)) == expected, result.stdout[-2000:]
 
 
@@ -173,6 +174,84 @@ def test_measure_forms_times_every_form():
     assert dyn.weight.grad is None
 
 
+# --- ODConv on the same kernel, with a mix per kernel tap ----------------------------------
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups, bias, K, batch, H=W, channels_last, dtype);
+# the attention's BatchNorm trains on batches of 2 or more
+OD_CASES = {
+    "3x3": (6, 10, 3, 1, 1, 1, 1, False, 4, 2, 7, True, torch.float32),
+    "3x3-stride2-groups2": (6, 10, 3, 2, 1, 1, 2, False, 4, 3, 9, False, torch.float32),  # kernel-major bank
+    "depthwise-bias": (4, 4, 3, 1, 1, 1, 4, True, 4, 2, 6, True, torch.float32),
+    "1x1-K4": (5, 7, 1, 1, 0, 1, 1, False, 4, 2, 6, False, torch.float32),  # no spatial attention
+    "3x3-K1-dilation2": (6, 8, 3, 1, 2, 2, 1, False, 1, 2, 8, False, torch.float32),  # no kernel attention
+    "non-square-groups2": (6, 8, (1, 3), 1, (0, 1), 1, 2, False, 4, 2, 7, False, torch.float32),
+    "depthwise-7x7-stride2-K2": (8, 8, 7, 2, 3, 1, 8, True, 2, 2, 9, False, torch.float32),  # ConvNeXt's
+    "bf16-3x3": (6, 10, 3, 1, 1, 1, 1, False, 4, 2, 7, True, torch.bfloat16),
+}
+
+
+def _od_pair(case: tuple, device: str = "cpu") -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """An ODConv forced to the Triton form, its float64 copy on the per-sample form, and an input."""
+    from attnsurgeon.layers.odconv import ODConv2d
+
+    c_in, c_out, k, stride, padding, dilation, groups, bias, kernels, batch, hw, last, dtype = case
+    torch.manual_seed(0)
+    od = ODConv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                  kernels=kernels, temperature=1.0)
+    x = torch.randn(batch, c_in, hw, hw)
+    od, x = od.to(device, dtype), x.to(device, dtype)
+    if last:
+        od, x = od.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        # the attention's BatchNorm over a batch of 2 in bf16 makes every form's gradients
+        # ill-conditioned (the per-sample form's too: up to 0.31 off the float64 one); with
+        # its running statistics they are within 2e-2
+        od.eval()
+    ref = copy.deepcopy(od).double()
+    set_dynconv_form(ref, "per_sample")
+    set_dynconv_form(od, "triton")
+    return od, ref, x
+
+
+@interp
+@pytest.mark.parametrize("name", list(OD_CASES))
+def test_odconv_triton_form_matches_the_per_sample_form(name):
+    """Output and every gradient (input, kernel bank, bias, the four attentions' FCs: the
+    spatial attention's through the per-tap partial sums of dpi)."""
+    from attnsurgeon.layers._dynconv_triton import calls
+
+    case = OD_CASES[name]
+    od, ref, x = _od_pair(case)
+    od.triton_blocks = _blocks()
+    assert od.form_for(x) == "triton"
+    before = calls()
+    _check_module(od, ref, x, 5e-2 if case[-1] == torch.bfloat16 else 1e-5)
+    after = calls()
+    assert all(after[kernel] == before[kernel] + 1 for kernel in after), (before, after)
+
+
+@interp
+def test_odconv_compiled_uses_the_op():
+    from attnsurgeon.layers._dynconv_triton import calls
+
+    od, ref, x = _od_pair(OD_CASES["3x3-stride2-groups2"])
+    od.triton_blocks = _blocks()
+    set_dynconv_form(od, "auto")  # auto: under compile the op where it applies
+    before = calls()
+    compiled = torch.compile(od, backend="aot_eager", fullgraph=True)
+    _check_module(compiled, ref, x, 1e-5)
+    assert calls()["forward"] == before["forward"] + 1 and calls()["grad_weight"] == before["grad_weight"] + 1
+
+
+@interp
+def test_odconv_measure_forms_times_every_form():
+    od, _, x = _od_pair(OD_CASES["3x3"])
+    od.triton_blocks = _blocks()
+    timings = od.measure_forms(x, reps=1)  # a training step: forward and backward
+    assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t, _ in timings.values())
+    assert od.weight.grad is None
+
+
 def test_the_choice_never_takes_more_memory_than_per_sample_kernels():
     from attnsurgeon.layers.dynamic_conv import _fastest_within_memory
 
@@ -193,11 +272,16 @@ def no_tf32():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_triton_form_matches_the_stacked_form(name, no_tf32):
-    case = CASES[name]
-    dyn, ref, x = _pair(case, "cuda")
-    _check_against_reference(dyn, ref, x, 5e-2 if case[-1] == torch.bfloat16 else 1e-4)
+@pytest.mark.parametrize("kind, name", [("dynconv", n) for n in CASES] + [("odconv", n) for n in OD_CASES])
+def test_cuda_triton_form_matches_the_plain_form(kind, name, no_tf32):
+    """Dynamic convolution against its stacked form (pi given), ODConv against its
+    per-sample form (whole module), both in float64."""
+    case = (CASES if kind == "dynconv" else OD_CASES)[name]
+    tol = 5e-2 if case[-1] == torch.bfloat16 else 1e-4
+    if kind == "dynconv":
+        _check_against_reference(*_pair(case, "cuda"), tol)
+    else:
+        _check_module(*_od_pair(case, "cuda"), tol)
 
 
 @pytest.mark.cuda
@@ -216,18 +300,21 @@ def test_cuda_resnet_shape_bf16_channels_last(no_tf32):
 
 
 @pytest.mark.cuda
-def test_cuda_auto_measures_once_and_every_form_agrees(no_tf32):
+@pytest.mark.parametrize("kind", ["dynconv", "odconv"])
+def test_cuda_auto_measures_once_and_every_form_agrees(kind, no_tf32):
+    from attnsurgeon.layers.odconv import ODConv2d
+
     torch.manual_seed(0)
-    dyn = DynamicConv2d(16, 16, 3, padding=1, temperature=1.0).cuda()
+    module = (DynamicConv2d if kind == "dynconv" else ODConv2d)(16, 16, 3, padding=1, temperature=1.0)
+    module = module.cuda().eval()
     x = torch.randn(4, 16, 14, 14, device="cuda")
     _MEASURED.clear()
     with torch.no_grad():
-        out = dyn(x)
-        chosen = dyn.form_for(x)
-        assert chosen in FORMS and len(_MEASURED) == 1
+        out = module(x)
+        assert module.form_for(x) in FORMS and len(_MEASURED) == 1
         for form in ("stacked", "per_sample", "triton"):
-            set_dynconv_form(dyn, form)
-            torch.testing.assert_close(dyn(x), out, rtol=1e-4, atol=1e-4)
+            set_dynconv_form(module, form)
+            torch.testing.assert_close(module(x), out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

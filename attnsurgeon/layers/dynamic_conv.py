@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -71,6 +71,7 @@ __all__ = [
     "FORMS",
     "DynamicConv2d",
     "KernelAttention",
+    "PerSampleForms",
     "from_conv",
     "set_dynconv_form",
     "set_temperature",
@@ -121,7 +122,99 @@ class KernelAttention(nn.Module):
         return self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).flatten(1)
 
 
-class DynamicConv2d(nn.Module):
+class PerSampleForms(nn.Module):
+    """How dynamic convolution and ODConv choose between their exact forms (module
+    docstring): ``form_for`` reads the module's ``form``, the tracer, the device and, on
+    CUDA, timings (``measure_forms``), from what the module defines: ``run_form(x, form)``,
+    ``prefers_stacked(x)`` (the CPU cost rule) and ``traced_form()`` (what tracers get)."""
+
+    form: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    run_form: Callable[[Tensor, str], Tensor]
+    prefers_stacked: Callable[[Tensor], bool]
+
+    def traced_form(self) -> str:
+        return "stacked"
+
+    def form_for(self, x: Tensor) -> str:
+        """Which form ``forward`` runs on ``x``: ``form``, tracing, device, cost (module docstring)."""
+        if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or kernels.exporting():
+            return self.traced_form()
+        if self.form == "stacked":
+            return "stacked"
+        if torch.compiler.is_compiling():  # torch.compile: the Triton op where it applies
+            if self.form in ("auto", "triton") and self.triton_applies(x):
+                static = self.form == "auto" and all(isinstance(size, int) for size in x.shape)
+                return _MEASURED.get(self._key(x), "triton") if static else "triton"
+            return self.traced_form()
+        if self.form == "per_sample":
+            return "per_sample"
+        if self.form == "triton" and self.triton_applies(x):
+            return "triton"
+        if x.shape[0] == 1:
+            return "per_sample"
+        if x.device.type == "cuda":
+            key = self._key(x)
+            if key not in _MEASURED and torch.cuda.is_current_stream_capturing():  # no timing in a graph
+                return "triton" if self.triton_applies(x) else "stacked"
+            if key not in _MEASURED:
+                _MEASURED[key] = _fastest_within_memory(self.measure_forms(x))
+            return _MEASURED[key]
+        return "stacked" if self.prefers_stacked(x) else "per_sample"
+
+    def triton_applies(self, x: Tensor) -> bool:
+        """Whether the Triton kernel takes ``x`` (CUDA, or the interpreter; a dtype it handles)."""
+        if not (x.device.type == "cuda" or _interpreting()):
+            return False
+        kernel = _triton()
+        return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
+                                                      self.weight.numel(), positions=x.shape[2] * x.shape[3])
+
+    def _key(self, x: Tensor) -> tuple:
+        """What the measured choice depends on: the module's class, shapes, dtypes, layouts,
+        device, training."""
+        return (type(self).__name__, x.device, tuple(x.shape), x.dtype, _compute_dtype(x, self.weight),
+                _channels_last(x), _channels_last(self.weight), torch.is_grad_enabled() and self.weight.requires_grad,
+                self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
+
+    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, tuple[float, int]]:
+        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up) and,
+        on CUDA, the bytes it allocates at its peak (0 elsewhere): forward, plus backward for
+        every input when gradients are on. Parameters' ``.grad`` are not touched; on CUDA the
+        peak-memory statistics are reset."""
+        forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
+        train = torch.is_grad_enabled() and self.weight.requires_grad
+        x = x.detach().requires_grad_(train)
+        cuda = x.device.type == "cuda"
+        results = {}
+        for form in forms:
+            best, peak = math.inf, 0
+            for rep in range(reps + 1):
+                _sync(x)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(x.device)
+                    before = torch.cuda.memory_allocated(x.device)
+                start = time.perf_counter()
+                y = self.run_form(x, form)
+                if train:
+                    inputs = [x, *(p for p in self.parameters() if p.requires_grad)]
+                    torch.autograd.grad(y, inputs, torch.ones_like(y))
+                del y
+                _sync(x)
+                if rep:
+                    best = min(best, time.perf_counter() - start)
+                if cuda:
+                    peak = max(peak, torch.cuda.max_memory_allocated(x.device) - before)
+            results[form] = (best, peak)
+        return results
+
+
+class DynamicConv2d(PerSampleForms):
     """A conv whose kernel is a per-sample, attention-weighted sum of K kernels.
 
     Args:
@@ -231,8 +324,11 @@ class DynamicConv2d(nn.Module):
         return (self.attention(x) / self.temperature).softmax(1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.run_form(x, self.form_for(x))
+
+    def run_form(self, x: Tensor, form: str) -> Tensor:
+        """The module's output in ``form`` (``stacked``, ``per_sample`` or ``triton``)."""
         pi = self.kernel_attention(x)
-        form = self.form_for(x)
         if form == "stacked":
             return self.forward_stacked(x, pi)
         if form == "triton":
@@ -242,78 +338,6 @@ class DynamicConv2d(nn.Module):
     def uses_stacked(self, x: Tensor) -> bool:
         """Whether ``forward`` runs the stacked form on ``x``."""
         return self.form_for(x) == "stacked"
-
-    def form_for(self, x: Tensor) -> str:
-        """Which form ``forward`` runs on ``x``: ``form``, tracing, device, cost (module docstring)."""
-        exporting = torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy) or kernels.exporting()
-        if exporting or self.form == "stacked":
-            return "stacked"
-        if torch.compiler.is_compiling():  # torch.compile: its one op where it applies, else stacked
-            if self.form in ("auto", "triton") and self.triton_applies(x):
-                static = self.form == "auto" and all(isinstance(size, int) for size in x.shape)
-                return _MEASURED.get(self._key(x), "triton") if static else "triton"
-            return "stacked"
-        if self.form == "per_sample":
-            return "per_sample"
-        if self.form == "triton" and self.triton_applies(x):
-            return "triton"
-        if x.shape[0] == 1:
-            return "per_sample"
-        if x.device.type == "cuda":
-            key = self._key(x)
-            if key not in _MEASURED and torch.cuda.is_current_stream_capturing():  # no timing in a graph
-                return "triton" if self.triton_applies(x) else "stacked"
-            if key not in _MEASURED:
-                _MEASURED[key] = _fastest_within_memory(self.measure_forms(x))
-            return _MEASURED[key]
-        return "stacked" if self.prefers_stacked(x) else "per_sample"
-
-    def triton_applies(self, x: Tensor) -> bool:
-        """Whether the Triton kernel takes ``x`` (CUDA, or the interpreter; a dtype it handles)."""
-        if not (x.device.type == "cuda" or _interpreting()):
-            return False
-        kernel = _triton()
-        return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
-                                                      self.weight.numel(), positions=x.shape[2] * x.shape[3])
-
-    def _key(self, x: Tensor) -> tuple:
-        """What the measured choice depends on: shapes, dtypes, layouts, device, training."""
-        return (x.device, tuple(x.shape), x.dtype, _compute_dtype(x, self.weight), _channels_last(x),
-                _channels_last(self.weight), torch.is_grad_enabled() and self.weight.requires_grad,
-                self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
-
-    def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, tuple[float, int]]:
-        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up) and,
-        on CUDA, the bytes it allocates at its peak (0 elsewhere): forward, plus backward for
-        every input when gradients are on. Parameters' ``.grad`` are not touched; on CUDA the
-        peak-memory statistics are reset."""
-        forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
-        train = torch.is_grad_enabled() and self.weight.requires_grad
-        run = {"stacked": self.forward_stacked, "per_sample": self.forward_per_sample, "triton": self.forward_triton}
-        x = x.detach().requires_grad_(train)
-        cuda = x.device.type == "cuda"
-        results = {}
-        for form in forms:
-            best, peak = math.inf, 0
-            for rep in range(reps + 1):
-                _sync(x)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(x.device)
-                    before = torch.cuda.memory_allocated(x.device)
-                start = time.perf_counter()
-                pi = self.kernel_attention(x)
-                y = run[form](x, pi)
-                if train:
-                    inputs = [x, *(p for p in self.parameters() if p.requires_grad)]
-                    torch.autograd.grad(y, inputs, torch.ones_like(y))
-                del y, pi
-                _sync(x)
-                if rep:
-                    best = min(best, time.perf_counter() - start)
-                if cuda:
-                    peak = max(peak, torch.cuda.max_memory_allocated(x.device) - before)
-            results[form] = (best, peak)
-        return results
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
@@ -473,15 +497,16 @@ def _check_temperature(value: float) -> None:
 
 
 def set_dynconv_form(model: nn.Module, form: str) -> int:
-    """Choose which exact form every :class:`DynamicConv2d` in ``model`` runs in eager mode.
+    """Choose which exact form every dynamic convolution (:class:`DynamicConv2d`, and
+    :class:`~attnsurgeon.layers.odconv.ODConv2d`) in ``model`` runs in eager mode.
 
     ``"auto"`` (default): the device rule of the module docstring (measured on CUDA, the
-    fitted cost rule on CPU); ``"stacked"``, ``"per_sample"`` or ``"triton"`` (where the
-    kernel applies): that form. Exporters always get the stacked form. All forms compute
-    the same function.
+    fitted cost rule on CPU); ``"stacked"`` (ODConv's unfolded form), ``"per_sample"`` or
+    ``"triton"`` (where the kernel applies): that form. Exporters always get the traced
+    form. All forms compute the same function.
 
     Returns:
-        How many dynamic convs were set (0 if the model has none).
+        How many modules were set (0 if the model has none).
 
     Raises:
         ValueError: ``form`` is not one of :data:`FORMS`.
@@ -490,7 +515,7 @@ def set_dynconv_form(model: nn.Module, form: str) -> int:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     count = 0
     for module in model.modules():
-        if isinstance(module, DynamicConv2d):
+        if isinstance(module, PerSampleForms):
             module.form = form
             count += 1
     return count

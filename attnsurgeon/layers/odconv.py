@@ -27,27 +27,34 @@ tau from 30 to 1 over the first 10 epochs (the authors' ``get_temperature``, whi
 :func:`attnsurgeon.layers.dynamic_conv.temperature_schedule` with its defaults); set it
 with :func:`attnsurgeon.set_temperature` (shared with ``dynconv``).
 
-Three forms of the same function (equal to float rounding):
+Four forms of the same function (equal to float rounding), chosen as dynamic convolution
+chooses (``form``, :func:`attnsurgeon.set_dynconv_form`; ``"auto"``: the traced form under
+tracers, per-sample at batch 1, measured once per shape on CUDA, the cost rule on CPU):
 
-* *per-sample* (eager, by default): aggregate one kernel per sample,
-  ``a_s * sum_k a_w,k W_k``, and run the batch as one grouped conv with
-  ``groups = N * groups`` (the authors' form, which makes the N x K mix first and sums it;
-  here it is one ``(N, K) @ (K, ...)`` product);
-* *unfolded* (eager on small feature maps, by dynamic convolution's CPU cost rule; and
-  tracers inside :func:`quantizable_export`, which INT8 export uses): the input's strided
-  slices as ``C_in * kh * kw`` channels (an im2col), scaled by ``a_s``, one 1x1 conv
-  holding all K kernels, then the ``a_w``-weighted sum of the K outputs. K times the
-  multiply-adds but no per-sample kernel, which on late, wide layers is the larger cost.
+* *per-sample* (eager): aggregate one kernel per sample, ``a_s * sum_k a_w,k W_k``, and
+  run the batch as one grouped conv with ``groups = N * groups`` (the authors' form, which
+  makes the N x K mix first and sums it; here it is one ``(N, K) @ (K, ...)`` product);
+* *unfolded*, the ``stacked`` form (eager on small feature maps, by dynamic convolution's
+  CPU cost rule; and tracers inside :func:`quantizable_export`, which INT8 export uses): the
+  input's strided slices as ``C_in * kh * kw`` channels (an im2col), scaled by ``a_s``, one
+  1x1 conv holding all K kernels, then the ``a_w``-weighted sum of the K outputs. K times
+  the multiply-adds but no per-sample kernel, which on late, wide layers is the larger cost.
   Its kernel bank is a conv weight, which a post-training quantizer stores in int8 per
   channel; in the positions form the bank is an operand of per-sample products of
   activations and stays float (an INT8 file of ODConv-ResNet-18 was 171 of the float
   file's 172 MiB). A depthwise conv's 1x1 conv is K depthwise convs instead, down the
   stacked slices (a fast path in onnxruntime's INT8 convs);
-* *positions* (other tracers: ``torch.export``, ONNX, ``torch.compile``, ``jit.trace``,
-  fx): the per-sample kernels applied as ``kh * kw`` per-sample matrix products of strided
-  slices of the padded input, so no op depends on the batch size and the graph exports
-  with a dynamic batch (slow in eager mode on a CPU); float files keep it, with K times
-  fewer multiply-adds than the unfolded form.
+* *triton* (CUDA; ``torch.compile`` gets it as one op): dynamic convolution's Triton
+  implicit-GEMM conv (:mod:`._dynconv_triton`) with a kernel mix per tap,
+  ``a_s[n, t] * a_w[n, k]``, summed tile by tile as it goes, so neither N kernels nor K
+  outputs are stored; its backward gives the tap mix's gradient, from which autograd gets
+  ``a_s``'s and ``a_w``'s. The channel gates multiply the maps (two passes the other forms
+  may fold into the kernels);
+* *positions* (other tracers: ``torch.export``, ONNX, ``torch.compile`` where the Triton
+  op does not apply, ``jit.trace``, fx): the per-sample kernels applied as ``kh * kw``
+  per-sample matrix products of strided slices of the padded input, so no op depends on the
+  batch size and the graph exports with a dynamic batch (slow in eager mode on a CPU);
+  float files keep it, with K times fewer multiply-adds than the unfolded form.
 
 Departures from the authors' code, and why:
 
@@ -82,6 +89,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +97,20 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ._conv import replace_conv
-from .dynamic_conv import _ELEMENT_COST, _channels_last, _check_temperature, _compute_dtype, _mix, _pair, _Size
+from .dynamic_conv import (
+    _ELEMENT_COST,
+    PerSampleForms,
+    _channels_last,
+    _check_temperature,
+    _compute_dtype,
+    _mix,
+    _pair,
+    _Size,
+    _triton,
+)
+
+if TYPE_CHECKING:
+    from ._dynconv_triton import Blocks
 
 __all__ = ["ODConv2d", "OmniAttention", "from_conv", "has_unfolded_form", "quantizable_export"]
 
@@ -193,7 +214,7 @@ class OmniAttention(nn.Module):
                 None if w is None else w.softmax(1))
 
 
-class ODConv2d(nn.Module):
+class ODConv2d(PerSampleForms):
     """A conv whose kernel is mixed per sample by four attentions (module docstring).
 
     Args mirror ``nn.Conv2d`` (keyword-only after the kernel size) plus:
@@ -205,6 +226,9 @@ class ODConv2d(nn.Module):
     Attributes:
         weight: ``(K * C_out, C_in / groups, kh, kw)``, ``weight[k * C_out + c]``.
         bias: ``(C_out,)`` static bias, or None.
+        form: ``"auto"`` (default), ``"stacked"`` (the unfolded form), ``"per_sample"`` or
+            ``"triton"``: which exact form runs in eager mode (module docstring;
+            :func:`attnsurgeon.set_dynconv_form`); not saved in the state_dict.
     """
 
     ANNEALED = True  # its temperature buffer follows set_temperature
@@ -243,6 +267,8 @@ class ODConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.groups = groups
         self.kernels = kernels
+        self.form = "auto"
+        self.triton_blocks: Blocks | None = None  # the Triton kernel's tiles (None: its defaults)
         self.weight = nn.Parameter(torch.empty(kernels * out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.attention = OmniAttention(in_channels, out_channels, self.kernel_size, groups=groups,
@@ -277,21 +303,47 @@ class ODConv2d(nn.Module):
             self.bias.copy_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.run_form(x, self.form_for(x))
+
+    def traced_form(self) -> str:
+        """What tracers get: the unfolded form inside :func:`quantizable_export`, else positions."""
+        return "stacked" if _UNFOLDED else "positions"
+
+    def run_form(self, x: Tensor, form: str) -> Tensor:
+        """The module's output in ``form``: ``stacked`` (unfolded), ``per_sample``, ``triton``
+        or ``positions``."""
         a_c, a_f, a_s, a_w = self.attention(x, self.temperature)
         dtype = _compute_dtype(x, self.weight)
         if a_s is None and a_w is None:  # 1x1, K = 1: one static kernel between two gates
             y = F.conv2d(x * a_c.to(dtype)[:, :, None, None], self.weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             return self._finish(y, a_f)
-        tracing = _tracing(x)
-        if (_UNFOLDED and tracing) or (not tracing and self.prefers_stacked(x)):
+        if form == "stacked":
             return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
+        if form == "triton":
+            return self._finish(self.forward_triton(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
             x = x * a_c.to(dtype)[:, :, None, None]
-        y = self.forward_positions(x, w) if tracing else self.forward_per_sample(x, w)
+        y = self.forward_positions(x, w) if form == "positions" else self.forward_per_sample(x, w)
         return self._finish(y, None if fold else a_f)
+
+    def forward_triton(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
+        """The per-sample conv as dynamic convolution's Triton kernel (``_dynconv_triton``)
+        with a mix per kernel tap, ``a_s[n, t] * a_w[n, k]``: tap t of sample n's kernel is
+        ``a_s[n, t] sum_k a_w[n, k] W_k[..., t]``, summed on the fly; the channel gates stay
+        on the maps (the caller's)."""
+        dtype = _compute_dtype(x, self.weight)
+        if a_w is None:
+            pi = a_s[:, :, None]
+        elif a_s is None:
+            pi = a_w
+        else:
+            pi = a_s[:, :, None] * a_w[:, None, :]
+        return _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
+                                        stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                        groups=self.groups, kernel_major=True, blocks=self.triton_blocks)
 
     def _finish(self, y: Tensor, a_f: Tensor | None) -> Tensor:
         if a_f is not None:
