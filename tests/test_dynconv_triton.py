@@ -106,7 +106,7 @@ def test_interpreter_suite():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     expected = len(CASES) + 5  # the interp tests below and the one plain test
-    expected += len(OD_CASES) + 2  # ODConv's
+    expected += len(OD_CASES) + 3  # ODConv's
     assert passed and int(passed.group(1)) == expected, result.stdout[-2000:]
 
 
@@ -250,6 +250,19 @@ def test_odconv_measure_forms_times_every_form():
     timings = od.measure_forms(x, reps=1)  # a training step: forward and backward
     assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t, _ in timings.values())
     assert od.weight.grad is None
+
+
+@interp
+def test_the_op_rejects_a_mix_or_gates_that_do_not_fit():
+    from attnsurgeon.layers._dynconv_triton import dynamic_conv2d
+
+    x, bank = torch.randn(2, 4, 5, 5), torch.randn(3 * 6, 4, 3, 3)  # K = 3, C_out = 6, 9 taps
+    conv = dict(kernels=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    assert dynamic_conv2d(x, bank, torch.rand(2, 9, 3), **conv).shape == (2, 6, 5, 5)
+    with pytest.raises(ValueError, match="pi"):
+        dynamic_conv2d(x, bank, torch.rand(2, 4, 3), **conv)  # 4 taps
+    with pytest.raises(ValueError, match="gates"):
+        dynamic_conv2d(x, bank, torch.rand(2, 3), gates=(torch.rand(2, 4), torch.rand(2, 4)), **conv)
 
 
 def test_the_choice_never_takes_more_memory_than_per_sample_kernels():

@@ -22,12 +22,16 @@ bfloat16, float16, accumulating in float32. The bias is left to the caller. It r
 or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests check it against the plain forms.
 
-ODConv (:mod:`.odconv`) runs on the same kernels: its kernel of sample n at tap t is
-``a_s[n, t] sum_k a_w[n, k] W_k[..., t]``, so ``pi`` may hold one mix per tap, ``(N, kh * kw,
-K)``; a program reads its tap's K weights, and the dW kernel, whose programs each hold one
-tap, leaves ``<G_n, W_k>`` per tap, the gradient of that mix. ODConv's bank is ordered
-(kernel, group, out-channel) where dynamic convolution's is (group, kernel, out-channel);
-the kernels take the row strides of either.
+ODConv (:mod:`.odconv`) runs on the same kernels: its kernel of sample n is
+``a_f[n, o] a_c[n, i] a_s[n, t] sum_k a_w[n, k] W_k[o, i, t]``. So ``pi`` may hold one mix
+per tap, ``(N, kh * kw, K)``, and optional ``gates`` (input and output channel) scale each
+kernel tile as it is summed (the forward scales the reduced rows by the input gate and the
+output tile once by the output gate; ``dx`` the other way round), so the gated maps are
+never written. The dW kernel, whose programs each hold one tap, leaves ``<G_n, W_k>`` per
+tap, the gradient of that tap's mix, and with gates each gate's partial sums of
+``G_n * M_n`` (``M_n`` the mixed kernel) over its tile; the host sums the partials.
+ODConv's bank is ordered (kernel, group, out-channel) where dynamic convolution's is
+(group, kernel, out-channel); the kernels take the row strides of either.
 
 Departure from a textbook implicit GEMM: stride > 1 in ``dx`` masks the output positions
 that no kernel tap reaches instead of splitting the conv into stride-phase sub-convs
@@ -123,13 +127,13 @@ if AVAILABLE:
 
     @triton.jit
     def _forward_kernel(
-        x_ptr, w_ptr, pi_ptr, y_ptr,
+        x_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, y_ptr,
         C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
         sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        F32: tl.constexpr, PRECISION: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
     ):
         pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, g = pid_ng // GROUPS, pid_ng % GROUPS
@@ -157,20 +161,25 @@ if AVAILABLE:
                 wk = tl.load(w_rows + offs_k[None, :, None] * swi + r * swh + s * sww,
                              mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
                 wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
+                if GATED:  # the input-channel gate on the kernel's rows
+                    ci = tl.load(gi_ptr + n * GROUPS * C_IN_G + g * C_IN_G + offs_k, mask=mask_k, other=0.0)
+                    wt = wt * ci[:, None]
                 acc = _dot(xt, wt.to(xt.dtype), acc, F32, PRECISION)
+        if GATED:  # the output-channel gate, once per output tile
+            acc = acc * tl.load(go_ptr + n * GROUPS * C_OUT_G + g * C_OUT_G + offs_c, mask=mask_c, other=0.0)[None, :]
         y = (y_ptr + n.to(tl.int64) * syn + (g * C_OUT_G + offs_c)[None, :] * syc
              + oh[:, None] * syh + ow[:, None] * syw)
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
     @triton.jit
     def _grad_input_kernel(
-        dy_ptr, w_ptr, pi_ptr, dx_ptr,
+        dy_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dx_ptr,
         C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
         sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        F32: tl.constexpr, PRECISION: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
     ):
         pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, g = pid_ng // GROUPS, pid_ng % GROUPS
@@ -200,20 +209,25 @@ if AVAILABLE:
                 wk = tl.load(w_ptr + rows * swo + offs_c[None, None, :] * swi + r * swh + s * sww,
                              mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
                 wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
+                if GATED:  # the output-channel gate on the kernel's rows (here the reduced axis)
+                    co = tl.load(go_ptr + n * GROUPS * C_OUT_G + g * C_OUT_G + offs_k, mask=mask_k, other=0.0)
+                    wt = wt * co[:, None]
                 acc = _dot(dyt, wt.to(dyt.dtype), acc, F32, PRECISION)
+        if GATED:
+            acc = acc * tl.load(gi_ptr + n * GROUPS * C_IN_G + g * C_IN_G + offs_c, mask=mask_c, other=0.0)[None, :]
         dx = (dx_ptr + n.to(tl.int64) * sxn + (g * C_IN_G + offs_c)[None, :] * sxc
               + ih[:, None] * sxh + iw[:, None] * sxw)
         tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
     @triton.jit
     def _grad_weight_kernel(
-        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr,
+        dy_ptr, x_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dw_ptr, dpi_ptr, dgi_ptr, dgo_ptr,
         N, C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt, PER_SPLIT,
         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         KP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr,
-        F32: tl.constexpr, PRECISION: tl.constexpr,
+        F32: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
     ):
         # program: (group, out-channel tile) x (tap, in-channel tile) x a slice of the batch
         pid_o, pid_i, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -248,6 +262,19 @@ if AVAILABLE:
                              mask=valid[:, None] & mask_i[None, :], other=0.0)
                 gn = _dot(dyt, xt, gn, F32, PRECISION)
             p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
+            if GATED:
+                # gn is the gradient of the gated kernel co[o] ci[i] M[o, i]: each gate's
+                # partial gradient sums gn * M over this tile's other axis, and M's is gated gn
+                ci = tl.load(gi_ptr + n * GROUPS * C_IN_G + g * C_IN_G + offs_i, mask=mask_i, other=0.0)
+                co = tl.load(go_ptr + n * GROUPS * C_OUT_G + g * C_OUT_G + offs_o, mask=mask_o, other=0.0)
+                gm = gn * tl.sum(p[:, None, None] * wk, axis=0)
+                at_i = ((pid_o % o_tiles) * KH * KW + rs) * N + n
+                tl.store(dgi_ptr + at_i * GROUPS * C_IN_G + g * C_IN_G + offs_i, tl.sum(gm * co[:, None], axis=0),
+                         mask=mask_i)
+                at_o = ((pid_i % i_tiles) * KH * KW + rs) * N + n
+                tl.store(dgo_ptr + at_o * GROUPS * C_OUT_G + g * C_OUT_G + offs_o, tl.sum(gm * ci[None, :], axis=1),
+                         mask=mask_o)
+                gn = gn * co[:, None] * ci[None, :]
             dw += p[:, None, None] * gn[None, :, :]
             part = tl.sum(tl.sum(wk * gn[None, :, :], axis=2), axis=1)  # <G_n, W_k> on this tile
             tl.store(dpi_ptr + (tile * N + n) * K + offs_k, part, mask=mask_k)
@@ -259,12 +286,17 @@ if AVAILABLE:
 if AVAILABLE:
 
     @triton.jit
+    def _depthwise_gate(gi_ptr, go_ptr, offs, mask):
+        return (tl.load(gi_ptr + offs, mask=mask, other=0.0)
+                * tl.load(go_ptr + offs, mask=mask, other=0.0))
+
+    @triton.jit
     def _depthwise_forward_kernel(
-        x_ptr, w_ptr, pi_ptr, y_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
+        x_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, y_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
         sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, GATED: tl.constexpr,
     ):
         # depthwise (one in and one out channel per group): a multiply-add per tap, no GEMM
         n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -282,6 +314,8 @@ if AVAILABLE:
             p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            if GATED:  # one channel in and out: both gates scale its kernel
+                wt = wt * _depthwise_gate(gi_ptr, go_ptr, n * C + offs_c, mask_c)
             ih, iw = oh * SH - PH + r * DH, ow * SW - PW + s * DW
             valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             xt = tl.load(x_ptr + n * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
@@ -292,11 +326,11 @@ if AVAILABLE:
 
     @triton.jit
     def _depthwise_grad_input_kernel(
-        dy_ptr, w_ptr, pi_ptr, dx_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
+        dy_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dx_ptr, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt,
         sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, GATED: tl.constexpr,
     ):
         n, pid_m, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -313,6 +347,8 @@ if AVAILABLE:
             p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
             wk = tl.load(w_rows + r * swh + s * sww, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             wt = tl.sum(p[:, None] * wk.to(tl.float32), axis=0)
+            if GATED:
+                wt = wt * _depthwise_gate(gi_ptr, go_ptr, n * C + offs_c, mask_c)
             th, tw = ih + PH - r * DH, iw + PW - s * DW
             th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
             oh, ow = th0 // SH, tw0 // SW
@@ -326,11 +362,12 @@ if AVAILABLE:
 
     @triton.jit
     def _depthwise_grad_weight_kernel(
-        dy_ptr, x_ptr, w_ptr, pi_ptr, dw_ptr, dpi_ptr, N, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt, PER_SPLIT,
+        dy_ptr, x_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dw_ptr, dpi_ptr, dg_ptr,
+        N, C, H, W, OH, OW, K, ROW_G, ROW_K, spn, spt, PER_SPLIT,
         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swh, sww,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+        KP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, GATED: tl.constexpr,
     ):
         # program: (channel tile) x (tap) x a slice of the batch
         pid_c, rs, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -358,6 +395,9 @@ if AVAILABLE:
                              mask=valid[:, None] & mask_c[None, :], other=0.0)
                 gn += tl.sum(dyt.to(tl.float32) * xt.to(tl.float32), axis=0)
             p = tl.load(pi_ptr + n * spn + rs * spt + offs_k, mask=mask_k, other=0.0)
+            if GATED:  # the product of both gates' partial gradient at this tap: gn * M
+                tl.store(dg_ptr + (rs * N + n) * C + offs_c, gn * tl.sum(p[:, None] * wk, axis=0), mask=mask_c)
+                gn = gn * _depthwise_gate(gi_ptr, go_ptr, n * C + offs_c, mask_c)
             dw += p[:, None] * gn[None, :]
             tl.store(dpi_ptr + (tile * N + n) * K + offs_k, tl.sum(wk * gn[None, :], axis=1), mask=mask_k)
         out = pid_s.to(tl.int64) * (C * K * KH * KW)
@@ -394,8 +434,17 @@ def _pi_strides(pi: Tensor) -> tuple[int, int]:
     return pi.stride(0), (pi.stride(1) if pi.shape[1] > 1 else 0)
 
 
-def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
-             dilation: list[int], groups: int, kernel_major: bool, blocks: Blocks) -> Tensor:
+def _gate_args(pi: Tensor, gates: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Tensor, bool]:
+    """The gate pointers a kernel takes (pi stands in for absent ones, never read) and GATED."""
+    gate_in, gate_out = gates
+    if gate_in is None or gate_out is None:
+        return pi, pi, False
+    return gate_in, gate_out, True
+
+
+def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
+             stride: list[int], padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
+             blocks: Blocks) -> Tensor:
     c_out, oh, ow, c_in = _geometry(x, weight, kernels, stride, padding, dilation, groups)
     n, _, h, w = x.shape
     c_in_g, c_out_g = c_in // groups, c_out // groups
@@ -404,28 +453,29 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[i
     geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
                     KH=kh, KW=kw)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
+    gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["forward"] += 1
     if c_in_g == c_out_g == 1:
         grid = (n, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_forward_kernel[grid](
-            x, weight, pi, y, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *x.stride(),
+            x, weight, pi, gi, go, y, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *x.stride(),
             weight.stride(0), *weight.stride()[2:], *y.stride(), **geometry, KP=triton.next_power_of_2(kernels),
-            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+            BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
         return y
     grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
     _forward_kernel[grid](
-        x, weight, pi, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
+        x, weight, pi, gi, go, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
         *x.stride(), *weight.stride(), *y.stride(), **geometry,
-        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
         num_warps=blocks.warps,
     )
     return y
 
 
-def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
-                blocks: Blocks) -> Tensor:
+def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None,
+                kernels: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                kernel_major: bool, blocks: Blocks) -> Tensor:
     n, c_in, h, w = x.shape
     c_out, oh, ow = dy.shape[1:]
     c_in_g, c_out_g = c_in // groups, c_out // groups
@@ -434,28 +484,30 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int,
     geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
                     KH=kh, KW=kw)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
+    gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["grad_input"] += 1
     if c_in_g == c_out_g == 1:
         grid = (n, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_grad_input_kernel[grid](
-            dy, weight, pi, dx, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *dy.stride(),
+            dy, weight, pi, gi, go, dx, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *dy.stride(),
             weight.stride(0), *weight.stride()[2:], *dx.stride(), **geometry, KP=triton.next_power_of_2(kernels),
-            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
+            BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
         return dx
     grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks)
     _grad_input_kernel[grid](
-        dy, weight, pi, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
-        *dy.stride(), *weight.stride(), *dx.stride(), **geometry,
-        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype),
+        dy, weight, pi, gi, go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
+        *_pi_strides(pi), *dy.stride(), *weight.stride(), *dx.stride(), **geometry,
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
         num_warps=blocks.warps,
     )
     return dx
 
 
-def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                 padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
-                 blocks: Blocks) -> tuple[Tensor, Tensor]:
+def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None,
+                 gate_out: Tensor | None, kernels: int, stride: list[int], padding: list[int], dilation: list[int],
+                 groups: int, kernel_major: bool, blocks: Blocks) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dW, dpi and, with gates, the gates' gradients (else empty tensors)."""
     n, c_in, h, w = x.shape
     c_out, oh, ow = dy.shape[1:]
     c_in_g, c_out_g = c_in // groups, c_out // groups
@@ -464,33 +516,48 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int
     geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
                     KH=kh, KW=kw, KP=kp)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
+    gi, go, gated = _gate_args(pi, (gate_in, gate_out))
+
+    def partial(shape: tuple[int, ...]) -> Tensor:  # float32 partial sums
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
+
     _CALLS["grad_weight"] += 1
     if c_in_g == c_out_g == 1:
         grid = (triton.cdiv(c_in, blocks.n), kh * kw)
         splits, per_split = _splits(n, grid[0] * grid[1], blocks.programs)
-        dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
-        dpi = torch.empty((grid[0] * grid[1], n, kernels), dtype=torch.float32, device=x.device)
+        dw = partial((splits, *weight.shape))
+        dpi = partial((grid[0] * grid[1], n, kernels))
+        dg = partial((kh * kw, n, c_in) if gated else (0,))  # per tap
         _depthwise_grad_weight_kernel[grid + (splits,)](
-            dy, x, weight, pi, dw, dpi, n, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi),
-            per_split, *dy.stride(), *x.stride(), weight.stride(0), *weight.stride()[2:], **geometry,
-            BM=blocks.m, BC=blocks.n, num_warps=blocks.warps)
-        return _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, 1)
+            dy, x, weight, pi, gi, go, dw, dpi, dg, n, c_in, h, w, oh, ow, kernels, *rows.values(),
+            *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), weight.stride(0), *weight.stride()[2:],
+            **geometry, BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
+        dw, dpi = _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, 1)
+        if not gated:
+            return dw, dpi, dg, partial((0,))
+        dg = dg.sum(0)  # the gradient of the product of the two gates
+        return dw, dpi, dg * go, dg * gi
     # the K kernel tiles and their gradients, (KP, BO, BI) each, stay in registers: at most
     # 4096 elements each where K allows
     bo, bi = min(blocks.n, 32), min(blocks.k, 32)
     while kp * bo * bi > 4096 and max(bo, bi) > 16:
         bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
-    grid0 = groups * triton.cdiv(c_out_g, bo)
-    grid1 = kh * kw * triton.cdiv(c_in_g, bi)
+    o_tiles, i_tiles = triton.cdiv(c_out_g, bo), triton.cdiv(c_in_g, bi)
+    grid0, grid1 = groups * o_tiles, kh * kw * i_tiles
     splits, per_split = _splits(n, grid0 * grid1, blocks.programs)
-    dw = torch.empty((splits, *weight.shape), dtype=torch.float32, device=x.device)
-    dpi = torch.empty((grid0 * grid1, n, kernels), dtype=torch.float32, device=x.device)
+    dw = partial((splits, *weight.shape))
+    dpi = partial((grid0 * grid1, n, kernels))
+    # the gates' partial gradients, one per tile of the other channel axis and tap
+    dgi = partial((o_tiles * kh * kw, n, c_in) if gated else (0,))
+    dgo = partial((i_tiles * kh * kw, n, c_out) if gated else (0,))
     _grad_weight_kernel[(grid0, grid1, splits)](
-        dy, x, weight, pi, dw, dpi, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
-        *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), *weight.stride(), **geometry,
-        BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype), num_warps=blocks.warps,
+        dy, x, weight, pi, gi, go, dw, dpi, dgi, dgo, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
+        *rows.values(), *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), *weight.stride(), **geometry,
+        BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
+        num_warps=blocks.warps,
     )
-    return _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, triton.cdiv(c_in_g, bi))
+    dw, dpi = _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, i_tiles)
+    return (dw, dpi, dgi.sum(0), dgo.sum(0)) if gated else (dw, dpi, dgi, dgo)
 
 
 def _splits(n: int, programs: int, target: int) -> tuple[int, int]:
@@ -520,58 +587,70 @@ def _reduce_grad_weight(dw: Tensor, dpi: Tensor, weight: Tensor, pi: Tensor, tap
 if AVAILABLE:
 
     @torch.library.custom_op("attnsurgeon::dynconv", mutates_args=())
-    def _dynconv(x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int], padding: list[int],
-                 dilation: list[int], groups: int, kernel_major: bool, blocks: list[int]) -> Tensor:
-        return _forward(x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, Blocks(*blocks))
+    def _dynconv(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None,
+                 kernels: int, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 kernel_major: bool, blocks: list[int]) -> Tensor:
+        return _forward(x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups, kernel_major,
+                        Blocks(*blocks))
 
     @_dynconv.register_fake
-    def _(x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
+    def _(x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups,  # noqa: ANN001, ANN202
+          kernel_major, blocks):  # noqa: ANN001
         c_out, oh, ow, _ = _geometry(x, weight, kernels, stride, padding, dilation, groups)
         return _like(x, (x.shape[0], c_out, oh, ow), x.dtype)
 
     @torch.library.custom_op("attnsurgeon::dynconv_grad_input", mutates_args=())
-    def _dynconv_grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                            padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
-                            blocks: list[int]) -> Tensor:
-        return _grad_input(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major,
-                           Blocks(*blocks))
+    def _dynconv_grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None,
+                            gate_out: Tensor | None, kernels: int, stride: list[int], padding: list[int],
+                            dilation: list[int], groups: int, kernel_major: bool, blocks: list[int]) -> Tensor:
+        return _grad_input(dy, x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups,
+                           kernel_major, Blocks(*blocks))
 
     @_dynconv_grad_input.register_fake
-    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
+    def _(dy, x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups,  # noqa: ANN001, ANN202
+          kernel_major, blocks):  # noqa: ANN001
         return _like(x, tuple(x.shape), x.dtype)
 
     @torch.library.custom_op("attnsurgeon::dynconv_grad_weight", mutates_args=())
-    def _dynconv_grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, kernels: int, stride: list[int],
-                             padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
-                             blocks: list[int]) -> tuple[Tensor, Tensor]:
-        return _grad_weight(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major,
-                            Blocks(*blocks))
+    def _dynconv_grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None,
+                             gate_out: Tensor | None, kernels: int, stride: list[int], padding: list[int],
+                             dilation: list[int], groups: int, kernel_major: bool,
+                             blocks: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _grad_weight(dy, x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups,
+                            kernel_major, Blocks(*blocks))
 
     @_dynconv_grad_weight.register_fake
-    def _(dy, x, weight, pi, kernels, stride, padding, dilation, groups, kernel_major, blocks):  # noqa: ANN001, ANN202
+    def _(dy, x, weight, pi, gate_in, gate_out, kernels, stride, padding, dilation, groups,  # noqa: ANN001, ANN202
+          kernel_major, blocks):  # noqa: ANN001
         dw = _like(weight, tuple(weight.shape), weight.dtype)
-        return dw, pi.new_empty(tuple(pi.shape), dtype=torch.float32)
+        dpi = pi.new_empty(tuple(pi.shape), dtype=torch.float32)
+        gated = gate_in is not None and gate_out is not None
+        dgi = pi.new_empty(tuple(gate_in.shape) if gated else (0,), dtype=torch.float32)
+        dgo = pi.new_empty(tuple(gate_out.shape) if gated else (0,), dtype=torch.float32)
+        return dw, dpi, dgi, dgo
 
     def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        x, weight, pi, *ctx.args = inputs
-        ctx.save_for_backward(x, weight, pi)
+        x, weight, pi, gate_in, gate_out, *ctx.args = inputs
+        ctx.save_for_backward(x, weight, pi, gate_in, gate_out)
 
     def _backward(ctx, dy: Tensor):  # noqa: ANN001, ANN202
-        x, weight, pi = ctx.saved_tensors
-        dx = dw = dpi = None
+        x, weight, pi, gate_in, gate_out = ctx.saved_tensors
+        dx = dw = dpi = dgi = dgo = None
         if ctx.needs_input_grad[0]:
-            dx = _dynconv_grad_input(dy, x, weight, pi, *ctx.args)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dw, dpi = _dynconv_grad_weight(dy, x, weight, pi, *ctx.args)
+            dx = _dynconv_grad_input(dy, x, weight, pi, gate_in, gate_out, *ctx.args)
+        if any(ctx.needs_input_grad[1:5]):
+            dw, dpi, dgi, dgo = _dynconv_grad_weight(dy, x, weight, pi, gate_in, gate_out, *ctx.args)
             dpi = dpi.to(pi.dtype)
-        return dx, dw, dpi, None, None, None, None, None, None, None
+            if gate_in is None or gate_out is None:
+                dgi = dgo = None
+        return dx, dw, dpi, dgi, dgo, None, None, None, None, None, None, None
 
     _dynconv.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, stride: tuple[int, int],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int, kernel_major: bool = False,
-                   blocks: Blocks | None = None) -> Tensor:
+                   gates: tuple[Tensor, Tensor] | None = None, blocks: Blocks | None = None) -> Tensor:
     """``conv2d(x[n], sum_k pi[n, k] W_k)`` for every sample n, without bias.
 
     Args:
@@ -582,6 +661,9 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, strid
         pi: ``(N, K)`` attention weights, or ``(N, kh * kw, K)`` for a mix per kernel tap
             (ODConv's spatial attention times its kernel attention): tap t of sample n's
             kernel is ``sum_k pi[n, t, k] W_k[..., t]``. Computed in float32.
+        gates: ``(gate_in (N, C_in), gate_out (N, C_out))``: sample n's kernel scaled by
+            ``gate_out[n, o] * gate_in[n, i]`` (ODConv's channel attentions; the same as
+            multiplying the input and the output by them, without those passes). Float32.
         blocks: tile sizes (the tests use small ones in the interpreter).
     """
     blocks = blocks or _BLOCKS
@@ -591,5 +673,13 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, strid
     if pi.dim() != 3 or pi.shape[1] not in (1, taps) or pi.shape[2] != kernels or pi.shape[0] != x.shape[0]:
         raise ValueError(f"dynconv: pi {tuple(pi.shape)} is neither (N, K) nor (N, kh * kw, K) for input "
                          f"{tuple(x.shape)}, K={kernels}, {taps} taps")
-    return _dynconv(x, weight, pi.float().contiguous(), kernels, list(stride), list(padding), list(dilation),
-                    groups, kernel_major, [blocks.m, blocks.n, blocks.k, blocks.warps, blocks.programs])
+    gate_in = gate_out = None
+    if gates is not None:
+        gate_in, gate_out = (g.float().contiguous() for g in gates)
+        c_out = weight.shape[0] // kernels
+        if gate_in.shape != (x.shape[0], x.shape[1]) or gate_out.shape != (x.shape[0], c_out):
+            raise ValueError(f"dynconv: gates {tuple(gate_in.shape)}, {tuple(gate_out.shape)} do not fit input "
+                             f"{tuple(x.shape)} and {c_out} output channels")
+    return _dynconv(x, weight, pi.float().contiguous(), gate_in, gate_out, kernels, list(stride), list(padding),
+                    list(dilation), groups, kernel_major, [blocks.m, blocks.n, blocks.k, blocks.warps,
+                                                           blocks.programs])

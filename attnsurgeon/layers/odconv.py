@@ -46,10 +46,10 @@ tracers, per-sample at batch 1, measured once per shape on CUDA, the cost rule o
   stacked slices (a fast path in onnxruntime's INT8 convs);
 * *triton* (CUDA; ``torch.compile`` gets it as one op): dynamic convolution's Triton
   implicit-GEMM conv (:mod:`._dynconv_triton`) with a kernel mix per tap,
-  ``a_s[n, t] * a_w[n, k]``, summed tile by tile as it goes, so neither N kernels nor K
-  outputs are stored; its backward gives the tap mix's gradient, from which autograd gets
-  ``a_s``'s and ``a_w``'s. The channel gates multiply the maps (two passes the other forms
-  may fold into the kernels);
+  ``a_s[n, t] * a_w[n, k]``, and both channel gates applied to each kernel tile as it is
+  summed, so neither N kernels, nor K outputs, nor gated maps are stored; its backward gives
+  the gradients of the tap mix (from which autograd gets ``a_s``'s and ``a_w``'s) and of
+  the gates;
 * *positions* (other tracers: ``torch.export``, ONNX, ``torch.compile`` where the Triton
   op does not apply, ``jit.trace``, fx): the per-sample kernels applied as ``kh * kw``
   per-sample matrix products of strided slices of the padded input, so no op depends on the
@@ -321,7 +321,7 @@ class ODConv2d(PerSampleForms):
         if form == "stacked":
             return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
         if form == "triton":
-            return self._finish(self.forward_triton(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
+            return self._finish(self.forward_triton(x, a_c, a_f, a_s, a_w), None)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
@@ -329,11 +329,12 @@ class ODConv2d(PerSampleForms):
         y = self.forward_positions(x, w) if form == "positions" else self.forward_per_sample(x, w)
         return self._finish(y, None if fold else a_f)
 
-    def forward_triton(self, x: Tensor, a_s: Tensor | None, a_w: Tensor | None) -> Tensor:
+    def forward_triton(self, x: Tensor, a_c: Tensor, a_f: Tensor | None, a_s: Tensor | None,
+                       a_w: Tensor | None) -> Tensor:
         """The per-sample conv as dynamic convolution's Triton kernel (``_dynconv_triton``)
-        with a mix per kernel tap, ``a_s[n, t] * a_w[n, k]``: tap t of sample n's kernel is
-        ``a_s[n, t] sum_k a_w[n, k] W_k[..., t]``, summed on the fly; the channel gates stay
-        on the maps (the caller's)."""
+        with a mix per kernel tap, ``a_s[n, t] * a_w[n, k]``, and the channel gates: sample
+        n's kernel at (o, i, t) is ``a_f[n, o] a_c[n, i] a_s[n, t] sum_k a_w[n, k] W_k``,
+        summed tile by tile as the kernel goes; no bias."""
         dtype = _compute_dtype(x, self.weight)
         if a_w is None:
             pi = a_s[:, :, None]
@@ -341,9 +342,11 @@ class ODConv2d(PerSampleForms):
             pi = a_w
         else:
             pi = a_s[:, :, None] * a_w[:, None, :]
+        gates = (a_c, a_f if a_f is not None else a_c.new_ones(a_c.shape[0], self.out_channels))
         return _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
                                         stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                        groups=self.groups, kernel_major=True, blocks=self.triton_blocks)
+                                        groups=self.groups, kernel_major=True, gates=gates,
+                                        blocks=self.triton_blocks)
 
     def _finish(self, y: Tensor, a_f: Tensor | None) -> Tensor:
         if a_f is not None:
