@@ -332,8 +332,11 @@ def test_cuda_auto_measures_once_and_every_form_agrees(kind, no_tf32):
 
 @pytest.mark.cuda
 def test_cuda_compiled_model_uses_the_op(no_tf32):
+    from attnsurgeon.layers.odconv import ODConv2d
+
     torch.manual_seed(0)
-    model = nn.Sequential(DynamicConv2d(8, 16, 3, padding=1), nn.ReLU(), DynamicConv2d(16, 8, 1)).cuda()
+    model = nn.Sequential(DynamicConv2d(8, 16, 3, padding=1), nn.ReLU(), DynamicConv2d(16, 8, 1), nn.ReLU(),
+                          ODConv2d(8, 8, 3, padding=1)).cuda()
     x = torch.randn(4, 8, 12, 12, device="cuda")
     set_dynconv_form(model, "stacked")
     ref = model(x)
