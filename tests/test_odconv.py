@@ -104,6 +104,23 @@ def test_eager_choices():
     assert not od.prefers_stacked(torch.empty(32, 64, 56, 56))
 
 
+def test_form_choice_and_set_dynconv_form(monkeypatch):
+    """The forms ODConv runs, chosen as dynconv's (``PerSampleForms``): the CPU rule, batch 1,
+    forced forms, and what tracers get."""
+    early, late = ODConv2d(64, 64, 3, padding=1), ODConv2d(512, 512, 3, padding=1)
+    x_early, x_late = torch.empty(32, 64, 56, 56), torch.empty(32, 512, 7, 7)
+    assert early.form_for(x_early) == "per_sample" and late.form_for(x_late) == "stacked"
+    assert late.form_for(torch.empty(1, 512, 7, 7)) == "per_sample"
+    assert attnsurgeon.set_dynconv_form(nn.Sequential(early, late), "per_sample") == 2
+    assert late.form_for(x_late) == "per_sample" and "form=per_sample" in repr(late)
+    late.form = "triton"  # no CUDA and no interpreter here: the kernel does not apply, the rule decides
+    assert late.form_for(x_late) == "stacked"
+    monkeypatch.setattr(attnsurgeon.kernels, "exporting", lambda: True)
+    assert late.form_for(x_late) == "positions"  # a dynamic batch in float files
+    with odconv.quantizable_export():
+        assert late.form_for(x_late) == "stacked"  # the bank as a conv weight, for INT8
+
+
 def test_attentions_the_authors_leave_out():
     dw = ODConv2d(32, 32, 3, groups=32, kernels=4)
     assert dw.attention.filter_fc is None and dw.attention.spatial_fc is not None  # depthwise: no a_f

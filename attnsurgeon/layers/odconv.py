@@ -494,7 +494,8 @@ class ODConv2d(PerSampleForms):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}")
+                f"groups={self.groups}, bias={self.bias is not None}, kernels={self.kernels}"
+                + ("" if self.form == "auto" else f", form={self.form}"))
 
 
 def from_conv(
