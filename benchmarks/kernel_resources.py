@@ -1,0 +1,174 @@
+"""Every Triton kernel of the package compiled for a GPU on this CPU: registers, spills, shared memory.
+
+No GPU has been lent to the sessions that wrote the kernels, and Triton's interpreter (the
+tests' CPU check) runs them as numpy, which says nothing of how they compile. ptxas ships in
+the triton wheel, so the kernels can be compiled for a GPU here. This script runs small
+models and layers through every fused path on the CPU with Triton's driver replaced by one
+that names a GPU target (default sm_90: H100/H200) and every launch turned into a compile
+only (``JITFunction.run(..., warmup=True)``: the arguments are specialised as a launch on
+that GPU would specialise them: dtypes, 16-byte alignment, constexprs). Nothing runs, so
+the outputs are garbage; what it prints is each distinct compiled kernel's resource usage
+from ``cuobjdump -res-usage`` of its cubin: registers per thread (255 is the most), the
+stack frame (spilled registers live there: > 0 means spills), shared memory (static and
+what the launch asks for), and how its ``tl.dot`` compiled (Hopper's ``wgmma`` or ``mma``).
+
+    python benchmarks/kernel_resources.py              # sm_90
+    python benchmarks/kernel_resources.py --arch 80    # A100
+
+A kernel that fails to compile raises here, as it would on the GPU (``tests/test_kernels_compile.py``
+runs this script, so CI catches that without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+# the kernels are defined (jit-decorated) before TRITON_INTERPRET is set below, so they are
+# compiled kernels, not the interpreter's
+import attnsurgeon.kernels._triton  # noqa: F401, E402
+import attnsurgeon.layers._dynconv_triton as dynconv_triton  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+class _TargetOnly:
+    """A driver that names a GPU and has none: enough for ``JITFunction.run`` to compile."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def is_active(self) -> bool:
+        return True
+
+
+COMPILED: dict[tuple[str, str], tuple[object, dict[str, object]]] = {}
+_RUN = JITFunction.run
+
+
+def _compile_only(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
+    kernel = _RUN(self, *args, grid=grid, warmup=True, **kwargs)
+    consts = {k: v for k, v in kwargs.items() if k.isupper()} | {"num_warps": kwargs.get("num_warps", 4)}
+    COMPILED[(self.fn.__name__, kernel.hash)] = (kernel, consts)
+    return kernel
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED and LOCAL of a cubin's one kernel (``cuobjdump -res-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    return {k: int(v) for k, v in (item.split(":") for item in line.split() if item.split(":")[0] in
+                                   ("REG", "STACK", "SHARED", "LOCAL"))}
+
+
+def _dot(kernel: object) -> str:
+    """How the kernel's tl.dot compiled: ``wgmma`` (Hopper's warp-group MMA), ``mma`` (the
+    per-warp MMA of Ampere), or ``-`` (no dot)."""
+    ttgir = kernel.asm["ttgir"]
+    if "warp_group_dot" in ttgir:
+        return "wgmma"
+    return "mma" if "nvidia_mma" in ttgir else "-"
+
+
+def _gates_model(kind_rules: list[tuple[str, str, str]], name: str = "resnet18") -> torch.nn.Module:
+    import torchvision
+
+    from attnsurgeon.recipe import Recipe, make_rule
+    from attnsurgeon.surgery import apply_recipe
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    rules = tuple(make_rule(kind, layers=layers, position=position, where="kernel_resources")
+                  for kind, layers, position in kind_rules)
+    apply_recipe(model, Recipe(rules=rules, init="paper", seed=0))
+    return model
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, *, train: bool, bf16: bool) -> None:
+    """One forward (and backward) of ``model`` on ``x``, channels_last, optionally bf16 autocast."""
+    model = model.to(memory_format=torch.channels_last).train(train)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(train)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.set_grad_enabled(train), autocast:
+        out = model(x)
+    if train:
+        out.float().sum().backward()
+
+
+def drive() -> None:
+    """Every fused path, in bf16 and float32, forward and backward."""
+    from attnsurgeon import kernels
+    from attnsurgeon.layers.dynamic_conv import DynamicConv2d, set_dynconv_form
+    from attnsurgeon.layers.odconv import ODConv2d
+
+    kernels._interpret_on_cpu(True)  # the dispatch's CPU hook (the kernels themselves compile)
+    standard = _gates_model([("se", "layer1.0", "standard"), ("eca", "layer1.1", "standard"),
+                             ("cbam", "layer2.0", "standard"), ("coord", "layer2.1", "standard"),
+                             ("gc", "layer3.0", "standard"), ("se", "layer4.0", "mid")])
+    mid = _gates_model([("coord", "features.2", "mid"), ("se", "features.5", "mid")], "mobilenet_v2")
+    for bf16 in (True, False):
+        with kernels.use_fused(True):
+            _step(standard, torch.randn(2, 3, 64, 64), train=True, bf16=bf16)
+            _step(mid, torch.randn(2, 3, 64, 64), train=False, bf16=bf16)  # the norm fused in eval
+        for cls in (DynamicConv2d, ODConv2d):
+            for groups in (1, 64):  # a dense 3x3 conv and a depthwise one
+                layer = cls(64, 64, 3, padding=1, groups=groups)
+                set_dynconv_form(layer, "triton")
+                _step(layer, torch.randn(4, 64, 14, 14), train=True, bf16=bf16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    args = parser.parse_args()
+    driver.set_active(_TargetOnly(GPUTarget("cuda", args.arch, 32)))
+    JITFunction.run = _compile_only
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the dispatch send CPU tensors to the kernels
+    # the dynamic conv asks whether its kernel takes the device; here every device compiles
+    dynconv_triton.supports = lambda device, dtype, *numels, positions=0: dtype in dynconv_triton._DTYPES
+    drive()
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(COMPILED)} kernels compiled")
+    print(f"{'kernel':<30} {'dtype':<6} {'warps':>5} {'regs':>5} {'stack B':>8} {'shared B':>9} {'dot':<6} constexprs")
+    rows = []
+    for (name, _), (kernel, consts) in COMPILED.items():
+        usage = resources(kernel.asm["cubin"])
+        dtype = next((t for t in kernel.src.signature.values() if t.startswith("*")), "-").lstrip("*")
+        shown = " ".join(f"{k}={v}" for k, v in consts.items() if k != "num_warps" and v not in (False, None))
+        shared = usage["SHARED"] + kernel.metadata.shared  # static + what the launch asks for
+        rows.append((name, dtype, consts["num_warps"], usage["REG"], usage["STACK"], shared, _dot(kernel), shown))
+    for name, dtype, warps, reg, stack, shared, dot, shown in sorted(rows, key=lambda r: (r[0], r[1], r[7])):
+        print(f"{name:<30} {dtype:<6} {warps:>5} {reg:>5} {stack:>8} {shared:>9} {dot:<6} {shown}")
+    expected = {"apply_fwd", "apply_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool", "spatial_pool_bwd",
+                "coord_pool", "coord_pool_bwd", "coord_bwd", "context_fwd", "context_bwd", "_forward_kernel",
+                "_grad_input_kernel", "_grad_weight_kernel", "_depthwise_forward_kernel",
+                "_depthwise_grad_input_kernel", "_depthwise_grad_weight_kernel"}
+    if missing := expected - {name for name, _ in COMPILED}:
+        sys.exit(f"never compiled: {sorted(missing)}")
+
+if __name__ == "__main__":
+    main()
