@@ -8,9 +8,9 @@ that names a GPU target (default sm_90: H100/H200) and every launch turned into 
 only (``JITFunction.run(..., warmup=True)``: the arguments are specialised as a launch on
 that GPU would specialise them: dtypes, 16-byte alignment, constexprs). Nothing runs, so
 the outputs are garbage; what it prints is each distinct compiled kernel's resource usage
-from ``cuobjdump -res-usage`` of its cubin: registers per thread (255 is the most), the
-stack frame (spilled registers live there: > 0 means spills), shared memory (static and
-what the launch asks for), and how its ``tl.dot`` compiled (Hopper's ``wgmma`` or ``mma``).
+from ``ptxas -v`` on its PTX: registers per thread (255 is the most), stack frame and spill
+stores (registers that did not fit), the shared memory its launch asks for, and how its
+``tl.dot`` compiled (Hopper's ``wgmma`` or the per-warp ``mma``).
 
     python benchmarks/kernel_resources.py              # sm_90
     python benchmarks/kernel_resources.py --arch 80    # A100
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from triton.runtime.jit import JITFunction
 import attnsurgeon.kernels._triton  # noqa: F401, E402
 import attnsurgeon.layers._dynconv_triton as dynconv_triton  # noqa: E402
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 class _TargetOnly:
@@ -75,15 +76,18 @@ def _compile_only(self: JITFunction, *args: object, grid: object, warmup: bool, 
     return kernel
 
 
-def resources(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED and LOCAL of a cubin's one kernel (``cuobjdump -res-usage``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+def resources(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, stack frame and spill stores of a kernel, from ``ptxas -v`` on its PTX
+    (the assembler Triton itself calls, for the architecture Triton compiled for)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
         f.flush()
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(line for line in out.splitlines() if "REG:" in line)
-    return {k: int(v) for k, v in (item.split(":") for item in line.split() if item.split(":")[0] in
-                                   ("REG", "STACK", "SHARED", "LOCAL"))}
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([PTXAS, "-v", "--gpu-name", gpu, f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    number = {key: re.search(rf"(\d+) {key}", log) for key in ("bytes stack frame", "bytes spill stores",
+                                                                  "registers")}
+    return {key: int(m.group(1)) if m else 0 for key, m in number.items()}
 
 
 def _dot(kernel: object) -> str:
@@ -153,16 +157,17 @@ def main() -> None:
     dynconv_triton.supports = lambda device, dtype, *numels, positions=0: dtype in dynconv_triton._DTYPES
     drive()
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(COMPILED)} kernels compiled")
-    print(f"{'kernel':<30} {'dtype':<6} {'warps':>5} {'regs':>5} {'stack B':>8} {'shared B':>9} {'dot':<6} constexprs")
+    print(f"{'kernel':<30} {'dtype':<6} {'warps':>5} {'regs':>5} {'stack B':>7} {'spill B':>7} {'shared B':>8} "
+          f"{'dot':<6} constexprs")
     rows = []
     for (name, _), (kernel, consts) in COMPILED.items():
-        usage = resources(kernel.asm["cubin"])
+        usage = resources(kernel.asm["ptx"], args.arch)
         dtype = next((t for t in kernel.src.signature.values() if t.startswith("*")), "-").lstrip("*")
         shown = " ".join(f"{k}={v}" for k, v in consts.items() if k != "num_warps" and v not in (False, None))
-        shared = usage["SHARED"] + kernel.metadata.shared  # static + what the launch asks for
-        rows.append((name, dtype, consts["num_warps"], usage["REG"], usage["STACK"], shared, _dot(kernel), shown))
-    for name, dtype, warps, reg, stack, shared, dot, shown in sorted(rows, key=lambda r: (r[0], r[1], r[7])):
-        print(f"{name:<30} {dtype:<6} {warps:>5} {reg:>5} {stack:>8} {shared:>9} {dot:<6} {shown}")
+        rows.append((name, dtype, consts["num_warps"], usage["registers"], usage["bytes stack frame"],
+                     usage["bytes spill stores"], kernel.metadata.shared, _dot(kernel), shown))
+    for name, dtype, warps, reg, stack, spill, shared, dot, shown in sorted(rows, key=lambda r: (r[0], r[1], r[8])):
+        print(f"{name:<30} {dtype:<6} {warps:>5} {reg:>5} {stack:>7} {spill:>7} {shared:>8} {dot:<6} {shown}")
     expected = {"apply_fwd", "apply_bwd", "mean_max_hw", "mean_max_bwd", "spatial_pool", "spatial_pool_bwd",
                 "coord_pool", "coord_pool_bwd", "coord_bwd", "context_fwd", "context_bwd", "_forward_kernel",
                 "_grad_input_kernel", "_grad_weight_kernel", "_depthwise_forward_kernel",

@@ -407,11 +407,14 @@ if AVAILABLE:
 _INTERPRETED = AVAILABLE and type(_forward_kernel).__name__ == "InterpretedFunction"
 
 
-def _kernel_tiles(kernels: int, blocks: Blocks) -> tuple[int, int]:
+def _kernel_tiles(kernels: int, blocks: Blocks, dtype: torch.dtype) -> tuple[int, int]:
     """K rounded up to a power of two, and the reduction tile that keeps the K kernel
-    tiles (KP x BK x BN) at most 8192 elements in registers."""
+    tiles (KP x BK x BN) in registers within 16 KB: 8192 bf16/fp16 elements, 4096 float32.
+    Compiled for sm_90 (``benchmarks/kernel_resources.py``), 8192 float32 elements spilled
+    in dx (100 B a thread at 255 registers); 4096 spill nowhere."""
     kp = triton.next_power_of_2(kernels)
-    return kp, max(16, min(blocks.k, triton.next_power_of_2(8192 // (kp * blocks.n) or 1)))
+    budget = 16384 // torch.empty((), dtype=dtype).element_size()
+    return kp, max(16, min(blocks.k, triton.next_power_of_2(budget // (kp * blocks.n) or 1)))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -463,7 +466,7 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate
             BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
         return y
     grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
-    kp, bk = _kernel_tiles(kernels, blocks)
+    kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
     _forward_kernel[grid](
         x, weight, pi, gi, go, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
         *x.stride(), *weight.stride(), *y.stride(), **geometry,
@@ -494,7 +497,7 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
             BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
         return dx
     grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
-    kp, bk = _kernel_tiles(kernels, blocks)
+    kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
     _grad_input_kernel[grid](
         dy, weight, pi, gi, go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
         *_pi_strides(pi), *dy.stride(), *weight.stride(), *dx.stride(), **geometry,
@@ -542,6 +545,8 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
     bo, bi = min(blocks.n, 32), min(blocks.k, 32)
     while kp * bo * bi > 4096 and max(bo, bi) > 16:
         bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
+    # float32 position tiles half as long: at 64 the gated kernel spilled 40 B a thread (sm_90)
+    bp = max(16, blocks.m // (x.element_size() // 2))
     o_tiles, i_tiles = triton.cdiv(c_out_g, bo), triton.cdiv(c_in_g, bi)
     grid0, grid1 = groups * o_tiles, kh * kw * i_tiles
     splits, per_split = _splits(n, grid0 * grid1, blocks.programs)
@@ -553,7 +558,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
     _grad_weight_kernel[(grid0, grid1, splits)](
         dy, x, weight, pi, gi, go, dw, dpi, dgi, dgo, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
         *rows.values(), *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), *weight.stride(), **geometry,
-        BO=bo, BI=bi, BP=blocks.m, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
+        BO=bo, BI=bi, BP=bp, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
         num_warps=blocks.warps,
     )
     dw, dpi = _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, i_tiles)
