@@ -1,4 +1,4 @@
-"""The Triton dynamic-conv kernel against the plain forms.
+"""The Triton dynamic-conv kernel (dynamic convolution and ODConv) against the plain forms.
 
 On the CPU the kernel runs in Triton's interpreter, which ``TRITON_INTERPRET=1`` turns on
 only if it is set before triton is first imported: ``test_interpreter_suite`` therefore
