@@ -99,7 +99,8 @@ def _dot(kernel: object) -> str:
     return "mma" if "nvidia_mma" in ttgir else "-"
 
 
-def _gates_model(kind_rules: list[tuple[str, str, str]], name: str = "resnet18") -> torch.nn.Module:
+def _model(name: str, rules: list[tuple[str, str, str | None, dict[str, str]]]) -> torch.nn.Module:
+    """torchvision's ``name`` (10 classes) after surgery: (kind, layers, position, params) rules."""
     import torchvision
 
     from attnsurgeon.recipe import Recipe, make_rule
@@ -107,9 +108,9 @@ def _gates_model(kind_rules: list[tuple[str, str, str]], name: str = "resnet18")
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10)
-    rules = tuple(make_rule(kind, layers=layers, position=position, where="kernel_resources")
-                  for kind, layers, position in kind_rules)
-    apply_recipe(model, Recipe(rules=rules, init="paper", seed=0))
+    made = tuple(make_rule(kind, layers=layers, position=position, params=params, where="kernel_resources")
+                 for kind, layers, position, params in rules)
+    apply_recipe(model, Recipe(rules=made, init="paper", seed=0))
     return model
 
 
@@ -125,16 +126,24 @@ def _step(model: torch.nn.Module, x: torch.Tensor, *, train: bool, bf16: bool) -
 
 
 def drive() -> None:
-    """Every fused path, in bf16 and float32, forward and backward."""
+    """Every fused path, in bf16 and float32, forward and backward; and the dynamic convs of
+    DY-ResNet-18, ODConv-ResNet-18 and ODConv-MobileNetV2 (strides 1 and 2, 1x1, 3x3,
+    depthwise) in bf16."""
     from attnsurgeon import kernels
     from attnsurgeon.layers.dynamic_conv import DynamicConv2d, set_dynconv_form
     from attnsurgeon.layers.odconv import ODConv2d
 
     kernels._interpret_on_cpu(True)  # the dispatch's CPU hook (the kernels themselves compile)
-    standard = _gates_model([("se", "layer1.0", "standard"), ("eca", "layer1.1", "standard"),
-                             ("cbam", "layer2.0", "standard"), ("coord", "layer2.1", "standard"),
-                             ("gc", "layer3.0", "standard"), ("se", "layer4.0", "mid")])
-    mid = _gates_model([("coord", "features.2", "mid"), ("se", "features.5", "mid")], "mobilenet_v2")
+    standard = _model("resnet18", [("se", "layer1.0", "standard", {}), ("eca", "layer1.1", "standard", {}),
+                                   ("cbam", "layer2.0", "standard", {}), ("coord", "layer2.1", "standard", {}),
+                                   ("gc", "layer3.0", "standard", {}), ("se", "layer4.0", "mid", {})])
+    mid = _model("mobilenet_v2", [("coord", "features.2", "mid", {}), ("se", "features.5", "mid", {})])
+    # every conv shape of the GPU protocol's models (bench_dynconv.py), in its dtype
+    for name, kind, params in (("resnet18", "dynconv", {"target": "all"}), ("resnet18", "odconv", {}),
+                               ("mobilenet_v2", "odconv", {})):
+        model = _model(name, [(kind, "all", None, params)])
+        set_dynconv_form(model, "triton")
+        _step(model, torch.randn(2, 3, 64, 64), train=True, bf16=True)
     for bf16 in (True, False):
         with kernels.use_fused(True):
             _step(standard, torch.randn(2, 3, 64, 64), train=True, bf16=bf16)

@@ -25,6 +25,7 @@ def _ptxas() -> bool:
     return (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
+@pytest.mark.heavy  # about 30 s with Triton's cache cold
 @pytest.mark.skipif(not _ptxas(), reason="needs triton with its CUDA assembler (ptxas)")
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
