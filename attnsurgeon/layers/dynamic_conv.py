@@ -139,6 +139,7 @@ class PerSampleForms(nn.Module):
     prefers_stacked: Callable[[Tensor], bool]
 
     def traced_form(self) -> str:
+        """The form tracers get (export, ONNX, jit, fx): one with no op that depends on N."""
         return "stacked"
 
     def form_for(self, x: Tensor) -> str:
