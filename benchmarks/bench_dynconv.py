@@ -61,7 +61,9 @@ autocast, channels_last model and input, the device synchronised around each tim
 peak memory ``torch.cuda.max_memory_allocated`` during one call of a variant alone minus
 what was allocated before it; one 3x3 conv at batch 32 and 256, inference and
 training step, with ``ours`` (the measured choice, labelled with what it chose),
-``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced), the seed and timm's
+``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced; in training steps also
+``ours:triton-wide-dw``, the Triton form with its dW kernel at 64 rows and 8 warps, the
+tile Hopper's warp-group MMA takes), the seed and timm's
 CondConv2d, time and peak memory against the seed; DY-ResNet-18 against resnet18 (and the
 seed's), inference at batch 256 and training step at batch 128, eager, and under
 ``torch.compile`` (where ``ours`` runs the Triton op); ODConv-ResNet-18 (4x) against
@@ -97,6 +99,7 @@ MODEL_VARIANTS = ("resnet18-static", "ours", "seed", "timm-condconv")
 ODCONV_LAYER_VARIANTS = ("ours", "odconv")  # add "odconv:positions" to time the traced form (slow on CPU)
 ODCONV_MODEL_VARIANTS = ("resnet18-static", "ours", "odconv")
 GPU_ODCONV_VARIANTS = ("odconv", "odconv:triton")  # the GPU protocol's ODConv rows: measured choice, forced Triton
+WIDE_DW = ("ours:triton-wide-dw",)  # training rows: the Triton form with dW on Hopper's warp-group MMA tile
 
 
 class SeedDynamicConv2d(nn.Module):
@@ -185,6 +188,11 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
         od.form = form.replace("-", "_") or "auto"  # a forced form ("triton" falls back off CUDA)
         return od
     dyn, _ = from_conv(conv, None)
+    if variant == "ours:triton-wide-dw":  # dW at the tile Hopper's warp-group MMA takes
+        from attnsurgeon.layers._dynconv_triton import Blocks
+
+        dyn.triton_blocks = Blocks(dw_rows=64, dw_warps=8)
+        return Forced(dyn, "triton")
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 
 
@@ -431,8 +439,8 @@ def gpu_protocol(args: argparse.Namespace) -> None:
         for train, batch in ((False, 2 if smoke else 256), (True, 2 if smoke else 128)):
             mode = "training step" if train else "inference"
             protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
-                           _gpu_variants(MODEL_VARIANTS), ("resnet18-static", "seed"), size, batch, args.model_reps,
-                           train, device)
+                           _gpu_variants(MODEL_VARIANTS) + WIDE_DW * train, ("resnet18-static", "seed"), size,
+                           batch, args.model_reps, train, device)
             if args.compile_backend != "none":
                 protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
                                f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
@@ -445,8 +453,8 @@ def gpu_protocol(args: argparse.Namespace) -> None:
         for batch in layer_batches:
             for case in layers:
                 protocol_table(f"3x3 conv {case}, batch {batch}, {mode}", case,
-                               _gpu_variants(LAYER_VARIANTS) + GPU_ODCONV_VARIANTS, ("seed",), size, batch,
-                               args.reps, train, device)
+                               _gpu_variants(LAYER_VARIANTS) + WIDE_DW * train + GPU_ODCONV_VARIANTS, ("seed",),
+                               size, batch, args.reps, train, device)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 

@@ -144,6 +144,10 @@ def drive() -> None:
         model = _model(name, [(kind, "all", None, params)])
         set_dynconv_form(model, "triton")
         _step(model, torch.randn(2, 3, 64, 64), train=True, bf16=True)
+    wide = DynamicConv2d(64, 64, 3, padding=1)  # dW at the warp-group MMA's tile (bench_dynconv's row)
+    set_dynconv_form(wide, "triton")
+    wide.triton_blocks = dynconv_triton.Blocks(dw_rows=64, dw_warps=8)
+    _step(wide, torch.randn(4, 64, 14, 14), train=True, bf16=True)
     for bf16 in (True, False):
         with kernels.use_fused(True):
             _step(standard, torch.randn(2, 3, 64, 64), train=True, bf16=bf16)

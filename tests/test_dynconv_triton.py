@@ -105,7 +105,7 @@ def test_interpreter_suite():
                             env=env, capture_output=True, text=True, timeout=600, cwd=test_file.parents[1])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
-    expected = len(CASES) + 5  # the interp tests below and the one plain test
+    expected = len(CASES) + 6  # the interp tests below and the one plain test
     expected += len(OD_CASES) + 3  # ODConv's
     assert passed and int(passed.group(1)) == expected, result.stdout[-2000:]
 
@@ -132,6 +132,17 @@ def test_triton_form_matches_the_stacked_form(name):
     _check_against_reference(dyn, ref, x, 5e-2 if case[-1] == torch.bfloat16 else 1e-5)
     after = calls()
     assert all(after[kernel] == before[kernel] + 1 for kernel in after), (before, after)  # the kernels ran
+
+
+@interp
+def test_wide_grad_weight_tiles_match():
+    """The dW kernel at 64 out-channel rows and 8 warps (``Blocks.dw_rows``, ``dw_warps``),
+    the tile Hopper's warp-group MMA takes, against the stacked form."""
+    from attnsurgeon.layers._dynconv_triton import Blocks
+
+    dyn, ref, x = _pair(CASES["3x3-stride2-groups2"])
+    dyn.triton_blocks = Blocks(m=64, n=64, k=16, warps=4, programs=2, dw_rows=64, dw_warps=8)
+    _check_against_reference(dyn, ref, x, 1e-5)
 
 
 @interp

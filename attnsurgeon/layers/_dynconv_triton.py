@@ -40,7 +40,7 @@ that no kernel tap reaches instead of splitting the conv into stride-phase sub-c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import Tensor
@@ -73,13 +73,19 @@ def calls() -> dict[str, int]:
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes: output positions (m), output channels (n), reduced channels (k); warps
-    per program; the number of programs the dW kernel aims at (it splits the batch for it)."""
+    per program; the number of programs the dW kernel aims at (it splits the batch for it);
+    the dW kernel's out-channel tile at most (``dw_rows``) and its warps (``dw_warps``: the
+    K kernel tiles it holds get 1024 elements a warp). At 64 rows and 8 warps its ``tl.dot``
+    compiles to Hopper's warp-group MMA without spills (``benchmarks/kernel_resources.py``),
+    at the default 32 and 4 to the per-warp MMA; which is faster is not measured yet."""
 
     m: int = 64
     n: int = 64
     k: int = 32
     warps: int = 4
     programs: int = 1024
+    dw_rows: int = 32
+    dw_warps: int = 4
 
 
 _BLOCKS = Blocks()
@@ -541,9 +547,9 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
         dg = dg.sum(0)  # the gradient of the product of the two gates
         return dw, dpi, dg * go, dg * gi
     # the K kernel tiles and their gradients, (KP, BO, BI) each, stay in registers: at most
-    # 4096 elements each where K allows
-    bo, bi = min(blocks.n, 32), min(blocks.k, 32)
-    while kp * bo * bi > 4096 and max(bo, bi) > 16:
+    # 1024 elements a warp each where K allows
+    bo, bi = min(blocks.n, blocks.dw_rows), min(blocks.k, 32)
+    while kp * bo * bi > 1024 * blocks.dw_warps and max(bo, bi) > 16:
         bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
     # float32 position tiles half as long: at 64 the gated kernel spilled 40 B a thread (sm_90)
     bp = max(16, blocks.m // (x.element_size() // 2))
@@ -559,7 +565,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
         dy, x, weight, pi, gi, go, dw, dpi, dgi, dgo, n, c_in_g, c_out_g, h, w, oh, ow, groups, kernels,
         *rows.values(), *_pi_strides(pi), per_split, *dy.stride(), *x.stride(), *weight.stride(), **geometry,
         BO=bo, BI=bi, BP=bp, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
-        num_warps=blocks.warps,
+        num_warps=blocks.dw_warps,
     )
     dw, dpi = _reduce_grad_weight(dw, dpi, weight, pi, kh * kw, i_tiles)
     return (dw, dpi, dgi.sum(0), dgo.sum(0)) if gated else (dw, dpi, dgi, dgo)
@@ -686,5 +692,4 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, strid
             raise ValueError(f"dynconv: gates {tuple(gate_in.shape)}, {tuple(gate_out.shape)} do not fit input "
                              f"{tuple(x.shape)} and {c_out} output channels")
     return _dynconv(x, weight, pi.float().contiguous(), gate_in, gate_out, kernels, list(stride), list(padding),
-                    list(dilation), groups, kernel_major, [blocks.m, blocks.n, blocks.k, blocks.warps,
-                                                           blocks.programs])
+                    list(dilation), groups, kernel_major, list(astuple(blocks)))
