@@ -438,9 +438,10 @@ def gpu_protocol(args: argparse.Namespace) -> None:
     if not args.skip_model:
         for train, batch in ((False, 2 if smoke else 256), (True, 2 if smoke else 128)):
             mode = "training step" if train else "inference"
+            wide = WIDE_DW if train else ()
             protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, eager", "model",
-                           _gpu_variants(MODEL_VARIANTS) + WIDE_DW * train, ("resnet18-static", "seed"), size,
-                           batch, args.model_reps, train, device)
+                           _gpu_variants(MODEL_VARIANTS) + wide, ("resnet18-static", "seed"), size, batch,
+                           args.model_reps, train, device)
             if args.compile_backend != "none":
                 protocol_table(f"DY-ResNet-18 {mode}, batch {batch}, {size}x{size}, torch.compile "
                                f"({args.compile_backend})", "model", ("resnet18-static", "ours"),
@@ -450,11 +451,12 @@ def gpu_protocol(args: argparse.Namespace) -> None:
                            args.model_reps, train, device)
     for train in (False, True):
         mode = "training step (forward + backward)" if train else "inference"
+        wide = WIDE_DW if train else ()
         for batch in layer_batches:
             for case in layers:
                 protocol_table(f"3x3 conv {case}, batch {batch}, {mode}", case,
-                               _gpu_variants(LAYER_VARIANTS) + WIDE_DW * train + GPU_ODCONV_VARIANTS, ("seed",),
-                               size, batch, args.reps, train, device)
+                               _gpu_variants(LAYER_VARIANTS) + wide + GPU_ODCONV_VARIANTS, ("seed",), size, batch,
+                               args.reps, train, device)
     print(f"\nGPU protocol took {time.perf_counter() - start:.0f} s")
 
 
