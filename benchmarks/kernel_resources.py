@@ -37,8 +37,8 @@ from triton.runtime.jit import JITFunction
 
 # the kernels are defined (jit-decorated) before TRITON_INTERPRET is set below, so they are
 # compiled kernels, not the interpreter's
-import attnsurgeon.kernels._triton  # noqa: F401, E402
-import attnsurgeon.layers._dynconv_triton as dynconv_triton  # noqa: E402
+import attnsurgeon.kernels._triton  # noqa: F401
+import attnsurgeon.layers._dynconv_triton as dynconv_triton
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 

@@ -47,20 +47,29 @@ def _blocks():  # noqa: ANN202
     return Blocks(m=64, n=16, k=16, warps=4, programs=2)
 
 
-def _pair(case: tuple, device: str = "cpu") -> tuple[DynamicConv2d, DynamicConv2d, torch.Tensor]:
-    """A dynamic conv forced to the Triton form, its float64 copy on the stacked form, and an input."""
+def _pair(case: tuple, device: str = "cpu", *, odconv: bool = False) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A dynamic conv (or ODConv) forced to the Triton form, its float64 copy on a plain form
+    (the stacked one; ODConv's per-sample one), and an input."""
+    from attnsurgeon.layers.odconv import ODConv2d
+
     c_in, c_out, k, stride, padding, dilation, groups, bias, kernels, batch, hw, last, dtype = case
     torch.manual_seed(0)
-    dyn = DynamicConv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        bias=bias, kernels=kernels, temperature=1.0)
+    module = (ODConv2d if odconv else DynamicConv2d)(c_in, c_out, k, stride=stride, padding=padding,
+                                                     dilation=dilation, groups=groups, bias=bias, kernels=kernels,
+                                                     temperature=1.0)
     x = torch.randn(batch, c_in, hw, hw)
-    dyn, x = dyn.to(device, dtype), x.to(device, dtype)
+    module, x = module.to(device, dtype), x.to(device, dtype)
     if last:
-        dyn, x = dyn.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    ref = copy.deepcopy(dyn).double()
-    set_dynconv_form(ref, "stacked")
-    set_dynconv_form(dyn, "triton")
-    return dyn, ref, x
+        module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        # ODConv's attention has a BatchNorm: over a batch of 2 in bf16 it makes every form's
+        # gradients ill-conditioned (the per-sample form's too: up to 0.31 off the float64
+        # one); with its running statistics they are within 2e-2
+        module.eval()
+    ref = copy.deepcopy(module).double()
+    set_dynconv_form(ref, "per_sample" if odconv else "stacked")
+    set_dynconv_form(module, "triton")
+    return module, ref, x
 
 
 def _check_against_reference(dyn: DynamicConv2d, ref: DynamicConv2d, x: torch.Tensor, tol: float) -> None:
@@ -201,29 +210,6 @@ OD_CASES = {
 }
 
 
-def _od_pair(case: tuple, device: str = "cpu") -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """An ODConv forced to the Triton form, its float64 copy on the per-sample form, and an input."""
-    from attnsurgeon.layers.odconv import ODConv2d
-
-    c_in, c_out, k, stride, padding, dilation, groups, bias, kernels, batch, hw, last, dtype = case
-    torch.manual_seed(0)
-    od = ODConv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                  kernels=kernels, temperature=1.0)
-    x = torch.randn(batch, c_in, hw, hw)
-    od, x = od.to(device, dtype), x.to(device, dtype)
-    if last:
-        od, x = od.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    if dtype == torch.bfloat16:
-        # the attention's BatchNorm over a batch of 2 in bf16 makes every form's gradients
-        # ill-conditioned (the per-sample form's too: up to 0.31 off the float64 one); with
-        # its running statistics they are within 2e-2
-        od.eval()
-    ref = copy.deepcopy(od).double()
-    set_dynconv_form(ref, "per_sample")
-    set_dynconv_form(od, "triton")
-    return od, ref, x
-
-
 @interp
 @pytest.mark.parametrize("name", list(OD_CASES))
 def test_odconv_triton_form_matches_the_per_sample_form(name):
@@ -232,7 +218,7 @@ def test_odconv_triton_form_matches_the_per_sample_form(name):
     from attnsurgeon.layers._dynconv_triton import calls
 
     case = OD_CASES[name]
-    od, ref, x = _od_pair(case)
+    od, ref, x = _pair(case, odconv=True)
     od.triton_blocks = _blocks()
     assert od.form_for(x) == "triton"
     before = calls()
@@ -245,7 +231,7 @@ def test_odconv_triton_form_matches_the_per_sample_form(name):
 def test_odconv_compiled_uses_the_op():
     from attnsurgeon.layers._dynconv_triton import calls
 
-    od, ref, x = _od_pair(OD_CASES["3x3-stride2-groups2"])
+    od, ref, x = _pair(OD_CASES["3x3-stride2-groups2"], odconv=True)
     od.triton_blocks = _blocks()
     set_dynconv_form(od, "auto")  # auto: under compile the op where it applies
     before = calls()
@@ -256,7 +242,7 @@ def test_odconv_compiled_uses_the_op():
 
 @interp
 def test_odconv_measure_forms_times_every_form():
-    od, _, x = _od_pair(OD_CASES["3x3"])
+    od, _, x = _pair(OD_CASES["3x3"], odconv=True)
     od.triton_blocks = _blocks()
     timings = od.measure_forms(x, reps=1)  # a training step: forward and backward
     assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t, _ in timings.values())
@@ -305,7 +291,7 @@ def test_cuda_triton_form_matches_the_plain_form(kind, name, no_tf32):
     if kind == "dynconv":
         _check_against_reference(*_pair(case, "cuda"), tol)
     else:
-        _check_module(*_od_pair(case, "cuda"), tol)
+        _check_module(*_pair(case, "cuda", odconv=True), tol)
 
 
 @pytest.mark.cuda

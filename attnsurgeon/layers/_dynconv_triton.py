@@ -419,7 +419,7 @@ def _kernel_tiles(kernels: int, blocks: Blocks, dtype: torch.dtype) -> tuple[int
     Compiled for sm_90 (``benchmarks/kernel_resources.py``), 8192 float32 elements spilled
     in dx (100 B a thread at 255 registers); 4096 spill nowhere."""
     kp = triton.next_power_of_2(kernels)
-    budget = 16384 // torch.empty((), dtype=dtype).element_size()
+    budget = 16384 // dtype.itemsize
     return kp, max(16, min(blocks.k, triton.next_power_of_2(budget // (kp * blocks.n) or 1)))
 
 
@@ -443,6 +443,13 @@ def _pi_strides(pi: Tensor) -> tuple[int, int]:
     return pi.stride(0), (pi.stride(1) if pi.shape[1] > 1 else 0)
 
 
+def _constexprs(weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> dict[str, int]:
+    """The conv's geometry, which every kernel takes as constexprs."""
+    kh, kw = weight.shape[2:]
+    return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                KH=kh, KW=kw)
+
+
 def _gate_args(pi: Tensor, gates: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Tensor, bool]:
     """The gate pointers a kernel takes (pi stands in for absent ones, never read) and GATED."""
     gate_in, gate_out = gates
@@ -458,9 +465,7 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate
     n, _, h, w = x.shape
     c_in_g, c_out_g = c_in // groups, c_out // groups
     y = _like(x, (n, c_out, oh, ow), x.dtype)
-    kh, kw = weight.shape[2:]
-    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-                    KH=kh, KW=kw)
+    geometry = _constexprs(weight, stride, padding, dilation)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
     gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["forward"] += 1
@@ -489,9 +494,7 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
     c_out, oh, ow = dy.shape[1:]
     c_in_g, c_out_g = c_in // groups, c_out // groups
     dx = _like(x, tuple(x.shape), x.dtype)
-    kh, kw = weight.shape[2:]
-    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-                    KH=kh, KW=kw)
+    geometry = _constexprs(weight, stride, padding, dilation)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
     gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["grad_input"] += 1
@@ -522,8 +525,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
     c_in_g, c_out_g = c_in // groups, c_out // groups
     kh, kw = weight.shape[2:]
     kp = triton.next_power_of_2(kernels)
-    geometry = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-                    KH=kh, KW=kw, KP=kp)
+    geometry = dict(_constexprs(weight, stride, padding, dilation), KP=kp)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
     gi, go, gated = _gate_args(pi, (gate_in, gate_out))
 

@@ -168,6 +168,10 @@ class PerSampleForms(nn.Module):
             return _MEASURED[key]
         return "stacked" if self.prefers_stacked(x) else "per_sample"
 
+    def uses_stacked(self, x: Tensor) -> bool:
+        """Whether ``forward`` runs the stacked form on ``x``."""
+        return self.form_for(x) == "stacked"
+
     def triton_applies(self, x: Tensor) -> bool:
         """Whether the Triton kernel takes ``x`` (CUDA, or the interpreter; a dtype it handles)."""
         if not (x.device.type == "cuda" or _interpreting()):
@@ -335,10 +339,6 @@ class DynamicConv2d(PerSampleForms):
         if form == "triton":
             return self.forward_triton(x, pi)
         return self.forward_per_sample(x, pi)
-
-    def uses_stacked(self, x: Tensor) -> bool:
-        """Whether ``forward`` runs the stacked form on ``x``."""
-        return self.form_for(x) == "stacked"
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
