@@ -60,7 +60,8 @@ GPU protocol (``--gpu-protocol``, about 5 minutes on one H100/H200 is the target
 autocast, channels_last model and input, the device synchronised around each timed call,
 peak memory ``torch.cuda.max_memory_allocated`` during one call of a variant alone minus
 what was allocated before it; one 3x3 conv at batch 32 and 256, inference and
-training step, with ``ours`` (the measured choice, labelled with what it chose),
+training step, with ``ours`` (the measured choice, labelled with what it chose: a form, or
+the Triton form's tile set such as ``triton:m128``),
 ``ours:triton`` / ``ours:stacked`` / ``ours:per-sample`` (forced; in training steps also
 ``ours:triton-wide-dw``, the Triton form with its dW kernel at 64 rows and 8 warps, the
 tile Hopper's warp-group MMA takes), the seed and timm's
@@ -189,9 +190,9 @@ def _wrap(conv: nn.Conv2d, variant: str) -> nn.Module:
         return od
     dyn, _ = from_conv(conv, None)
     if variant == "ours:triton-wide-dw":  # dW at the tile Hopper's warp-group MMA takes
-        from attnsurgeon.layers._dynconv_triton import Blocks
+        from attnsurgeon.layers._dynconv_triton import TILES
 
-        dyn.triton_blocks = Blocks(dw_rows=64, dw_warps=8)
+        dyn.triton_blocks = TILES["triton:wide-dw"]
         return Forced(dyn, "triton")
     return Forced(dyn, variant.split(":")[1]) if ":" in variant else dyn
 

@@ -126,9 +126,9 @@ def _step(model: torch.nn.Module, x: torch.Tensor, *, train: bool, bf16: bool) -
 
 
 def drive() -> None:
-    """Every fused path, in bf16 and float32, forward and backward; and the dynamic convs of
+    """Every fused path, in bf16 and float32, forward and backward; the dynamic convs of
     DY-ResNet-18, ODConv-ResNet-18 and ODConv-MobileNetV2 (strides 1 and 2, 1x1, 3x3,
-    depthwise) in bf16."""
+    depthwise) in bf16; and every tile set of ``TILES`` in bf16."""
     from attnsurgeon import kernels
     from attnsurgeon.layers.dynamic_conv import DynamicConv2d, set_dynconv_form
     from attnsurgeon.layers.odconv import ODConv2d
@@ -144,10 +144,14 @@ def drive() -> None:
         model = _model(name, [(kind, "all", None, params)])
         set_dynconv_form(model, "triton")
         _step(model, torch.randn(2, 3, 64, 64), train=True, bf16=True)
-    wide = DynamicConv2d(64, 64, 3, padding=1)  # dW at the warp-group MMA's tile (bench_dynconv's row)
-    set_dynconv_form(wide, "triton")
-    wide.triton_blocks = dynconv_triton.Blocks(dw_rows=64, dw_warps=8)
-    _step(wide, torch.randn(4, 64, 14, 14), train=True, bf16=True)
+    # the tile sets the automatic form times on CUDA, on convs they fill (dense and depthwise)
+    for blocks in dynconv_triton.TILES.values():
+        for cls in (DynamicConv2d, ODConv2d):
+            for groups in (1, 128):
+                layer = cls(128, 128, 3, padding=1, groups=groups)
+                set_dynconv_form(layer, "triton")
+                layer.triton_blocks = blocks
+                _step(layer, torch.randn(4, 128, 14, 14), train=True, bf16=True)
     for bf16 in (True, False):
         with kernels.use_fused(True):
             _step(standard, torch.randn(2, 3, 64, 64), train=True, bf16=bf16)

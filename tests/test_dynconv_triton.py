@@ -114,7 +114,7 @@ def test_interpreter_suite():
                             env=env, capture_output=True, text=True, timeout=600, cwd=test_file.parents[1])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = re.search(r"(\d+) passed", result.stdout)
-    expected = len(CASES) + 6  # the interp tests below and the one plain test
+    expected = len(CASES) + len(TILED) + 7  # the interp tests below and the two plain tests
     expected += len(OD_CASES) + 3  # ODConv's
     assert passed and int(passed.group(1)) == expected, result.stdout[-2000:]
 
@@ -192,6 +192,49 @@ def test_measure_forms_times_every_form():
         timings = dyn.measure_forms(x, reps=1)
     assert set(timings) == {"stacked", "per_sample", "triton"} and all(t > 0 for t, _ in timings.values())
     assert dyn.weight.grad is None
+
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
+    from attnsurgeon.layers._dynconv_triton import TILES, tile_forms
+
+    wide = ["triton", "triton:m128", "triton:n128", "triton:wide-dw"]
+    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, train=True) == wide
+    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, train=False) == wide[:3]
+    assert tile_forms((8, 512, 14, 14), (8, 512, 7, 7), 1, train=True) == ["triton", "triton:m128", *wide[2:]]
+    assert tile_forms((8, 512, 7, 7), (8, 512, 7, 7), 1, train=True) == ["triton", *wide[2:]]  # 49 positions
+    assert tile_forms((8, 64, 8, 8), (8, 64, 8, 8), 1, train=True) == ["triton", "triton:wide-dw"]
+    assert tile_forms((8, 128, 8, 8), (8, 128, 8, 8), 128, train=True) == ["triton", "triton:n128"]  # depthwise
+    assert tile_forms((8, 256, 8, 8), (8, 256, 8, 8), 8, train=True) == ["triton"]  # 32 channels a group
+    assert set(TILES) == set(wide) and TILES["triton"] == type(TILES["triton"])()
+
+
+# convs that the larger tile sets fill: a dense one (40 channels: more than dW's 32 rows; 81
+# positions: more than 64), as dynconv, and a depthwise one (72 channels: more than 64), as
+# ODConv (gated); the tiles are constexprs of the same kernels, whichever module calls them
+TILED = {
+    "dense-dynconv": ((40, 40, 3, 1, 1, 1, 1, True, 4, 2, 9, True, torch.float32), False,
+                      ["triton:m128", "triton:wide-dw"]),
+    "depthwise-odconv": ((72, 72, 3, 1, 1, 1, 72, True, 4, 2, 9, False, torch.float32), True,
+                         ["triton:m128", "triton:n128"]),
+}
+
+
+@interp
+@pytest.mark.parametrize("name", list(TILED))
+def test_every_timed_tile_set_is_measured_and_matches(name):
+    """The automatic form times the Triton form at each tile set the conv fills (forward and
+    backward), and each gives the plain form's output and gradients."""
+    case, odconv, tiled = TILED[name]
+    module, ref, x = _pair(case, odconv=odconv)
+    assert module.triton_blocks is None
+    timings = module.measure_forms(x, reps=1)
+    assert set(timings) == {"stacked", "per_sample", "triton", *tiled}
+    assert all(0 < t < float("inf") for t, _ in timings.values())
+    for form in tiled:
+        xf, xr = x.detach().requires_grad_(), x.detach().double().requires_grad_()
+        _check_outputs(module.run_form(xf, form), ref(xr), [xf, *module.parameters()], [xr, *ref.parameters()], 1e-5)
 
 
 # --- ODConv on the same kernel, with a mix per kernel tap ----------------------------------
@@ -312,6 +355,7 @@ def test_cuda_resnet_shape_bf16_channels_last(no_tf32):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["dynconv", "odconv"])
 def test_cuda_auto_measures_once_and_every_form_agrees(kind, no_tf32):
+    from attnsurgeon.layers._dynconv_triton import TILES
     from attnsurgeon.layers.odconv import ODConv2d
 
     torch.manual_seed(0)
@@ -321,10 +365,12 @@ def test_cuda_auto_measures_once_and_every_form_agrees(kind, no_tf32):
     _MEASURED.clear()
     with torch.no_grad():
         out = module(x)
-        assert module.form_for(x) in FORMS and len(_MEASURED) == 1
+        assert module.form_for(x) in {*FORMS, *TILES} and len(_MEASURED) == 1
         for form in ("stacked", "per_sample", "triton"):
             set_dynconv_form(module, form)
             torch.testing.assert_close(module(x), out, rtol=1e-4, atol=1e-4)
+        for form in TILES:  # each tile set the measurement may choose
+            torch.testing.assert_close(module.run_form(x, form), out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -52,7 +52,7 @@ except ImportError:  # CPU-only installs: the plain forms run
     triton = None
     tl = None
 
-__all__ = ["AVAILABLE", "Blocks", "calls", "dynamic_conv2d", "interpreting", "supports"]
+__all__ = ["AVAILABLE", "TILES", "Blocks", "calls", "dynamic_conv2d", "interpreting", "supports", "tile_forms"]
 
 AVAILABLE = triton is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,10 +74,11 @@ def calls() -> dict[str, int]:
 class Blocks:
     """Tile sizes: output positions (m), output channels (n), reduced channels (k); warps
     per program; the number of programs the dW kernel aims at (it splits the batch for it);
-    the dW kernel's out-channel tile at most (``dw_rows``) and its warps (``dw_warps``: the
-    K kernel tiles it holds get 1024 elements a warp). At 64 rows and 8 warps its ``tl.dot``
-    compiles to Hopper's warp-group MMA without spills (``benchmarks/kernel_resources.py``),
-    at the default 32 and 4 to the per-warp MMA; which is faster is not measured yet."""
+    the dW kernel's out-channel tile at most (``dw_rows``), its warps (``dw_warps``: the K
+    kernel tiles it holds get 1024 elements a warp) and its position tile (``dw_positions``,
+    halved in float32). At 64 rows and 8 warps its ``tl.dot`` compiles to Hopper's
+    warp-group MMA without spills (``benchmarks/kernel_resources.py``), at the default 32
+    and 4 to the per-warp MMA."""
 
     m: int = 64
     n: int = 64
@@ -86,9 +87,40 @@ class Blocks:
     programs: int = 1024
     dw_rows: int = 32
     dw_warps: int = 4
+    dw_positions: int = 64
 
 
 _BLOCKS = Blocks()
+
+# The tiles the automatic form times on CUDA, as forms of their own (``tile_forms``): the
+# defaults; 128 positions a program (the K kernel tiles it mixes, on the CUDA cores, serve
+# twice the positions of the tensor cores' product); 128 channels; dW on the warp-group
+# MMA. Each compiles for sm_90 without spills in bf16 (``kernel_resources.py``; 128
+# positions at 4 warps spilled 252 B a thread in dx, hence 8). Which is fastest where is
+# not measured yet.
+TILES = {
+    "triton": _BLOCKS,
+    "triton:m128": Blocks(m=128, warps=8),
+    "triton:n128": Blocks(n=128, warps=8),
+    "triton:wide-dw": Blocks(dw_rows=64, dw_warps=8),
+}
+
+
+def tile_forms(x_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int, *, train: bool) -> list[str]:
+    """The ``TILES`` worth timing for a conv from ``x_shape`` to ``out_shape``: a larger tile
+    only where the conv has more than the default tile covers (positions, channels; dW's
+    rows only in training, for a dense conv)."""
+    (_, c_in, h, w), (_, c_out, oh, ow) = x_shape, out_shape
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    depthwise = c_in_g == c_out_g == 1
+    forms = ["triton"]
+    if max(h * w, oh * ow) > _BLOCKS.m:
+        forms.append("triton:m128")
+    if (c_in if depthwise else max(c_in_g, c_out_g)) > _BLOCKS.n:
+        forms.append("triton:n128")
+    if train and not depthwise and c_out_g > _BLOCKS.dw_rows:
+        forms.append("triton:wide-dw")
+    return forms
 
 
 def supports(device: torch.device, dtype: torch.dtype, *numels: int, positions: int = 0) -> bool:
@@ -554,7 +586,7 @@ def _grad_weight(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Ten
     while kp * bo * bi > 1024 * blocks.dw_warps and max(bo, bi) > 16:
         bo, bi = (bo // 2, bi) if bo >= bi else (bo, bi // 2)
     # float32 position tiles half as long: at 64 the gated kernel spilled 40 B a thread (sm_90)
-    bp = max(16, blocks.m // (x.element_size() // 2))
+    bp = max(16, blocks.dw_positions // (x.element_size() // 2))
     o_tiles, i_tiles = triton.cdiv(c_out_g, bo), triton.cdiv(c_in_g, bi)
     grid0, grid1 = groups * o_tiles, kh * kw * i_tiles
     splits, per_split = _splits(n, grid0 * grid1, blocks.programs)

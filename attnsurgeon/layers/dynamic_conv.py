@@ -27,9 +27,10 @@ Three exact forms of the same function (``DynamicConv2d.form``, or :func:`set_dy
 
 ``"auto"`` (default) picks per call: the stacked form under every tracer (export, ONNX,
 jit/fx); the per-sample form at batch 1 (a plain conv); on CUDA, measured: the first call
-with a new (shapes, dtypes, layouts, training) key times each form
-(:meth:`DynamicConv2d.measure_forms`) and keeps the fastest whose peak memory is at most the
-per-sample form's; under ``torch.compile`` the Triton op where it applies; on CPU the
+with a new (shapes, dtypes, layouts, training) key times each form, the Triton form at each
+of its tile sets that the shape can use (``_dynconv_triton.TILES``, e.g. ``triton:m128``)
+(:meth:`DynamicConv2d.measure_forms`), and keeps the fastest whose peak memory is at most
+the per-sample form's; under ``torch.compile`` the Triton op where it applies; on CPU the
 cheaper by a cost rule per kernel element: per-sample ``H'W' + a`` against stacked
 ``K H'W' (1 + a / fan_in)``, with ``a = _ELEMENT_COST`` fitted to CPU timings (the README's
 benchmark section has them). Under autocast pi is cast to the conv's compute dtype, so a
@@ -135,6 +136,8 @@ class PerSampleForms(nn.Module):
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+    out_channels: int
+    triton_blocks: Blocks | None
     run_form: Callable[[Tensor, str], Tensor]
     prefers_stacked: Callable[[Tensor], bool]
 
@@ -180,6 +183,24 @@ class PerSampleForms(nn.Module):
         return kernel is not None and kernel.supports(x.device, _compute_dtype(x, self.weight), x.numel(),
                                                       self.weight.numel(), positions=x.shape[2] * x.shape[3])
 
+    def triton_forms(self, x: Tensor, train: bool) -> list[str]:
+        """The Triton form's tile sets worth timing on ``x`` (``_dynconv_triton.tile_forms``),
+        or just ``triton`` where the module's ``triton_blocks`` fixes its tiles."""
+        if self.triton_blocks is not None:
+            return ["triton"]
+        out = (x.shape[0], self.out_channels, *self.out_size(x))
+        return _triton().tile_forms(tuple(x.shape), out, self.groups, train=train)
+
+    def out_size(self, x: Tensor) -> tuple[int, int]:
+        """The conv's output height and width on ``x``."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.weight.shape[2:], self.stride, self.padding, self.dilation
+        return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def tiles(self, form: str) -> Blocks | None:
+        """The Triton kernel's tiles for a Triton ``form`` (``triton`` or a timed tile set)."""
+        return self.triton_blocks if form == "triton" else _triton().TILES[form]
+
     def _key(self, x: Tensor) -> tuple:
         """What the measured choice depends on: the module's class, shapes, dtypes, layouts,
         device, training."""
@@ -188,12 +209,13 @@ class PerSampleForms(nn.Module):
                 self.weight.shape, self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
 
     def measure_forms(self, x: Tensor, *, reps: int = 3) -> dict[str, tuple[float, int]]:
-        """Seconds per call of each form on ``x`` (the best of ``reps`` after a warm-up) and,
+        """Seconds per call of each form on ``x`` (the Triton form at each tile set of
+        :meth:`triton_forms`; the best of ``reps`` after a warm-up) and,
         on CUDA, the bytes it allocates at its peak (0 elsewhere): forward, plus backward for
         every input when gradients are on. Parameters' ``.grad`` are not touched; on CUDA the
         peak-memory statistics are reset."""
-        forms = ["stacked", "per_sample"] + (["triton"] if self.triton_applies(x) else [])
         train = torch.is_grad_enabled() and self.weight.requires_grad
+        forms = ["stacked", "per_sample"] + (self.triton_forms(x, train) if self.triton_applies(x) else [])
         x = x.detach().requires_grad_(train)
         cuda = x.device.type == "cuda"
         results = {}
@@ -336,17 +358,14 @@ class DynamicConv2d(PerSampleForms):
         pi = self.kernel_attention(x)
         if form == "stacked":
             return self.forward_stacked(x, pi)
-        if form == "triton":
-            return self.forward_triton(x, pi)
+        if form.startswith("triton"):
+            return self.forward_triton(x, pi, self.tiles(form))
         return self.forward_per_sample(x, pi)
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """The CPU cost rule of the module docstring, for ``x`` (whatever its device)."""
-        n, _, h, w = x.shape
-        positions = 1
-        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation,
-                                   strict=True):
-            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        n = x.shape[0]
+        positions = math.prod(self.out_size(x))
         fan_in = self.weight[0].numel()
         per_sample = positions + _ELEMENT_COST
         stacked = self.kernels * positions * (1 + _ELEMENT_COST / fan_in)
@@ -376,13 +395,14 @@ class DynamicConv2d(PerSampleForms):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
-    def forward_triton(self, x: Tensor, pi: Tensor) -> Tensor:
+    def forward_triton(self, x: Tensor, pi: Tensor, blocks: Blocks | None = None) -> Tensor:
         """The per-sample conv as one Triton kernel that mixes the K kernels on the fly
-        (``_dynconv_triton``); same function as the other two forms."""
+        (``_dynconv_triton``), with ``blocks`` or the module's tiles; same function as the
+        other two forms."""
         dtype = _compute_dtype(x, self.weight)
         y = _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
                                      stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                     groups=self.groups, blocks=self.triton_blocks)
+                                     groups=self.groups, blocks=blocks or self.triton_blocks)
         if self.bias is not None:
             bias = pi.to(dtype) @ self._grouped(self.bias).transpose(0, 1).reshape(self.kernels, -1).to(dtype)
             y = y + bias[:, :, None, None]

@@ -320,8 +320,8 @@ class ODConv2d(PerSampleForms):
             return self._finish(y, a_f)
         if form == "stacked":
             return self._finish(self.forward_unfolded(x * a_c.to(dtype)[:, :, None, None], a_s, a_w), a_f)
-        if form == "triton":
-            return self._finish(self.forward_triton(x, a_c, a_f, a_s, a_w), None)
+        if form.startswith("triton"):
+            return self._finish(self.forward_triton(x, a_c, a_f, a_s, a_w, self.tiles(form)), None)
         fold = self.folds(x)
         w = self.kernels_per_sample(a_s, a_w, dtype, gates=(a_c, a_f) if fold else None)
         if not fold:
@@ -330,7 +330,7 @@ class ODConv2d(PerSampleForms):
         return self._finish(y, None if fold else a_f)
 
     def forward_triton(self, x: Tensor, a_c: Tensor, a_f: Tensor | None, a_s: Tensor | None,
-                       a_w: Tensor | None) -> Tensor:
+                       a_w: Tensor | None, blocks: Blocks | None = None) -> Tensor:
         """The per-sample conv as dynamic convolution's Triton kernel (``_dynconv_triton``)
         with a mix per kernel tap, ``a_s[n, t] * a_w[n, k]``, and the channel gates: sample
         n's kernel at (o, i, t) is ``a_f[n, o] a_c[n, i] a_s[n, t] sum_k a_w[n, k] W_k``,
@@ -346,7 +346,7 @@ class ODConv2d(PerSampleForms):
         return _triton().dynamic_conv2d(x.to(dtype), self.weight.to(dtype), pi, kernels=self.kernels,
                                         stride=self.stride, padding=self.padding, dilation=self.dilation,
                                         groups=self.groups, kernel_major=True, gates=gates,
-                                        blocks=self.triton_blocks)
+                                        blocks=blocks or self.triton_blocks)
 
     def _finish(self, y: Tensor, a_f: Tensor | None) -> Tensor:
         if a_f is not None:
@@ -354,11 +354,6 @@ class ODConv2d(PerSampleForms):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)[:, None, None]
         return y
-
-    def _out_size(self, x: Tensor) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     def prefers_stacked(self, x: Tensor) -> bool:
         """Dynamic convolution's CPU cost rule (its ``_ELEMENT_COST`` = 256 multiply-adds per
@@ -368,7 +363,7 @@ class ODConv2d(PerSampleForms):
         the unfolded form replaced a bmm (README)."""
         if x.shape[0] == 1:
             return False
-        h, w = self._out_size(x)
+        h, w = self.out_size(x)
         fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         return self.kernels * h * w * (1 + _ELEMENT_COST / fan_in) < h * w + _ELEMENT_COST
 
@@ -381,7 +376,7 @@ class ODConv2d(PerSampleForms):
             # one form whatever the traced map size: the size rule below would be a guard on
             # a dynamic H and W, and the graph would keep the form chosen for the traced size
             return True
-        h_out, w_out = self._out_size(x)
+        h_out, w_out = self.out_size(x)
         kernel = self.out_channels * self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         return kernel < self.in_channels * x.shape[2] * x.shape[3] + self.out_channels * h_out * w_out
 
@@ -425,7 +420,7 @@ class ODConv2d(PerSampleForms):
         multiply-adds of a per-sample kernel, none of its N kernels to build."""
         g, k, (kh, kw), (sh, sw) = self.groups, self.kernels, self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self.padding, self.dilation
-        n, h_out, w_out = x.shape[0], *self._out_size(x)
+        n, h_out, w_out = x.shape[0], *self.out_size(x)
         if _tracing(x):  # strided slices: a graph without Im2Col, exported with a dynamic batch
             xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
             # a copy of each slice: see forward_positions
@@ -470,7 +465,7 @@ class ODConv2d(PerSampleForms):
         """The same conv as ``kh * kw`` per-sample matrix products (no op depends on N)."""
         g, (kh, kw), (sh, sw) = self.groups, self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self.padding, self.dilation
-        h_out, w_out = self._out_size(x)
+        h_out, w_out = self.out_size(x)
         xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         w = w.to(x.dtype).unflatten(1, (g, -1))  # (N, g, C_out / g, C_in / g, kh * kw)
         y = None
