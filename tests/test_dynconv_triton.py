@@ -32,6 +32,10 @@ CASES = {
     "3x3": (6, 10, 3, 1, 1, 1, 1, True, 4, 2, 7, True, torch.float32),
     "3x3-stride2-groups2": (6, 10, 3, 2, 1, 1, 2, False, 4, 2, 9, False, torch.float32),
     "3x3-dilation2-K3": (4, 6, 3, 1, 2, 2, 1, False, 3, 1, 8, True, torch.float32),
+    # dx by stride phase: a 1x1 stride-2 conv (3 of 4 phases reached by no tap), and stride 3
+    # with a dilation and a size that leaves the phases unequal (10 = 4 + 3 + 3)
+    "1x1-stride2": (6, 8, 1, 2, 0, 1, 1, False, 4, 2, 8, True, torch.float32),
+    "3x3-stride3-dilation2": (4, 6, 3, 3, 2, 2, 1, True, 4, 2, 10, False, torch.float32),
     "depthwise": (4, 4, 3, 1, 1, 1, 4, True, 4, 2, 6, True, torch.float32),
     "depthwise-stride2": (3, 3, 3, 2, 1, 1, 3, False, 4, 1, 7, False, torch.float32),
     "bf16-3x3-groups2": (6, 10, 3, 1, 1, 1, 2, True, 4, 2, 7, True, torch.bfloat16),
@@ -208,6 +212,8 @@ def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
     assert tile_forms((8, 128, 8, 8), (8, 128, 8, 8), 128, train=True) == ["triton", "triton:n128"]  # depthwise
     assert tile_forms((8, 256, 8, 8), (8, 256, 8, 8), 8, train=True) == ["triton"]  # 32 channels a group
     assert set(TILES) == set(wide) and TILES["triton"] == type(TILES["triton"])()
+    for blocks in TILES.values():  # what the ops take, and rebuild the tiles from
+        assert type(blocks)(*blocks.as_list()) == blocks
 
 
 # convs that the larger tile sets fill: a dense one (40 channels: more than dW's 32 rows; 81

@@ -33,14 +33,16 @@ tap, the gradient of that tap's mix, and with gates each gate's partial sums of
 ODConv's bank is ordered (kernel, group, out-channel) where dynamic convolution's is
 (group, kernel, out-channel); the kernels take the row strides of either.
 
-Departure from a textbook implicit GEMM: stride > 1 in ``dx`` masks the output positions
-that no kernel tap reaches instead of splitting the conv into stride-phase sub-convs
-(simpler, up to stride^2 more work in that one kernel).
+With a stride, ``dx`` (a transposed conv) is split by stride phase: each program holds
+input positions of one phase ``(ih % SH, iw % SW)``, which a kernel tap reaches at every
+position or at none, so it skips the taps that miss (stride 2: 3 of 4 phases for a 1x1 conv,
+6.75 of 9 taps a phase on average for a 3x3 one) where masking them would multiply zeros. The depthwise ``dx``
+masks them: it has no product to skip, and masked loads read nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -88,6 +90,11 @@ class Blocks:
     dw_rows: int = 32
     dw_warps: int = 4
     dw_positions: int = 64
+
+    def as_list(self) -> list[int]:
+        """The fields in order, as the ops take them (``dataclasses.astuple`` deep-copies
+        them, which ``torch.compile`` of torch 2.11 cannot trace: a graph break)."""
+        return [self.m, self.n, self.k, self.warps, self.programs, self.dw_rows, self.dw_warps, self.dw_positions]
 
 
 _BLOCKS = Blocks()
@@ -210,6 +217,32 @@ if AVAILABLE:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
     @triton.jit
+    def _grad_input_tap(
+        acc, dy_base, w_ptr, pi_ptr, go_ptr, n, g, r, s, rs, ih, iw, mask_m, offs_c, mask_c, offs_kk, mask_kk,
+        C_OUT_G, OH, OW, GROUPS, ROW_G, ROW_K, spn, spt, sdc, sdh, sdw, swo, swi, swh, sww,
+        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+        DW: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
+    ):
+        # one kernel tap's share of dx, for positions that it reaches (exact divisions)
+        p = tl.load(pi_ptr + n * spn + rs * spt + offs_kk, mask=mask_kk, other=0.0)
+        oh, ow = (ih + PH - r * DH) // SH, (iw + PW - s * DW) // SW
+        valid = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        for c0 in range(0, C_OUT_G, BK):
+            offs_k = c0 + tl.arange(0, BK)  # output channels of the group
+            mask_k = offs_k < C_OUT_G
+            dyt = tl.load(dy_base + offs_k[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                          mask=valid[:, None] & mask_k[None, :], other=0.0)
+            rows = g * ROW_G + offs_kk[:, None, None] * ROW_K + offs_k[None, :, None]
+            wk = tl.load(w_ptr + rows * swo + offs_c[None, None, :] * swi + r * swh + s * sww,
+                         mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
+            wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
+            if GATED:  # the output-channel gate on the kernel's rows (here the reduced axis)
+                co = tl.load(go_ptr + n * GROUPS * C_OUT_G + g * C_OUT_G + offs_k, mask=mask_k, other=0.0)
+                wt = wt * co[:, None]
+            acc = _dot(dyt, wt.to(dyt.dtype), acc, F32, PRECISION)
+        return acc
+
+    @triton.jit
     def _grad_input_kernel(
         dy_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dx_ptr,
         C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
@@ -221,9 +254,14 @@ if AVAILABLE:
     ):
         pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, g = pid_ng // GROUPS, pid_ng % GROUPS
-        offs_m = pid_m * BM + tl.arange(0, BM)  # input positions
-        mask_m = offs_m < H * W
-        ih, iw = offs_m // W, offs_m % W
+        # input positions of one stride phase (ih % SH, iw % SW): a kernel tap reaches all of
+        # them or none, so a strided conv's dx skips the taps that miss instead of masking them
+        hp, wp = tl.cdiv(H, SH), tl.cdiv(W, SW)
+        tiles = tl.cdiv(hp * wp, BM)
+        phase_h, phase_w = (pid_m // tiles) // SW, (pid_m // tiles) % SW
+        offs_m = (pid_m % tiles) * BM + tl.arange(0, BM)
+        ih, iw = phase_h + (offs_m // wp) * SH, phase_w + (offs_m % wp) * SW
+        mask_m = (offs_m < hp * wp) & (ih < H) & (iw < W)
         offs_c = pid_n * BN + tl.arange(0, BN)  # input channels of the group
         mask_c = offs_c < C_IN_G
         dy_base = dy_ptr + n * sdn + (g * C_OUT_G) * sdc
@@ -232,25 +270,11 @@ if AVAILABLE:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for rs in range(KH * KW):
             r, s = rs // KW, rs % KW
-            p = tl.load(pi_ptr + n * spn + rs * spt + offs_kk, mask=mask_kk, other=0.0)
-            th, tw = ih + PH - r * DH, iw + PW - s * DW
-            th0, tw0 = tl.where(th >= 0, th, 0), tl.where(tw >= 0, tw, 0)
-            oh, ow = th0 // SH, tw0 // SW
-            valid = (mask_m & (th >= 0) & (tw >= 0) & (th0 % SH == 0) & (tw0 % SW == 0)
-                     & (oh < OH) & (ow < OW))
-            for c0 in range(0, C_OUT_G, BK):
-                offs_k = c0 + tl.arange(0, BK)  # output channels of the group
-                mask_k = offs_k < C_OUT_G
-                dyt = tl.load(dy_base + offs_k[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
-                              mask=valid[:, None] & mask_k[None, :], other=0.0)
-                rows = g * ROW_G + offs_kk[:, None, None] * ROW_K + offs_k[None, :, None]
-                wk = tl.load(w_ptr + rows * swo + offs_c[None, None, :] * swi + r * swh + s * sww,
-                             mask=mask_kk[:, None, None] & mask_k[None, :, None] & mask_c[None, None, :], other=0.0)
-                wt = tl.sum(p[:, None, None] * wk.to(tl.float32), axis=0)
-                if GATED:  # the output-channel gate on the kernel's rows (here the reduced axis)
-                    co = tl.load(go_ptr + n * GROUPS * C_OUT_G + g * C_OUT_G + offs_k, mask=mask_k, other=0.0)
-                    wt = wt * co[:, None]
-                acc = _dot(dyt, wt.to(dyt.dtype), acc, F32, PRECISION)
+            if ((phase_h + PH - r * DH) % SH == 0) & ((phase_w + PW - s * DW) % SW == 0):
+                acc = _grad_input_tap(
+                    acc, dy_base, w_ptr, pi_ptr, go_ptr, n, g, r, s, rs, ih, iw, mask_m, offs_c, mask_c, offs_kk,
+                    mask_kk, C_OUT_G, OH, OW, GROUPS, ROW_G, ROW_K, spn, spt, sdc, sdh, sdw, swo, swi, swh, sww,
+                    SH, SW, PH, PW, DH, DW, BK, F32, PRECISION, GATED)
         if GATED:
             acc = acc * tl.load(gi_ptr + n * GROUPS * C_IN_G + g * C_IN_G + offs_c, mask=mask_c, other=0.0)[None, :]
         dx = (dx_ptr + n.to(tl.int64) * sxn + (g * C_IN_G + offs_c)[None, :] * sxc
@@ -537,7 +561,9 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
             weight.stride(0), *weight.stride()[2:], *dx.stride(), **geometry, KP=triton.next_power_of_2(kernels),
             BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
         return dx
-    grid = (n * groups, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in_g, blocks.n))
+    # the input's positions by stride phase (the kernel's docstring), tiled within each phase
+    phase_tiles = triton.cdiv(triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1]), blocks.m)
+    grid = (n * groups, stride[0] * stride[1] * phase_tiles, triton.cdiv(c_in_g, blocks.n))
     kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
     _grad_input_kernel[grid](
         dy, weight, pi, gi, go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
@@ -726,4 +752,4 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, pi: Tensor, *, kernels: int, strid
             raise ValueError(f"dynconv: gates {tuple(gate_in.shape)}, {tuple(gate_out.shape)} do not fit input "
                              f"{tuple(x.shape)} and {c_out} output channels")
     return _dynconv(x, weight, pi.float().contiguous(), gate_in, gate_out, kernels, list(stride), list(padding),
-                    list(dilation), groups, kernel_major, list(astuple(blocks)))
+                    list(dilation), groups, kernel_major, blocks.as_list())
