@@ -203,14 +203,16 @@ def test_measure_forms_times_every_form():
 def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
     from attnsurgeon.layers._dynconv_triton import TILES, tile_forms
 
-    wide = ["triton", "triton:m128", "triton:n128", "triton:wide-dw"]
-    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, train=True) == wide
-    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, train=False) == wide[:3]
-    assert tile_forms((8, 512, 14, 14), (8, 512, 7, 7), 1, train=True) == ["triton", "triton:m128", *wide[2:]]
-    assert tile_forms((8, 512, 7, 7), (8, 512, 7, 7), 1, train=True) == ["triton", *wide[2:]]  # 49 positions
-    assert tile_forms((8, 64, 8, 8), (8, 64, 8, 8), 1, train=True) == ["triton", "triton:wide-dw"]
-    assert tile_forms((8, 128, 8, 8), (8, 128, 8, 8), 128, train=True) == ["triton", "triton:n128"]  # depthwise
-    assert tile_forms((8, 256, 8, 8), (8, 256, 8, 8), 8, train=True) == ["triton"]  # 32 channels a group
+    wide = ["triton", "triton:m128", "triton:n128", "triton:wide-dw", "triton:premixed"]
+    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, 9, train=True) == wide
+    assert tile_forms((8, 128, 28, 28), (8, 128, 28, 28), 1, 9, train=False) == [*wide[:3], wide[4]]
+    assert tile_forms((8, 512, 14, 14), (8, 512, 7, 7), 1, 9, train=True) == wide  # 196 input positions
+    assert tile_forms((8, 512, 7, 7), (8, 512, 7, 7), 1, 9, train=True) == ["triton", *wide[2:4]]  # 49 positions
+    assert tile_forms((8, 64, 8, 8), (8, 64, 8, 8), 1, 9, train=True) == ["triton", "triton:wide-dw"]
+    assert tile_forms((8, 128, 9, 9), (8, 128, 9, 9), 128, 9, train=True) == wide[:3]  # depthwise: no premix
+    assert tile_forms((8, 256, 8, 8), (8, 256, 8, 8), 8, 9, train=True) == ["triton"]  # 32 channels a group
+    # N premixed kernels past 32-bit indexing: 1024 x 1024 x 1024 x 9 elements
+    assert "triton:premixed" not in tile_forms((1024, 1024, 16, 16), (1024, 1024, 16, 16), 1, 9, train=False)
     assert set(TILES) == set(wide) and TILES["triton"] == type(TILES["triton"])()
     for blocks in TILES.values():  # what the ops take, and rebuild the tiles from
         assert type(blocks)(*blocks.as_list()) == blocks
@@ -221,9 +223,12 @@ def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
 # ODConv (gated); the tiles are constexprs of the same kernels, whichever module calls them
 TILED = {
     "dense-dynconv": ((40, 40, 3, 1, 1, 1, 1, True, 4, 2, 9, True, torch.float32), False,
-                      ["triton:m128", "triton:wide-dw"]),
+                      ["triton:m128", "triton:wide-dw", "triton:premixed"]),
     "depthwise-odconv": ((72, 72, 3, 1, 1, 1, 72, True, 4, 2, 9, False, torch.float32), True,
                          ["triton:m128", "triton:n128"]),
+    # premixed with ODConv's gates and per-tap mix folded in, its kernel-major bank, groups, stride
+    "strided-grouped-odconv": ((6, 10, 3, 2, 1, 1, 2, False, 4, 2, 9, False, torch.float32), True,
+                               ["triton:m128", "triton:premixed"]),
 }
 
 

@@ -33,6 +33,11 @@ tap, the gradient of that tap's mix, and with gates each gate's partial sums of
 ODConv's bank is ordered (kernel, group, out-channel) where dynamic convolution's is
 (group, kernel, out-channel); the kernels take the row strides of either.
 
+Premixed (``Blocks.premix``, timed as ``triton:premixed``): for a dense conv on a large
+map, each sample's kernel is built once (N kernels, as the per-sample form stores) and the
+forward and ``dx`` kernels read it with K = 1, instead of every position tile loading and
+mixing the K kernels again; dW is computed from the bank as always.
+
 With a stride, ``dx`` (a transposed conv) is split by stride phase: each program holds
 input positions of one phase ``(ih % SH, iw % SW)``, which a kernel tap reaches at every
 position or at none, so it skips the taps that miss (stride 2: 3 of 4 phases for a 1x1 conv,
@@ -90,11 +95,13 @@ class Blocks:
     dw_rows: int = 32
     dw_warps: int = 4
     dw_positions: int = 64
+    premix: int = 0
 
     def as_list(self) -> list[int]:
         """The fields in order, as the ops take them (``dataclasses.astuple`` deep-copies
         them, which ``torch.compile`` of torch 2.11 cannot trace: a graph break)."""
-        return [self.m, self.n, self.k, self.warps, self.programs, self.dw_rows, self.dw_warps, self.dw_positions]
+        return [self.m, self.n, self.k, self.warps, self.programs, self.dw_rows, self.dw_warps, self.dw_positions,
+                self.premix]
 
 
 _BLOCKS = Blocks()
@@ -102,31 +109,40 @@ _BLOCKS = Blocks()
 # The tiles the automatic form times on CUDA, as forms of their own (``tile_forms``): the
 # defaults; 128 positions a program (the K kernel tiles it mixes, on the CUDA cores, serve
 # twice the positions of the tensor cores' product); 128 channels; dW on the warp-group
-# MMA. Each compiles for sm_90 without spills in bf16 (``kernel_resources.py``; 128
-# positions at 4 warps spilled 252 B a thread in dx, hence 8). Which is fastest where is
-# not measured yet.
+# MMA; and premixed: each sample's kernel built once (N of them, as the per-sample form
+# stores) and read by forward and dx with K = 1, where every position tile of a sample
+# would otherwise load and mix all K kernels again (dW still reads the bank). Each
+# compiles for sm_90 without spills in bf16 (``kernel_resources.py``; 128 positions at 4
+# warps spilled 252 B a thread in dx, hence 8). Which is fastest where is not measured yet.
 TILES = {
     "triton": _BLOCKS,
     "triton:m128": Blocks(m=128, warps=8),
     "triton:n128": Blocks(n=128, warps=8),
     "triton:wide-dw": Blocks(dw_rows=64, dw_warps=8),
+    "triton:premixed": Blocks(m=128, warps=8, premix=1),
 }
 
 
-def tile_forms(x_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int, *, train: bool) -> list[str]:
-    """The ``TILES`` worth timing for a conv from ``x_shape`` to ``out_shape``: a larger tile
-    only where the conv has more than the default tile covers (positions, channels; dW's
-    rows only in training, for a dense conv)."""
-    (_, c_in, h, w), (_, c_out, oh, ow) = x_shape, out_shape
+def tile_forms(x_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int, taps: int, *,
+               train: bool) -> list[str]:
+    """The ``TILES`` worth timing for a conv from ``x_shape`` to ``out_shape`` with ``taps``
+    kernel taps: a larger tile only where the conv has more than the default tile covers
+    (positions, channels; dW's rows only in training, for a dense conv); the premixed
+    kernels for a dense conv with more positions than one tile (else no program reads a
+    sample's kernel twice), where N of them are 32-bit indexable."""
+    (n, c_in, h, w), (_, c_out, oh, ow) = x_shape, out_shape
     c_in_g, c_out_g = c_in // groups, c_out // groups
     depthwise = c_in_g == c_out_g == 1
+    positions = max(h * w, oh * ow)
     forms = ["triton"]
-    if max(h * w, oh * ow) > _BLOCKS.m:
+    if positions > _BLOCKS.m:
         forms.append("triton:m128")
     if (c_in if depthwise else max(c_in_g, c_out_g)) > _BLOCKS.n:
         forms.append("triton:n128")
     if train and not depthwise and c_out_g > _BLOCKS.dw_rows:
         forms.append("triton:wide-dw")
+    if not depthwise and positions > _BLOCKS.m and n * c_out * c_in_g * taps < 2**31:
+        forms.append("triton:premixed")
     return forms
 
 
@@ -174,7 +190,7 @@ if AVAILABLE:
     def _forward_kernel(
         x_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, y_ptr,
         C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
-        sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+        sxn, sxc, sxh, sxw, swn, swo, swi, swh, sww, syn, syc, syh, syw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -182,6 +198,7 @@ if AVAILABLE:
     ):
         pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, g = pid_ng // GROUPS, pid_ng % GROUPS
+        w_ptr += n.to(tl.int64) * swn  # premixed: sample n's own kernel (else swn = 0: the bank)
         offs_m = pid_m * BM + tl.arange(0, BM)
         mask_m = offs_m < OH * OW
         oh, ow = offs_m // OW, offs_m % OW
@@ -246,7 +263,7 @@ if AVAILABLE:
     def _grad_input_kernel(
         dy_ptr, w_ptr, pi_ptr, gi_ptr, go_ptr, dx_ptr,
         C_IN_G, C_OUT_G, H, W, OH, OW, GROUPS, K, ROW_G, ROW_K, spn, spt,
-        sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+        sdn, sdc, sdh, sdw, swn, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -254,6 +271,7 @@ if AVAILABLE:
     ):
         pid_ng, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n, g = pid_ng // GROUPS, pid_ng % GROUPS
+        w_ptr += n.to(tl.int64) * swn  # premixed: sample n's own kernel (else swn = 0: the bank)
         # input positions of one stride phase (ih % SH, iw % SW): a kernel tap reaches all of
         # them or none, so a strided conv's dx skips the taps that miss instead of masking them
         hp, wp = tl.cdiv(H, SH), tl.cdiv(W, SW)
@@ -514,6 +532,38 @@ def _gate_args(pi: Tensor, gates: tuple[Tensor | None, Tensor | None]) -> tuple[
     return gate_in, gate_out, True
 
 
+def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
+            groups: int, kernel_major: bool, blocks: Blocks
+            ) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor | None, Tensor | None, int, bool]:
+    """With ``blocks.premix`` (a dense conv): every sample's kernel, with its per-tap mix and
+    gates, built once as N kernels in x's dtype (what the per-sample form stores; one
+    product accumulated in float32, as its), which the forward and dx kernels then read with
+    K = 1; else the arguments as given. Returns (weight, its strides (sample, out-channel,
+    in-channel, kernel row, kernel column; sample 0 for the shared bank), pi, gate_in,
+    gate_out, kernels, kernel_major)."""
+    n = x.shape[0]
+    rows, c_in_g, kh, kw = weight.shape
+    c_out = rows // kernels
+    if not blocks.premix or c_in_g == c_out // groups == 1:
+        return weight, (0, *weight.stride()), pi, gate_in, gate_out, kernels, kernel_major
+    # the bank as (K, C_out * C_in_g, taps), out-channels ordered (group, channel)
+    bank = weight.reshape(*((kernels, groups) if kernel_major else (groups, kernels)), c_out // groups, -1)
+    bank = (bank if kernel_major else bank.transpose(0, 1)).reshape(kernels, c_out * c_in_g, kh * kw).to(x.dtype)
+    per_tap = pi.shape[1] > 1
+    if per_tap:  # tap t of sample n: sum_k pi[n, t, k] W_k[..., t], laid out (tap, sample, o, i)
+        mixed = torch.bmm(pi.to(x.dtype).transpose(0, 1), bank.permute(2, 0, 1))
+        taps = mixed.view(kh * kw, n, c_out, c_in_g)
+        strides: tuple[int, ...] = (c_out * c_in_g, c_in_g, 1, kw * n * c_out * c_in_g, n * c_out * c_in_g)
+    else:  # one mix for every tap, laid out (sample, o, i, tap)
+        mixed = pi[:, 0].to(x.dtype) @ bank.reshape(kernels, -1)
+        taps = mixed.view(n, c_out, c_in_g, kh * kw).permute(3, 0, 1, 2)
+        strides = (c_out * c_in_g * kh * kw, c_in_g * kh * kw, kh * kw, kw, 1)
+    if gate_in is not None and gate_out is not None:
+        g_in = gate_in.view(n, groups, 1, c_in_g).expand(n, groups, c_out // groups, c_in_g).reshape(n, c_out, c_in_g)
+        taps.mul_((gate_out[:, :, None] * g_in).to(x.dtype))
+    return mixed, strides, pi.new_ones(n, 1, 1), None, None, 1, False
+
+
 def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
              stride: list[int], padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
              blocks: Blocks) -> Tensor:
@@ -522,6 +572,8 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate
     c_in_g, c_out_g = c_in // groups, c_out // groups
     y = _like(x, (n, c_out, oh, ow), x.dtype)
     geometry = _constexprs(weight, stride, padding, dilation)
+    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
+        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
     gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["forward"] += 1
@@ -536,7 +588,7 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate
     kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
     _forward_kernel[grid](
         x, weight, pi, gi, go, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
-        *x.stride(), *weight.stride(), *y.stride(), **geometry,
+        *x.stride(), *w_strides, *y.stride(), **geometry,
         KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
         num_warps=blocks.warps,
     )
@@ -551,6 +603,8 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
     c_in_g, c_out_g = c_in // groups, c_out // groups
     dx = _like(x, tuple(x.shape), x.dtype)
     geometry = _constexprs(weight, stride, padding, dilation)
+    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
+        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
     rows = _rows(kernels, c_out_g, groups, kernel_major)
     gi, go, gated = _gate_args(pi, (gate_in, gate_out))
     _CALLS["grad_input"] += 1
@@ -567,7 +621,7 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
     kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
     _grad_input_kernel[grid](
         dy, weight, pi, gi, go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
-        *_pi_strides(pi), *dy.stride(), *weight.stride(), *dx.stride(), **geometry,
+        *_pi_strides(pi), *dy.stride(), *w_strides, *dx.stride(), **geometry,
         KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
         num_warps=blocks.warps,
     )

@@ -189,7 +189,8 @@ class PerSampleForms(nn.Module):
         if self.triton_blocks is not None:
             return ["triton"]
         out = (x.shape[0], self.out_channels, *self.out_size(x))
-        return _triton().tile_forms(tuple(x.shape), out, self.groups, train=train)
+        taps = self.weight.shape[2] * self.weight.shape[3]
+        return _triton().tile_forms(tuple(x.shape), out, self.groups, taps, train=train)
 
     def out_size(self, x: Tensor) -> tuple[int, int]:
         """The conv's output height and width on ``x``."""
