@@ -198,7 +198,6 @@ def test_measure_forms_times_every_form():
     assert dyn.weight.grad is None
 
 
-
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
     from attnsurgeon.layers._dynconv_triton import TILES, tile_forms
@@ -219,8 +218,9 @@ def test_tile_forms_time_a_larger_tile_only_where_the_conv_fills_it():
 
 
 # convs that the larger tile sets fill: a dense one (40 channels: more than dW's 32 rows; 81
-# positions: more than 64), as dynconv, and a depthwise one (72 channels: more than 64), as
-# ODConv (gated); the tiles are constexprs of the same kernels, whichever module calls them
+# positions: more than 64) as dynconv; a depthwise one (72 channels: more than 64) and a
+# strided grouped one as ODConv (gated); the tiles are constexprs of the same kernels,
+# whichever module calls them
 TILED = {
     "dense-dynconv": ((40, 40, 3, 1, 1, 1, 1, True, 4, 2, 9, True, torch.float32), False,
                       ["triton:m128", "triton:wide-dw", "triton:premixed"]),

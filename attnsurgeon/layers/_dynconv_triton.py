@@ -40,9 +40,10 @@ mixing the K kernels again; dW is computed from the bank as always.
 
 With a stride, ``dx`` (a transposed conv) is split by stride phase: each program holds
 input positions of one phase ``(ih % SH, iw % SW)``, which a kernel tap reaches at every
-position or at none, so it skips the taps that miss (stride 2: 3 of 4 phases for a 1x1 conv,
-6.75 of 9 taps a phase on average for a 3x3 one) where masking them would multiply zeros. The depthwise ``dx``
-masks them: it has no product to skip, and masked loads read nothing.
+position or at none, so it skips the taps that miss (stride 2: 3 of 4 phases for a 1x1
+conv, 6.75 of 9 taps a phase on average for a 3x3 one) where masking them would multiply
+zeros. The depthwise ``dx`` masks them: it has no product to skip, and masked loads read
+nothing.
 """
 
 from __future__ import annotations
@@ -536,9 +537,9 @@ def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_
             groups: int, kernel_major: bool, blocks: Blocks
             ) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor | None, Tensor | None, int, bool]:
     """With ``blocks.premix`` (a dense conv): every sample's kernel, with its per-tap mix and
-    gates, built once as N kernels in x's dtype (what the per-sample form stores; one
-    product accumulated in float32, as its), which the forward and dx kernels then read with
-    K = 1; else the arguments as given. Returns (weight, its strides (sample, out-channel,
+    gates, built once as N kernels in x's dtype by one product accumulated in float32 (what
+    the per-sample form stores, made as it makes them), which the forward and dx kernels then
+    read with K = 1; else the arguments as given. Returns (weight, its strides (sample, out-channel,
     in-channel, kernel row, kernel column; sample 0 for the shared bank), pi, gate_in,
     gate_out, kernels, kernel_major)."""
     n = x.shape[0]
