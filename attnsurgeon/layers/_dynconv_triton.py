@@ -34,9 +34,10 @@ ODConv's bank is ordered (kernel, group, out-channel) where dynamic convolution'
 (group, kernel, out-channel); the kernels take the row strides of either.
 
 Premixed (``Blocks.premix``, timed as ``triton:premixed``): for a dense conv on a large
-map, each sample's kernel is built once (N kernels, as the per-sample form stores) and the
-forward and ``dx`` kernels read it with K = 1, instead of every position tile loading and
-mixing the K kernels again; dW is computed from the bank as always.
+map, each sample's kernel is built by one batched product (N kernels, as the per-sample form
+stores) and the forward kernel reads it with K = 1, instead of every position tile loading
+and mixing the K kernels again; ``dx`` builds them again (nothing is kept for backward), and
+dW is computed from the bank as always.
 
 With a stride, ``dx`` (a transposed conv) is split by stride phase: each program holds
 input positions of one phase ``(ih % SH, iw % SW)``, which a kernel tap reaches at every
@@ -49,6 +50,7 @@ nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -109,10 +111,10 @@ _BLOCKS = Blocks()
 
 # The tiles the automatic form times on CUDA, as forms of their own (``tile_forms``): the
 # defaults; 128 positions a program (the K kernel tiles it mixes, on the CUDA cores, serve
-# twice the positions of the tensor cores' product); 128 channels; dW on the warp-group
-# MMA; and premixed: each sample's kernel built once (N of them, as the per-sample form
-# stores) and read by forward and dx with K = 1, where every position tile of a sample
-# would otherwise load and mix all K kernels again (dW still reads the bank). Each
+# twice the positions of the tensor cores' product); 128 channels; dW on the warp-group MMA;
+# and premixed: each sample's kernel built by one product (N of them, as the per-sample form
+# stores; forward and dx each build them) and read with K = 1, where every position tile of
+# a sample would otherwise load and mix all K kernels again (dW still reads the bank). Each
 # compiles for sm_90 without spills in bf16 (``kernel_resources.py``; 128 positions at 4
 # warps spilled 252 B a thread in dx, hence 8). Which is fastest where is not measured yet.
 TILES = {
@@ -537,11 +539,11 @@ def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_
             groups: int, kernel_major: bool, blocks: Blocks
             ) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor | None, Tensor | None, int, bool]:
     """With ``blocks.premix`` (a dense conv): every sample's kernel, with its per-tap mix and
-    gates, built once as N kernels in x's dtype by one product accumulated in float32 (what
-    the per-sample form stores, made as it makes them), which the forward and dx kernels then
-    read with K = 1; else the arguments as given. Returns (weight, its strides (sample, out-channel,
-    in-channel, kernel row, kernel column; sample 0 for the shared bank), pi, gate_in,
-    gate_out, kernels, kernel_major)."""
+    gates, as N kernels in x's dtype by one product accumulated in float32 (what the
+    per-sample form stores, made as it makes them), which the forward or dx kernel then
+    reads with K = 1; else the arguments as given. Returns (weight, its strides (sample,
+    out-channel, in-channel, kernel row, kernel column; sample 0 for the shared bank), pi,
+    gate_in, gate_out, kernels, kernel_major)."""
     n = x.shape[0]
     rows, c_in_g, kh, kw = weight.shape
     c_out = rows // kernels
@@ -565,6 +567,30 @@ def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_
     return mixed, strides, pi.new_ones(n, 1, 1), None, None, 1, False
 
 
+class _Operands(NamedTuple):
+    """What the forward and dx kernels take besides the maps (:func:`_operands`)."""
+
+    weight: Tensor
+    w_strides: tuple[int, ...]
+    pi: Tensor
+    kernels: int
+    rows: dict[str, int]
+    gi: Tensor
+    go: Tensor
+    gated: bool
+
+
+def _operands(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
+              groups: int, kernel_major: bool, blocks: Blocks) -> _Operands:
+    """The kernels' weight operands, premixed where ``blocks`` asks (:func:`_premix`): the
+    bank or the N kernels with their strides, pi, K, the row strides and the gate pointers."""
+    c_out_g = weight.shape[0] // kernels // groups
+    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
+        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
+    return _Operands(weight, w_strides, pi, kernels, _rows(kernels, c_out_g, groups, kernel_major),
+                     *_gate_args(pi, (gate_in, gate_out)))
+
+
 def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
              stride: list[int], padding: list[int], dilation: list[int], groups: int, kernel_major: bool,
              blocks: Blocks) -> Tensor:
@@ -573,24 +599,21 @@ def _forward(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate
     c_in_g, c_out_g = c_in // groups, c_out // groups
     y = _like(x, (n, c_out, oh, ow), x.dtype)
     geometry = _constexprs(weight, stride, padding, dilation)
-    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
-        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
-    rows = _rows(kernels, c_out_g, groups, kernel_major)
-    gi, go, gated = _gate_args(pi, (gate_in, gate_out))
+    op = _operands(x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
     _CALLS["forward"] += 1
     if c_in_g == c_out_g == 1:
         grid = (n, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_forward_kernel[grid](
-            x, weight, pi, gi, go, y, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *x.stride(),
-            weight.stride(0), *weight.stride()[2:], *y.stride(), **geometry, KP=triton.next_power_of_2(kernels),
-            BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
+            x, op.weight, op.pi, op.gi, op.go, y, c_in, h, w, oh, ow, op.kernels, *op.rows.values(),
+            *_pi_strides(op.pi), *x.stride(), op.weight.stride(0), *op.weight.stride()[2:], *y.stride(), **geometry,
+            KP=triton.next_power_of_2(op.kernels), BM=blocks.m, BC=blocks.n, GATED=op.gated, num_warps=blocks.warps)
         return y
     grid = (n * groups, triton.cdiv(oh * ow, blocks.m), triton.cdiv(c_out_g, blocks.n))
-    kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
+    kp, bk = _kernel_tiles(op.kernels, blocks, x.dtype)
     _forward_kernel[grid](
-        x, weight, pi, gi, go, y, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(), *_pi_strides(pi),
-        *x.stride(), *w_strides, *y.stride(), **geometry,
-        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
+        x, op.weight, op.pi, op.gi, op.go, y, c_in_g, c_out_g, h, w, oh, ow, groups, op.kernels, *op.rows.values(),
+        *_pi_strides(op.pi), *x.stride(), *op.w_strides, *y.stride(), **geometry,
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=op.gated,
         num_warps=blocks.warps,
     )
     return y
@@ -604,26 +627,23 @@ def _grad_input(dy: Tensor, x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tens
     c_in_g, c_out_g = c_in // groups, c_out // groups
     dx = _like(x, tuple(x.shape), x.dtype)
     geometry = _constexprs(weight, stride, padding, dilation)
-    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
-        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
-    rows = _rows(kernels, c_out_g, groups, kernel_major)
-    gi, go, gated = _gate_args(pi, (gate_in, gate_out))
+    op = _operands(x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
     _CALLS["grad_input"] += 1
     if c_in_g == c_out_g == 1:
         grid = (n, triton.cdiv(h * w, blocks.m), triton.cdiv(c_in, blocks.n))
         _depthwise_grad_input_kernel[grid](
-            dy, weight, pi, gi, go, dx, c_in, h, w, oh, ow, kernels, *rows.values(), *_pi_strides(pi), *dy.stride(),
-            weight.stride(0), *weight.stride()[2:], *dx.stride(), **geometry, KP=triton.next_power_of_2(kernels),
-            BM=blocks.m, BC=blocks.n, GATED=gated, num_warps=blocks.warps)
+            dy, op.weight, op.pi, op.gi, op.go, dx, c_in, h, w, oh, ow, op.kernels, *op.rows.values(),
+            *_pi_strides(op.pi), *dy.stride(), op.weight.stride(0), *op.weight.stride()[2:], *dx.stride(), **geometry,
+            KP=triton.next_power_of_2(op.kernels), BM=blocks.m, BC=blocks.n, GATED=op.gated, num_warps=blocks.warps)
         return dx
     # the input's positions by stride phase (the kernel's docstring), tiled within each phase
     phase_tiles = triton.cdiv(triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1]), blocks.m)
     grid = (n * groups, stride[0] * stride[1] * phase_tiles, triton.cdiv(c_in_g, blocks.n))
-    kp, bk = _kernel_tiles(kernels, blocks, x.dtype)
+    kp, bk = _kernel_tiles(op.kernels, blocks, x.dtype)
     _grad_input_kernel[grid](
-        dy, weight, pi, gi, go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, kernels, *rows.values(),
-        *_pi_strides(pi), *dy.stride(), *w_strides, *dx.stride(), **geometry,
-        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=gated,
+        dy, op.weight, op.pi, op.gi, op.go, dx, c_in_g, c_out_g, h, w, oh, ow, groups, op.kernels, *op.rows.values(),
+        *_pi_strides(op.pi), *dy.stride(), *op.w_strides, *dx.stride(), **geometry,
+        KP=kp, BM=blocks.m, BN=blocks.n, BK=bk, F32=interpreting(), PRECISION=_precision(x.dtype), GATED=op.gated,
         num_warps=blocks.warps,
     )
     return dx
