@@ -49,7 +49,7 @@ nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -103,8 +103,7 @@ class Blocks:
     def as_list(self) -> list[int]:
         """The fields in order, as the ops take them (``dataclasses.astuple`` deep-copies
         them, which ``torch.compile`` of torch 2.11 cannot trace: a graph break)."""
-        return [self.m, self.n, self.k, self.warps, self.programs, self.dw_rows, self.dw_warps, self.dw_positions,
-                self.premix]
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 _BLOCKS = Blocks()
@@ -536,24 +535,18 @@ def _gate_args(pi: Tensor, gates: tuple[Tensor | None, Tensor | None]) -> tuple[
 
 
 def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
-            groups: int, kernel_major: bool, blocks: Blocks
-            ) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor | None, Tensor | None, int, bool]:
-    """With ``blocks.premix`` (a dense conv): every sample's kernel, with its per-tap mix and
-    gates, as N kernels in x's dtype by one product accumulated in float32 (what the
-    per-sample form stores, made as it makes them), which the forward or dx kernel then
-    reads with K = 1; else the arguments as given. Returns (weight, its strides (sample,
-    out-channel, in-channel, kernel row, kernel column; sample 0 for the shared bank), pi,
-    gate_in, gate_out, kernels, kernel_major)."""
+            groups: int, kernel_major: bool) -> tuple[Tensor, tuple[int, ...]]:
+    """Every sample's kernel of a dense conv, with its per-tap mix and gates, as N kernels
+    in x's dtype by one product accumulated in float32 (what the per-sample form stores, made
+    as it makes them), for the forward or dx kernel to read with K = 1. Returns them and
+    their strides (sample, out-channel, in-channel, kernel row, kernel column)."""
     n = x.shape[0]
     rows, c_in_g, kh, kw = weight.shape
     c_out = rows // kernels
-    if not blocks.premix or c_in_g == c_out // groups == 1:
-        return weight, (0, *weight.stride()), pi, gate_in, gate_out, kernels, kernel_major
     # the bank as (K, C_out * C_in_g, taps), out-channels ordered (group, channel)
     bank = weight.reshape(*((kernels, groups) if kernel_major else (groups, kernels)), c_out // groups, -1)
     bank = (bank if kernel_major else bank.transpose(0, 1)).reshape(kernels, c_out * c_in_g, kh * kw).to(x.dtype)
-    per_tap = pi.shape[1] > 1
-    if per_tap:  # tap t of sample n: sum_k pi[n, t, k] W_k[..., t], laid out (tap, sample, o, i)
+    if pi.shape[1] > 1:  # a mix per tap: tap t is sum_k pi[n, t, k] W_k[..., t], laid out (tap, sample, o, i)
         mixed = torch.bmm(pi.to(x.dtype).transpose(0, 1), bank.permute(2, 0, 1))
         taps = mixed.view(kh * kw, n, c_out, c_in_g)
         strides: tuple[int, ...] = (c_out * c_in_g, c_in_g, 1, kw * n * c_out * c_in_g, n * c_out * c_in_g)
@@ -564,7 +557,7 @@ def _premix(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_
     if gate_in is not None and gate_out is not None:
         g_in = gate_in.view(n, groups, 1, c_in_g).expand(n, groups, c_out // groups, c_in_g).reshape(n, c_out, c_in_g)
         taps.mul_((gate_out[:, :, None] * g_in).to(x.dtype))
-    return mixed, strides, pi.new_ones(n, 1, 1), None, None, 1, False
+    return mixed, strides
 
 
 class _Operands(NamedTuple):
@@ -582,11 +575,14 @@ class _Operands(NamedTuple):
 
 def _operands(x: Tensor, weight: Tensor, pi: Tensor, gate_in: Tensor | None, gate_out: Tensor | None, kernels: int,
               groups: int, kernel_major: bool, blocks: Blocks) -> _Operands:
-    """The kernels' weight operands, premixed where ``blocks`` asks (:func:`_premix`): the
-    bank or the N kernels with their strides, pi, K, the row strides and the gate pointers."""
+    """The kernels' weight operands: the bank (sample stride 0) with pi and the gates, or,
+    where ``blocks.premix`` asks and the conv is dense, the N premixed kernels
+    (:func:`_premix`) with K = 1 and no gates; then K, the row strides and the gate pointers."""
     c_out_g = weight.shape[0] // kernels // groups
-    weight, w_strides, pi, gate_in, gate_out, kernels, kernel_major = _premix(
-        x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major, blocks)
+    w_strides = (0, *weight.stride())
+    if blocks.premix and (weight.shape[1], c_out_g) != (1, 1):  # depthwise has nothing to premix
+        weight, w_strides = _premix(x, weight, pi, gate_in, gate_out, kernels, groups, kernel_major)
+        pi, gate_in, gate_out, kernels, kernel_major = pi.new_ones(x.shape[0], 1, 1), None, None, 1, False
     return _Operands(weight, w_strides, pi, kernels, _rows(kernels, c_out_g, groups, kernel_major),
                      *_gate_args(pi, (gate_in, gate_out)))
 

@@ -199,8 +199,9 @@ class PerSampleForms(nn.Module):
                 (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     def tiles(self, form: str) -> Blocks | None:
-        """The Triton kernel's tiles for a Triton ``form`` (``triton`` or a timed tile set)."""
-        return self.triton_blocks if form == "triton" else _triton().TILES[form]
+        """The tiles a timed Triton ``form`` names (``triton:m128``, ...); None for plain
+        ``triton``, which runs the module's own ``triton_blocks`` (``forward_triton``)."""
+        return None if form == "triton" else _triton().TILES[form]
 
     def _key(self, x: Tensor) -> tuple:
         """What the measured choice depends on: the module's class, shapes, dtypes, layouts,
