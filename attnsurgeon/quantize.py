@@ -586,13 +586,14 @@ def outputs_in_float(proto: onnx.ModelProto) -> int:
 
 
 def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclude: list[str],
-                  show_progress: bool = True) -> dict[str, Any]:
+                  show_progress: bool = True, batch: int = CALIBRATION_BATCH) -> dict[str, Any]:
     """Static INT8 quantization of ``float_path`` into ``out_path``, calibrated on ``images``.
 
     The graph quantized is ``float_path``'s with its spatial means as pools
     (:func:`spatial_means_as_pools`; a mean in ``exclude`` stays in float with its Squeeze) and
     its narrow grouped convs dense (:func:`grouped_convs_as_dense`; not those in ``exclude``);
-    the quantized file's outputs are left in float (:func:`outputs_in_float`)."""
+    the quantized file's outputs are left in float (:func:`outputs_in_float`). ``batch``
+    images calibrate at a time: 1 for a file with a static batch."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -605,7 +606,7 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
     from .calibration import progress_bar
     from .onnx_export import INPUT_NAME
 
-    batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
 
     start = time.perf_counter()
     proto = onnx.load(str(float_path))
@@ -851,6 +852,7 @@ def export_quantized(
         held_out = torch.randn(RANDOM_CHECK_IMAGES, 3, input_size, input_size,
                                generator=torch.Generator().manual_seed(2)).numpy()
         check_source = f"{RANDOM_CHECK_IMAGES} random N(0,1) inputs (no --calibration given)"
+    batch = None if dynamic_batch else 1  # a --static-batch file takes one image a run
 
     with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp_dir, evaluating(model):
         float_path = Path(tmp_dir) / f"{path.stem}.fp32.onnx"
@@ -895,7 +897,7 @@ def export_quantized(
                 q["policy_overrides"] = dict(policies or {})
                 q["float_nodes"] = keep
                 q.update(quantize_int8(float_path, tmp, calibrate, exclude=[a["node"] for a in keep],
-                                       show_progress=show_progress))
+                                       show_progress=show_progress, batch=batch or CALIBRATION_BATCH))
                 try:
                     q["run_as_integer"] = run_as_integer(tmp, keep)
                 except Exception:  # onnxruntime cannot load the file: the agreement check below reports why
@@ -906,7 +908,7 @@ def export_quantized(
             q["error"] = None
             try:
                 onnx.checker.check_model(str(tmp), full_check=True)
-                q["agreement"] = compare_outputs(model, tmp, held_out)
+                q["agreement"] = compare_outputs(model, tmp, held_out, batch=batch or 16)
             except Exception as e:  # onnx.checker's ValidationError, onnxruntime's Fail, ...
                 from .onnx_export import _first_sentence
 

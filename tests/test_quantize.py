@@ -661,6 +661,23 @@ def test_fp16_without_calibration_checks_on_random_inputs(cli, coord_checkpoint:
     assert q["size_ratio"] < 0.8  # weights halve; the exporter's per-node metadata (names, stack traces) does not
 
 
+@pytest.mark.heavy  # one export of a ResNet-18 per precision: ~5-10 s each
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_static_batch_file_calibrates_and_checks_one_image_a_run(cli, digits: dict[str, object], tmp_path: Path,
+                                                                  precision: str) -> None:
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    calibration = ["--calibration", str(digits["calib"]), "--calibration-count", "20"] if precision == "int8" else []
+    r = cli("export-onnx", "resnet18", "--attn", "se", "--layers", "layer4", "--input-size", str(SIZE),
+            "--static-batch", "--precision", precision, *calibration, "--min-agreement", "0", "--json", "-o", str(out))
+    assert r.exit_code == 0, r.output  # was: onnxruntime refused the batches of 8 and 16 images
+    q = json.loads(r.stdout)["quantized"]
+    assert q["error"] is None and q["agreement"]["images"] == (4 if precision == "int8" else 16)
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, SIZE, SIZE]
+
+
 # ---------------------------------------------------------------- every kind, trained, quantized
 
 
