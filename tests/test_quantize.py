@@ -409,6 +409,87 @@ def test_a_pool_onnxruntime_would_refuse_stays_a_mean(tmp_path: Path) -> None:
         assert out.shape == (2, 4) and np.isfinite(out).all()
 
 
+def test_one_axis_means_become_depthwise_convs_with_the_same_outputs(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mean over H alone or W alone (kept or dropped) of a map with static sizes becomes a
+    depthwise Conv with a 1/L kernel (+ Squeeze), the same function; an excluded mean stays, and
+    so does every mean of a file with a dynamic height and width. Quantized, onnxruntime runs
+    the convs on uint8 (QLinearConv), and the file gives what the ReduceMeans gave."""
+    import onnx
+
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Strips(nn.Module):  # coordinate attention's and ELA's pooling
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).relu()
+            rows = y.mean(3, keepdim=True)  # (N, 4, H, 1)
+            cols = y.mean(2)  # (N, 4, W)
+            kept = y.mean(2, keepdim=True)  # excluded below
+            return (y * rows.sigmoid() * cols.unsqueeze(2).sigmoid() + kept).flatten(1)
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    export_onnx(Strips().eval(), tmp_path / "m.onnx", input_size=32, verify=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    means = [n.name for n in proto.graph.node if n.op_type == "ReduceMean"]
+    assert len(means) == 3
+    assert quantize.axis_means_as_convs(proto, skip=[means[2]]) == means[:2]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("ReduceMean") == 1 and ops.count("Conv") == 3 and ops.count("Squeeze") == 1
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "c.onnx"))
+    run = [quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("m.onnx", "c.onnx")]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
+
+    export_onnx(Strips().eval(), tmp_path / "d.onnx", input_size=32, dynamic_hw=True, verify=False)
+    assert quantize.axis_means_as_convs(onnx.load(str(tmp_path / "d.onnx"))) == []  # no static length
+
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
+    assert info["axis_means_as_convs"] == 3
+    assert [n.op_type for n in quantize.onnxruntime_graph(tmp_path / "q.onnx").node].count("QLinearConv") == 4
+    monkeypatch.setattr(quantize, "axis_means_as_convs", lambda proto, skip=(): [])
+    quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "r.onnx", x, exclude=[], show_progress=False)
+    got, want = (quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("q.onnx", "r.onnx"))
+    step = np.abs(want).max() / 255
+    assert np.abs(got - want).max() <= 2 * step  # the same rounding points: at most a step apart
+
+
+def test_shared_biases_get_copies_of_their_own(tmp_path: Path) -> None:
+    """onnxruntime's quantizer names its own copy of a shared bias the bias's name and a number,
+    unique among initializers only; here that is the name of a reshaped activation ("b0"), and
+    the file failed ("Quantization parameter shared mode is not supported for weight yet", as
+    MobileNetV2 + ELA at 224x224 did). Each node now reads a copy of its own, under a free name."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 4
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(np.ones(c, np.float32), "s"), numpy_helper.from_array(np.zeros(c, np.float32), "b"),
+               numpy_helper.from_array(np.array([0, c, 8, 8], np.int64), "shape"),
+               numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("InstanceNormalization", ["h", "s", "b"], ["n"], name="norm1"),
+             helper.make_node("Reshape", ["n", "shape"], ["b0"], name="reshape"),
+             helper.make_node("Sigmoid", ["b0"], ["g"], name="sigmoid"),
+             helper.make_node("InstanceNormalization", ["g", "s", "b"], ["logits"], name="norm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, c, 8, 8])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert quantize.own_biases(proto) == 1
+    assert [n.input[2] for n in proto.graph.node if n.op_type == "InstanceNormalization"] == ["b", "b_norm2"]
+    quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
+    got, want = (quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("q.onnx", "m.onnx"))
+    cosine = np.sum(got * want) / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cosine > 0.99
+
+
 def test_narrow_grouped_convs_quantize_as_dense_block_diagonal_convs(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A grouped conv of 2 channels a group (EMA's, SK's, ResNeXt's narrowest) is quantized as
