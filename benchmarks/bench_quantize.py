@@ -15,8 +15,9 @@ images, INT8 top-1 agreement with the float PyTorch model on those images and on
 deterministic variants of them (shifted by one source pixel diagonally both ways, and with
 seeded Gaussian noise: 4 x 360 images), its mean over the draws, file sizes, and
 onnxruntime CPU latency (2 threads) of the float and the INT8 files, interleaved: every
-policy's file at 224x224 (latency does not depend on what was learned), the default
-policy's also at the training size, batch 1 and 32. The INT8 files' outputs are float
+policy's file at 224x224 (latency does not depend on what was learned; ``--retime`` times
+there the files export-onnx writes for that size, with a static height and width), the
+default policy's also at the training size, batch 1 and 32. The INT8 files' outputs are float
 (``outputs_in_float``; rows marked ``float_outputs``; the rows of the protocol before it, with
 the outputs rounded to uint8, are in the results file's git history). Models with a
 built-in SqueezeExcitation (:data:`BUILTIN`) are measured as base rows under every policy.
@@ -45,6 +46,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,7 @@ BASE_LR, TUNE_LR, BATCH = 4e-3, 1e-3, 32
 TUNE_EPOCHS = 3
 DEPLOY_SIZE = 224
 CALIBRATION = 200
+DEPLOY_CALIBRATION = 32  # --retime's static 224x224 files: ranges only, for timing
 DRAWS = 3
 TUNED = "fine-tuned"  # the ROWS kind of the reference row: the base fine-tuned as the kinds are
 
@@ -255,16 +258,18 @@ def scores(got: np.ndarray, want: np.ndarray, y: np.ndarray) -> dict[str, float]
             "agreeing_groups": [int(same[i:i + n].sum()) for i in range(0, len(same), n)]}
 
 
-def export_forms(m: nn.Module, tmp: str, size: int, *, verify: bool = True) -> tuple[Path, Path]:
-    """The float file (dynamic H/W) and the one INT8 quantizes, as export-onnx --precision int8
-    traces it (ODConv's unfolded form; else the float file itself)."""
-    fp32 = Path(tmp) / "fp32.onnx"
-    export_onnx(m, fp32, input_size=size, dynamic_hw=True, verify=verify)
+def export_forms(m: nn.Module, tmp: str, size: int, *, verify: bool = True,
+                 dynamic_hw: bool = True) -> tuple[Path, Path]:
+    """The float file (dynamic H/W, or static at ``size``) and the one INT8 quantizes, as
+    export-onnx --precision int8 traces it (ODConv's unfolded form; else the float file itself)."""
+    tag = "" if dynamic_hw else f"_{size}"
+    fp32 = Path(tmp) / f"fp32{tag}.onnx"
+    export_onnx(m, fp32, input_size=size, dynamic_hw=dynamic_hw, verify=verify)
     if not has_unfolded_form(m):
         return fp32, fp32
-    source = Path(tmp) / "fp32_unfolded.onnx"
+    source = Path(tmp) / f"fp32_unfolded{tag}.onnx"
     with quantizable_export():
-        export_onnx(m, source, input_size=size, dynamic_hw=True, verify=verify)
+        export_onnx(m, source, input_size=size, dynamic_hw=dynamic_hw, verify=verify)
     return fp32, source
 
 
@@ -331,15 +336,19 @@ def measure(spec: tuple[str, str | None, str | None, dict[str, Any]], *, cache: 
     return row
 
 
-def timings(fp32: Path, files: dict[str, Path], default: str, size: int) -> dict[str, Any]:
-    """Every policy's INT8 file at the deployment size, and the default's also at the training
-    size, batch 1 and 32: the float file interleaved with them (onnxruntime, 2 threads)."""
+def timings(fp32: Path, files: dict[str, Path], default: str, size: int, *, deploy: bool = True,
+            training: bool = True) -> dict[str, Any]:
+    """Every policy's INT8 file at the deployment size (``deploy``), and the default's at the
+    training size, batch 1 and 32 (``training``): the float file interleaved with them
+    (onnxruntime, 2 threads)."""
     names = list(files)
-    ms = ort_latency([fp32, *files.values()], input_size=DEPLOY_SIZE, batch=1, threads=2, rounds=11)
-    out = {"latency_224_b1": {"fp32_ms": ms[0], "int8_default_ms": ms[1 + names.index(default)],
-                              "default_policy": default, "input_size": DEPLOY_SIZE,
-                              "int8_ms": dict(zip(names, ms[1:], strict=True))}}
-    for key, batch, rounds in (("latency_b1", 1, 21), ("latency_b32", 32, 7)):
+    out: dict[str, Any] = {}
+    if deploy:
+        ms = ort_latency([fp32, *files.values()], input_size=DEPLOY_SIZE, batch=1, threads=2, rounds=11)
+        out["latency_224_b1"] = {"fp32_ms": ms[0], "int8_default_ms": ms[1 + names.index(default)],
+                                 "default_policy": default, "input_size": DEPLOY_SIZE,
+                                 "int8_ms": dict(zip(names, ms[1:], strict=True))}
+    for key, batch, rounds in (("latency_b1", 1, 21), ("latency_b32", 32, 7)) if training else ():
         ms = ort_latency([fp32, files[default]], input_size=size, batch=batch, threads=2, rounds=rounds)
         out[key] = {"fp32_ms": ms[0], "int8_default_ms": ms[1], "default_policy": default, "input_size": size}
     return out
@@ -348,18 +357,22 @@ def timings(fp32: Path, files: dict[str, Path], default: str, size: int) -> dict
 LATENCY_KEYS = ("latency_224_b1", "latency_b1", "latency_b32")
 
 
-def retime(rows: list[dict[str, Any]]) -> None:
+def retime(rows: list[dict[str, Any]], *, save: Callable[[], None] = lambda: None) -> None:
     """Time every architecture of ``rows`` again, one at a time, and put the figures in each of
     its rows (seeds share them); the figures they replace are kept under ``"latency_before"``.
 
     Latency does not depend on what was learned, so the models here are untrained: the base
     with the kind inserted (:data:`INIT`, seed 0), exported and quantized under each policy as
-    :func:`measure` does, on the first calibration draw. Checked on ResNet-18 + SK, INT8 with
+    :func:`measure` does, on the first calibration draw; at 224x224 the files are exported with
+    a static height and width, as export-onnx writes them for that size, and calibrated on
+    :data:`DEPLOY_CALIBRATION` images there. Checked on ResNet-18 + SK, INT8 with
     SK's branch in float, at 224x224: trained 37.6 / 22.0 ms, untrained 37.6 / 21.7 ms (one
     thread). Run it on an otherwise idle machine: rows trained in parallel processes were
     timed while the others trained."""
     import onnx
 
+    # calibration at 224x224 for the static files (ranges only: latency does not depend on them)
+    deploy_images = digits(DEPLOY_SIZE)[0][:DEPLOY_CALIBRATION]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         arch = (r["model"], attention(r["kind"]), r["position"], r["params"])
@@ -382,11 +395,25 @@ def retime(rows: list[dict[str, Any]]) -> None:
             for policy in policies:
                 files[policy] = Path(tmp) / f"int8_{policy}.onnx"
                 quantize_int8(source, files[policy], calib, exclude=kept_float(attn, policy), show_progress=False)
-            figures = timings(fp32, files, default, size)
+            figures = timings(fp32, files, default, size, deploy=False)
+            # at 224x224 the files export-onnx writes for that size: a static height and width,
+            # which lets one-axis means become uint8 depthwise convs (axis_means_as_convs)
+            fp32, source = export_forms(m, tmp, DEPLOY_SIZE, verify=False, dynamic_hw=False)
+            attn = attention_nodes(onnx.load(str(source)), m)
+            for policy in policies:
+                # one image a batch: non-local's (HW)^2 maps at 224x224 filled the memory at 8
+                quantize_int8(source, files[policy], deploy_images, exclude=kept_float(attn, policy),
+                              show_progress=False, batch=1)
+            figures.update(timings(fp32, files, default, size, training=False))
+            figures["latency_224_b1"]["static_hw"] = True
         for r in mine:
             r.setdefault("latency_before", {k: r[k] for k in LATENCY_KEYS})
+            if not r["latency_224_b1"].get("static_hw"):  # the dynamic-H/W files' figures at 224x224
+                r["latency_224_b1_dynamic_hw"] = r["latency_224_b1"]
             r.update(figures)
-            r["latency_how"] = "retimed: untrained, one architecture at a time, idle machine"
+            r["latency_how"] = ("retimed: untrained, one architecture at a time, idle machine; at 224x224 "
+                                "static-H/W files")
+        save()
         print(f"{model} {kind or 'base'} {position or ''} {params or ''}: {len(mine)} rows, "
               f"{time.perf_counter() - start:.0f} s, {os.getloadavg()}", file=sys.stderr, flush=True)
 
@@ -625,8 +652,7 @@ def main() -> None:
         return
     if args.retime:
         rows = json.loads(args.retime.read_text())
-        retime(rows)
-        args.retime.write_text(json.dumps(rows, indent=1))
+        retime(rows, save=lambda: args.retime.write_text(json.dumps(rows, indent=1)))
         return
     torch.set_num_threads(args.threads)
     INIT, SEED = args.init, args.seed
