@@ -480,6 +480,7 @@ def axis_means_as_convs(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) -> 
     side): INT8 went from x1.22 and x1.24 to x1.71 and x1.58 over float. Nodes in ``skip``
     (kept in float) stay means. Returns the names of the means rewritten."""
     import numpy as np
+    import onnx
     from onnx import helper, numpy_helper
 
     graph = proto.graph

@@ -435,6 +435,7 @@ def test_one_axis_means_become_depthwise_convs_with_the_same_outputs(tmp_path: P
     x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
     export_onnx(Strips().eval(), tmp_path / "m.onnx", input_size=32, verify=False)
     proto = onnx.load(str(tmp_path / "m.onnx"))
+    del proto.graph.value_info[:]  # the lengths come from shape inference, not the exporter's notes
     means = [n.name for n in proto.graph.node if n.op_type == "ReduceMean"]
     assert len(means) == 3
     assert quantize.axis_means_as_convs(proto, skip=[means[2]]) == means[:2]
