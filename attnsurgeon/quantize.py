@@ -107,6 +107,7 @@ DEFAULT_MIN_AGREEMENT = 0.9
 LATENCY_THREADS = 2
 LATENCY_ROUNDS = 15
 CALIBRATION_BATCH = 8
+CHECK_BATCH = 16  # held-out images a run in the agreement check
 RANDOM_CHECK_IMAGES = 16
 
 _GATE_OPS = {"Sigmoid", "HardSigmoid", "Softmax"}
@@ -412,7 +413,47 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
+def _tensor_dims(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Each tensor's dims by ONNX shape inference, 0 where a dim is symbolic or unknown; a tensor
+    whose rank inference cannot tell is missing. (The exporter's own value_info where inference
+    fails: a model over protobuf's 2 GiB, an op it does not know.)"""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:
+        inferred = proto.graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.value_info, *inferred.input) if v.type.tensor_type.HasField("shape")}
+
+
+def _constant_mean(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[set[int], dict[str, Any]] | None:
+    """The axes (of a 4-D input, made non-negative) and the attributes of a ReduceMean over
+    constant axes; None for any other node, and for a mean that is a no-op on empty axes."""
+    from onnx import helper, numpy_helper
+
+    if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2
+            or node.input[1] not in consts):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("noop_with_empty_axes", 0):
+        return None
+    return {int(a) % 4 for a in numpy_helper.to_array(consts[node.input[1]]).reshape(-1)}, attrs
+
+
+def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], detached: set[str]) -> None:
+    """Replace ``graph``'s nodes with ``nodes`` and drop the ``detached`` initializers no node
+    reads any more (onnxruntime warns of unused initializers)."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    unused = detached - {t for n in nodes for t in n.input}
+    kept = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def spatial_means_as_pools(proto: onnx.ModelProto, *,
+                           dims: dict[str, list[int]] | None = None) -> dict[str, str | None]:
     """Rewrite, in place, each ReduceMean over the height and width of a 4-D tensor as a
     GlobalAveragePool (followed by a Squeeze of both where the mean drops them): the same
     function, which onnxruntime runs on uint8 (QLinearGlobalAveragePool) where a quantized
@@ -421,32 +462,22 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
     SE @mid at 224x224, batch 1, INT8 went from x1.16 to x1.70 over float, with the same
     outputs to 1e-13. Returns the pools made, by name, each with its added Squeeze's name
     (None where the mean kept its dims). A mean whose input's rank shape inference cannot tell
-    is left alone."""
-    import onnx
-    from onnx import helper, numpy_helper
+    is left alone. ``dims``: :func:`_tensor_dims` of ``proto``, where the caller has them."""
+    from onnx import helper
 
     graph = proto.graph
     consts = {t.name: t for t in graph.initializer}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto).graph
-    except Exception:  # a model over protobuf's 2 GiB, an op the inference does not know
-        inferred = graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.value_info, *inferred.input)
-             if v.type.tensor_type.HasField("shape")}
+    dims = _tensor_dims(proto) if dims is None else dims
     pools: dict[str, str | None] = {}
     nodes = []
     detached = set()
     axes_name = None  # the [2, 3] the added Squeezes share
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        mean = _constant_mean(node, consts)
+        if mean is None or mean[0] != {2, 3} or len(dims.get(node.input[0], [])) != 4:
             continue
-        if node.input[1] not in consts or ranks.get(node.input[0]) != 4:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axes = {int(a) % 4 for a in numpy_helper.to_array(consts[node.input[1]]).reshape(-1)}
-        if axes != {2, 3} or attrs.get("noop_with_empty_axes", 0):
-            continue
+        attrs = mean[1]
         node.op_type = "GlobalAveragePool"
         detached.add(node.input[1])
         del node.input[1:]
@@ -459,16 +490,12 @@ def spatial_means_as_pools(proto: onnx.ModelProto) -> dict[str, str | None]:
             squeeze = helper.make_node("Squeeze", [pooled, axes_name], [out], name=f"{node.name}_squeeze")
             nodes.append(squeeze)
             pools[node.name] = squeeze.name
-    del graph.node[:]
-    graph.node.extend(nodes)
-    unused = detached - {t for n in nodes for t in n.input}  # onnxruntime warns of unused initializers
-    kept = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _set_nodes(graph, nodes, detached)
     return pools
 
 
-def axis_means_as_convs(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) -> list[str]:
+def axis_means_as_convs(proto: onnx.ModelProto, *, skip: Iterable[str] = (),
+                        dims: dict[str, list[int]] | None = None) -> list[str]:
     """Rewrite, in place, each ReduceMean over the height alone or the width alone of a 4-D
     tensor whose channels and that axis have a static size (a file without ``--dynamic-hw``) as
     a depthwise Conv whose kernel spans the axis with weights 1/L (followed by a Squeeze of the
@@ -478,33 +505,25 @@ def axis_means_as_convs(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) -> 
     QuantizeLinear. Coordinate attention's and ELA's directional pooling is such a pair of
     means. MobileNetV2 + coordinate attention @mid at 224x224, batch 1 (random weights, side by
     side): INT8 went from x1.22 and x1.24 to x1.71 and x1.58 over float. Nodes in ``skip``
-    (kept in float) stay means. Returns the names of the means rewritten."""
+    (kept in float) stay means. Returns the names of the means rewritten. ``dims``: as
+    :func:`spatial_means_as_pools`."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = proto.graph
     consts = {t.name: t for t in graph.initializer}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto).graph
-    except Exception:  # a model over protobuf's 2 GiB, an op the inference does not know
-        inferred = graph
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.value_info, *inferred.input) if v.type.tensor_type.HasField("shape")}
+    dims = _tensor_dims(proto) if dims is None else dims
     skip = set(skip)
     done: list[str] = []
     nodes = []
+    detached = set()
     for node in graph.node:
         nodes.append(node)
-        if (node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.input) != 2
-                or node.name in skip or node.input[1] not in consts):
+        mean = _constant_mean(node, consts)
+        shape = dims.get(node.input[0], []) if mean else []
+        if mean is None or node.name in skip or len(shape) != 4 or len(mean[0]) != 1 or not mean[0] <= {2, 3}:
             continue
-        shape = dims.get(node.input[0], [])
-        axes = {int(a) % 4 for a in numpy_helper.to_array(consts[node.input[1]]).reshape(-1)}
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if len(shape) != 4 or len(axes) != 1 or not axes <= {2, 3} or attrs.get("noop_with_empty_axes", 0):
-            continue
-        axis = axes.pop()
+        (axis,), attrs = mean
         channels, length = shape[1], shape[axis]
         if not channels or not length:
             continue
@@ -512,24 +531,19 @@ def axis_means_as_convs(proto: onnx.ModelProto, *, skip: Iterable[str] = ()) -> 
         weight = f"{node.name}_averaging_kernel"
         graph.initializer.append(numpy_helper.from_array(
             np.full((channels, 1, *kernel), 1.0 / length, dtype=np.float32), weight))
-        out = node.output[0]
-        keep = attrs.get("keepdims", 1)
+        detached.add(node.input[1])
         node.op_type = "Conv"
         node.input[1] = weight
         del node.attribute[:]
         node.attribute.extend([helper.make_attribute("group", channels), helper.make_attribute("kernel_shape", kernel)])
-        if not keep:
+        if not attrs.get("keepdims", 1):
+            out = node.output[0]
             node.output[0] = f"{out}_pooled"
             axis_name = f"{node.name}_squeeze_axis"
             graph.initializer.append(numpy_helper.from_array(np.array([axis], dtype=np.int64), axis_name))
             nodes.append(helper.make_node("Squeeze", [node.output[0], axis_name], [out], name=f"{node.name}_squeeze"))
         done.append(node.name)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {t for n in nodes for t in n.input}  # onnxruntime warns of unused initializers
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _set_nodes(graph, nodes, detached)
     return done
 
 
@@ -715,8 +729,9 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
 
     start = time.perf_counter()
     proto = onnx.load(str(float_path))
-    pools = spatial_means_as_pools(proto)
-    axis_means = axis_means_as_convs(proto, skip=exclude)
+    dims = _tensor_dims(proto)  # both rewrites below leave the tensors they read as they were
+    pools = spatial_means_as_pools(proto, dims=dims)
+    axis_means = axis_means_as_convs(proto, skip=exclude, dims=dims)
     dense = grouped_convs_as_dense(proto, skip=exclude)
     own_biases(proto)
     exclude = [*exclude, *(squeeze for n in exclude if (squeeze := pools.get(n)))]
@@ -836,7 +851,8 @@ def run_as_integer(path: Path, nodes: list[dict[str, str]]) -> list[dict[str, st
     return [{**a, "ran_as": integer[a["node"]]} for a in nodes if a["node"] in integer]
 
 
-def compare_outputs(model: nn.Module, path: Path, images: np.ndarray, *, batch: int = 16) -> dict[str, Any]:
+def compare_outputs(model: nn.Module, path: Path, images: np.ndarray, *,
+                    batch: int = CHECK_BATCH) -> dict[str, Any]:
     """Top-1 agreement and cosine similarity of ``path`` (onnxruntime) with ``model`` (eval).
 
     Top-1 is the argmax over dim 1 (the class; per pixel for segmentation outputs); the
@@ -959,7 +975,8 @@ def export_quantized(
         held_out = torch.randn(RANDOM_CHECK_IMAGES, 3, input_size, input_size,
                                generator=torch.Generator().manual_seed(2)).numpy()
         check_source = f"{RANDOM_CHECK_IMAGES} random N(0,1) inputs (no --calibration given)"
-    batch = None if dynamic_batch else 1  # a --static-batch file takes one image a run
+    # a --static-batch file takes one image a run
+    calibration_batch, check_batch = (CALIBRATION_BATCH, CHECK_BATCH) if dynamic_batch else (1, 1)
 
     with tempfile.TemporaryDirectory(prefix="attnsurgeon-") as tmp_dir, evaluating(model):
         float_path = Path(tmp_dir) / f"{path.stem}.fp32.onnx"
@@ -1004,7 +1021,7 @@ def export_quantized(
                 q["policy_overrides"] = dict(policies or {})
                 q["float_nodes"] = keep
                 q.update(quantize_int8(float_path, tmp, calibrate, exclude=[a["node"] for a in keep],
-                                       show_progress=show_progress, batch=batch or CALIBRATION_BATCH))
+                                       show_progress=show_progress, batch=calibration_batch))
                 try:
                     q["run_as_integer"] = run_as_integer(tmp, keep)
                 except Exception:  # onnxruntime cannot load the file: the agreement check below reports why
@@ -1015,7 +1032,7 @@ def export_quantized(
             q["error"] = None
             try:
                 onnx.checker.check_model(str(tmp), full_check=True)
-                q["agreement"] = compare_outputs(model, tmp, held_out, batch=batch or 16)
+                q["agreement"] = compare_outputs(model, tmp, held_out, batch=check_batch)
             except Exception as e:  # onnx.checker's ValidationError, onnxruntime's Fail, ...
                 from .onnx_export import _first_sentence
 
