@@ -27,7 +27,8 @@ built-in SqueezeExcitation (:data:`BUILTIN`) are measured as base rows under eve
     python benchmarks/bench_quantize.py --models resnet18 --kinds se,eca --out results.json
     python benchmarks/bench_quantize.py --kinds fine-tuned,coord --seed 1 --out results.json  # retrain
     python benchmarks/bench_quantize.py --table results.json           # README tables, current defaults
-    python benchmarks/bench_quantize.py --retime results.json          # latency again, idle machine (~20 min)
+    python benchmarks/bench_quantize.py --retime results.json          # latency again, idle machine (~30 min)
+    python benchmarks/bench_quantize.py --retime results.json --kinds gc  # one kind's rows again
 
 Rows are appended to ``--out`` as they finish (a rerun skips rows already there), so the
 tables can be re-printed with the current :data:`attnsurgeon.quantize.DEFAULT_POLICY`.
@@ -638,7 +639,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_quantize.json"))
     ap.add_argument("--table", type=Path, help="print the README tables from this results file and exit")
     ap.add_argument("--retime", type=Path, help="time every architecture in this results file again (on an "
-                    "idle machine), write the figures into it, and exit")
+                    "idle machine; --models and --kinds choose some), write the figures into it, and exit")
     ap.add_argument("--models", default="", help="comma list of models (default: all)")
     ap.add_argument("--kinds", default="", help="comma list of kinds, 'base' for the base rows, "
                     f"'{TUNED}' for the fine-tuned base (default: all)")
@@ -650,18 +651,23 @@ def main() -> None:
     if args.table:
         print(tables(json.loads(args.table.read_text())))
         return
+    models, kinds = set(filter(None, args.models.split(","))), set(filter(None, args.kinds.split(",")))
+
+    def chosen(model: str, kind: str | None) -> bool:
+        return (not models or model in models) and (not kinds or (kind or "base") in kinds)
+
     if args.retime:
         rows = json.loads(args.retime.read_text())
-        retime(rows, save=lambda: args.retime.write_text(json.dumps(rows, indent=1)))
+        retime([r for r in rows if chosen(r["model"], r["kind"])],
+               save=lambda: args.retime.write_text(json.dumps(rows, indent=1)))
         return
     torch.set_num_threads(args.threads)
     INIT, SEED = args.init, args.seed
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     names = {r["row"] for r in done}
-    models, kinds = set(filter(None, args.models.split(","))), set(filter(None, args.kinds.split(",")))
     for spec in ROWS:
         name = row_name(*spec)
-        if name in names or (models and spec[0] not in models) or (kinds and (spec[1] or "base") not in kinds):
+        if name in names or not chosen(spec[0], spec[1]):
             continue
         start = time.perf_counter()
         try:

@@ -551,6 +551,68 @@ def test_narrow_grouped_convs_quantize_as_dense_block_diagonal_convs(tmp_path: P
     np.testing.assert_allclose(run[0], run[1], atol=2 * step)
 
 
+@pytest.mark.parametrize("dynamic_hw", [False, True])
+def test_attention_pooling_reads_the_map_channels_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       dynamic_hw: bool) -> None:
+    """GC's context, ``x.flatten(2) @ softmax(...).transpose(1, 2)``, becomes the weights' row
+    times the map's channels-last rows: the same function in float (a dynamic H and W too, whose
+    shape nodes go with the flattening), one pooling kept in float stays, and in INT8 the file
+    gives what the file quantized without the rewrite gives. onnxruntime then runs it with
+    fewer transposes: the one written here cancels against its own around the uint8 convs."""
+    import onnx
+    import onnxruntime as ort
+
+    from attnsurgeon.layers.global_context import GlobalContext
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.gc = GlobalContext(16, reduction=4)
+            self.mid = nn.Conv2d(16, 8, 1)  # a width of its own: its flattening's shape is its own
+            self.kept = GlobalContext(8, reduction=4)
+            self.head = nn.Conv2d(8, 8, 1)
+            for m in (self.gc, self.kept):
+                nn.init.normal_(m.transform[-1].weight, std=0.3)  # not the identity it starts as
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.kept(self.mid(self.gc(torch.relu(self.stem(x)))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    export_onnx(Pooled().eval(), tmp_path / "m.onnx", input_size=32, dynamic_hw=dynamic_hw, verify=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    assert quantize.attention_pools_channels_last(proto, skip=[matmuls[1]]) == matmuls[:1]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Transpose") == 2  # kept's column, the new one
+    if dynamic_hw:  # the Concat that made the flattening's shape went with it
+        assert ops.count("Concat") < [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node].count("Concat")
+    used = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
+    assert all(used & set(n.output) for n in proto.graph.node)  # no node left computing for nothing
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "c.onnx"))
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    run = [quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("m.onnx", "c.onnx")]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
+
+    def transposes(path: Path) -> int:  # in the graph onnxruntime runs, layout changes included
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node].count("Transpose")
+
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
+    assert info["pools_channels_last"] == 2
+    monkeypatch.setattr(quantize, "attention_pools_channels_last", lambda proto, **kwargs: [])
+    quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "r.onnx", x, exclude=[], show_progress=False)
+    got, want = (quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("q.onnx", "r.onnx"))
+    np.testing.assert_allclose(got, want, atol=float(np.abs(want).max()) / 255)  # within one rounding step
+    assert transposes(tmp_path / "q.onnx") < transposes(tmp_path / "r.onnx")
+
+
 def test_quantized_files_hand_out_float_outputs(tmp_path: Path) -> None:
     """The classifier's output is not rounded to uint8: the graph output comes from the Gemm
     itself, which onnxruntime still runs as an integer QGemm (float output), and its values
