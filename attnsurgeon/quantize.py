@@ -69,10 +69,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MIN_AGREEMENT", "DEFAULT_POLICY", "POLICIES", "PRECISIONS", "ROLES", "attention_nodes",
            "attention_pools_channels_last", "axis_means_as_convs", "check_module_paths", "check_policy_kinds",
            "check_quantize_args", "compare_outputs", "convert_fp16", "export_quantized", "grouped_convs_as_dense",
-           "kind_policies", "module_nodes",
-           "nodes_to_keep_float", "onnxruntime_graph", "ort_latency", "outputs_in_float", "own_biases",
-           "parse_module_paths", "parse_policies", "policy_keeps", "pools_out_of_range_as_means",
-           "print_quantized_summary", "quantize_int8", "run_as_integer", "spatial_means_as_pools"]
+           "kind_policies", "module_nodes", "nodes_to_keep_float", "onnxruntime_graph", "ort_latency",
+           "outputs_in_float", "own_biases", "parse_module_paths", "parse_policies", "policy_keeps",
+           "pools_out_of_range_as_means", "print_quantized_summary", "quantize_int8", "run_as_integer",
+           "spatial_means_as_pools"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("gate", "branch", "apply")
@@ -614,19 +614,20 @@ def attention_pools_channels_last(proto: onnx.ModelProto, *, skip: Iterable[str]
         ]
         dropped.add(flat.name)
         done.append(name)
-    # drop the dropped nodes, and what computed only their inputs (a dynamic H, W's Shape, Concat)
+    if not done:
+        return done
+    # drop the replaced nodes, then every node nothing reads any more (what computed a dynamic
+    # H and W's flattening shape: Shape, Concat)
     outputs = {o.name for o in graph.output}
-    gone = [n for n in nodes if n.name in dropped]
-    detached: set[str] = set()
-    while gone:
-        ids = {id(n) for n in gone}
-        nodes = [n for n in nodes if id(n) not in ids]
-        detached |= {t for n in gone for t in n.input}
+    nodes = [n for n in nodes if n.name not in dropped]
+    while True:
         used = outputs | {t for n in nodes for t in n.input}
-        kept = {id(n) for n in nodes}
-        gone = list({id(n): n for t in detached if (n := producer.get(t)) is not None and id(n) in kept
-                     and not used & set(n.output)}.values())
-    _set_nodes(graph, nodes, detached)
+        live = [n for n in nodes if used & set(n.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    names = {n.name for n in nodes}
+    _set_nodes(graph, nodes, {t for n in graph.node if n.name not in names for t in n.input})
     return done
 
 
