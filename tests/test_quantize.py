@@ -866,6 +866,15 @@ def test_default_policy_is_the_rule_over_the_measured_rows() -> None:
     spec.loader.exec_module(bench)
     rows = json.loads((root / "bench_quantize_results.json").read_text())
     assert bench.choose_per_kind(rows) == quantize.DEFAULT_POLICY
+    # the rule itself, on 1,440 images (margin 3.6): fewest float nodes among the near ones ...
+    ms = {"none": 1.0, "gate+apply": 0.97, "branch": 0.9, "branch+apply": 0.8}
+    assert bench._pick({"none": 1430, "gate+apply": 1431, "branch": 1429, "branch+apply": 1420}, ms, 1440) == "none"
+    # ... unless a near one is a quarter faster, or agrees as well and is 5% faster
+    assert bench._pick({"none": 1430, "gate+apply": 1431, "branch": 1429, "branch+apply": 1429},
+                       {**ms, "branch+apply": 0.7}, 1440) == "branch+apply"
+    assert bench._pick({"none": 1430, "gate+apply": 1431, "branch": 1430, "branch+apply": 1420}, ms, 1440) == "branch"
+    assert bench._pick({"none": 1430, "gate+apply": 1431, "branch": 1429, "branch+apply": 1420},
+                       {**ms, "gate+apply": 0.96}, 1440) == "none"
 
 
 def test_hard_sigmoid_gate_preserve_is_exact_and_trainable() -> None:
