@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 import attnsurgeon
-from attnsurgeon import quantize
+from attnsurgeon import onnx_rewrites, quantize
 from attnsurgeon.calibration import find_images, load_images, preprocessing_for, split
 from attnsurgeon.checkpoint import save
 from attnsurgeon.recipe import Recipe
@@ -353,7 +353,7 @@ def test_spatial_means_become_global_pools_with_the_same_outputs(tmp_path: Path)
     export_onnx(Means().eval(), tmp_path / "m.onnx", input_size=32, dynamic_batch=False, verify=False)
     proto = onnx.load(str(tmp_path / "m.onnx"))
     means = [n.name for n in proto.graph.node if n.op_type == "ReduceMean"]
-    pools = quantize.spatial_means_as_pools(proto)
+    pools = onnx_rewrites.spatial_means_as_pools(proto)
     squeezes = {pool: squeeze for pool, squeeze in pools.items() if squeeze}
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GlobalAveragePool") == len(pools) == 3 and ops.count("Squeeze") == len(squeezes) == 2
@@ -438,7 +438,7 @@ def test_one_axis_means_become_depthwise_convs_with_the_same_outputs(tmp_path: P
     del proto.graph.value_info[:]  # the lengths come from shape inference, not the exporter's notes
     means = [n.name for n in proto.graph.node if n.op_type == "ReduceMean"]
     assert len(means) == 3
-    assert quantize.axis_means_as_convs(proto, skip=[means[2]]) == means[:2]
+    assert onnx_rewrites.axis_means_as_convs(proto, skip=[means[2]]) == means[:2]
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("ReduceMean") == 1 and ops.count("Conv") == 3 and ops.count("Squeeze") == 1
     onnx.checker.check_model(proto, full_check=True)
@@ -447,7 +447,7 @@ def test_one_axis_means_become_depthwise_convs_with_the_same_outputs(tmp_path: P
     np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
 
     export_onnx(Strips().eval(), tmp_path / "d.onnx", input_size=32, dynamic_hw=True, verify=False)
-    assert quantize.axis_means_as_convs(onnx.load(str(tmp_path / "d.onnx"))) == []  # no static length
+    assert onnx_rewrites.axis_means_as_convs(onnx.load(str(tmp_path / "d.onnx"))) == []  # no static length
 
     info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
     assert info["axis_means_as_convs"] == 3
@@ -483,7 +483,7 @@ def test_shared_biases_get_copies_of_their_own(tmp_path: Path) -> None:
     x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
 
     proto = onnx.load(str(tmp_path / "m.onnx"))
-    assert quantize.own_biases(proto) == 1
+    assert onnx_rewrites.own_biases(proto) == 1
     assert [n.input[2] for n in proto.graph.node if n.op_type == "InstanceNormalization"] == ["b", "b_norm2"]
     quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[], show_progress=False)
     got, want = (quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("q.onnx", "m.onnx"))
@@ -543,7 +543,7 @@ def test_narrow_grouped_convs_quantize_as_dense_block_diagonal_convs(tmp_path: P
         blocks[2 * g:2 * g + 2, 2 * g:2 * g + 2] = True
     assert not w[~blocks].any() and w[blocks].any()
 
-    monkeypatch.setattr(quantize, "DENSE_GROUP_WIDTH", 1)  # no conv qualifies
+    monkeypatch.setattr(onnx_rewrites, "DENSE_GROUP_WIDTH", 1)  # no conv qualifies
     grouped = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "g.onnx", x, exclude=[kept], show_progress=False)
     assert grouped["grouped_as_dense"] == 0
     run = [quantize._session(tmp_path / f).run(None, {"input": x[:4]})[0] for f in ("q.onnx", "g.onnx")]
@@ -584,7 +584,7 @@ def test_attention_pooling_reads_the_map_channels_last(tmp_path: Path, monkeypat
     proto = onnx.load(str(tmp_path / "m.onnx"))
     matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == 2
-    assert quantize.attention_pools_channels_last(proto, skip=[matmuls[1]]) == matmuls[:1]
+    assert onnx_rewrites.attention_pools_channels_last(proto, skip=[matmuls[1]]) == matmuls[:1]
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMul") == 2 and ops.count("Transpose") == 2  # kept's column, the new one
     if dynamic_hw:  # the Concat that made the flattening's shape went with it
@@ -651,7 +651,7 @@ def test_quantized_files_hand_out_float_outputs(tmp_path: Path) -> None:
     proto = helper.make_model(helper.make_graph(
         nodes, "g", value[:1], value[1:],
         [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("zp", TensorProto.UINT8, [], [0])]))
-    assert quantize.outputs_in_float(proto) == 1
+    assert onnx_rewrites.outputs_in_float(proto) == 1
     assert [(n.name, list(n.output)) for n in proto.graph.node] == [
         ("neg", ["y"]), ("abs", ["u"]), ("u_Q", ["u_q"]), ("u_DQ", ["z"]), ("relu", ["w"])]
     assert {t.name for t in proto.graph.initializer} == {"s", "zp"}  # still used by the kept pair
