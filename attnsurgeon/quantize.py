@@ -60,6 +60,7 @@ from .onnx_rewrites import (
     attention_pools_channels_last,
     axis_means_as_convs,
     grouped_convs_as_dense,
+    hard_gates_as_clips,
     links,
     outputs_in_float,
     own_biases,
@@ -410,8 +411,9 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
     The graph quantized is ``float_path``'s with its spatial means as pools
     (:func:`~attnsurgeon.onnx_rewrites.spatial_means_as_pools`; a mean in ``exclude`` stays in
     float with its Squeeze), its one-axis means as depthwise convs (``axis_means_as_convs``), its
-    attention poolings on the map's channels-last rows (``attention_pools_channels_last``) and its
-    narrow grouped convs dense (``grouped_convs_as_dense``), the last three not for nodes in
+    attention poolings on the map's channels-last rows (``attention_pools_channels_last``), its
+    HardSigmoids and HardSwishes as Clips of an affine conv (``hard_gates_as_clips``) and its
+    narrow grouped convs dense (``grouped_convs_as_dense``), the last four not for nodes in
     ``exclude``; the quantized file's outputs are left in float (``outputs_in_float``). ``batch``
     images calibrate at a time: 1 for a file with a static batch."""
     import onnx
@@ -434,6 +436,7 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
     pools = spatial_means_as_pools(proto, dims=dims)
     axis_means = axis_means_as_convs(proto, skip=exclude, dims=dims)
     channels_last = attention_pools_channels_last(proto, skip=exclude, dims=dims)
+    hard = hard_gates_as_clips(proto, skip=exclude, dims=dims)
     dense = grouped_convs_as_dense(proto, skip=exclude)
     own_biases(proto)
     exclude = [*exclude, *(squeeze for n in exclude if (squeeze := pools.get(n)))]
@@ -468,6 +471,7 @@ def quantize_int8(float_path: Path, out_path: Path, images: np.ndarray, *, exclu
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8, per-channel, symmetric",
             "activations": "uint8, per-tensor", "calibrate_method": "MinMax", "means_as_pools": len(pools) - reverted,
             "axis_means_as_convs": len(axis_means), "pools_channels_last": len(channels_last),
+            "hard_gates_as_clips": len(hard),
             "grouped_as_dense": len(dense), "float_outputs": freed,
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -772,12 +776,14 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
 
     if q["precision"] == "int8":
         pools, dense, axis = q.get("means_as_pools"), q.get("grouped_as_dense"), q.get("axis_means_as_convs")
-        rows = q.get("pools_channels_last")
+        rows, hard = q.get("pools_channels_last"), q.get("hard_gates_as_clips")
         line(f"[bold]int8[/]: {q['method']}, {q['format']}, weights {q['weights']}, activations "
              f"{q['activations']} ({q['calibrate_method']})"
              + (f"; {pools} mean{'s' if pools != 1 else ''} over H, W as uint8 GlobalAveragePool" if pools else "")
              + (f"; {axis} mean{'s' if axis != 1 else ''} over H or W as uint8 depthwise conv" if axis else "")
              + (f"; {rows} attention pooling{'s' if rows != 1 else ''} on channels-last rows" if rows else "")
+             + (f"; {hard} hard sigmoid{'s' if hard != 1 else ''} or swish{'es' if hard != 1 else ''} as Clip "
+                "of a uint8 conv" if hard else "")
              + (f"; {dense} narrow grouped conv{'s' if dense != 1 else ''} as dense" if dense else "")
              + ("; outputs in float (the last op's result not rounded to uint8)" if q.get("float_outputs") else ""))
     else:

@@ -613,6 +613,67 @@ def test_attention_pooling_reads_the_map_channels_last(tmp_path: Path, monkeypat
     assert transposes(tmp_path / "q.onnx") < transposes(tmp_path / "r.onnx")
 
 
+def test_hard_gates_become_clips_of_uint8_convs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard-sigmoid gate (SE's, through its reshapes) has its affine folded into the conv that
+    makes its input and becomes a Clip; a HardSwish, and a hard sigmoid whose input also feeds
+    something else, get a depthwise 1x1 conv of their own; a gate kept in float stays. The same
+    function in float; in INT8 onnxruntime then runs none of them in float, and the file gives
+    what the file quantized without the rewrite gives, to about a rounding step."""
+    import onnx
+
+    from attnsurgeon.layers.squeeze_excite import SqueezeExcite
+    from attnsurgeon.onnx_export import export_onnx
+
+    class Hard(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.se = SqueezeExcite(16, gate="hard_sigmoid")
+            self.kept = SqueezeExcite(16, gate="hard_sigmoid")
+            self.mix = nn.Conv2d(16, 16, 1)
+            self.head = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = nn.functional.hardswish(self.stem(x))
+            x = self.kept(self.se(x))
+            y = self.mix(x)
+            x = y * nn.functional.hardsigmoid(y) + y  # the hard sigmoid's input feeds the add too
+            return self.head(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Hard().eval()
+    for m in model.modules():  # gates that vary, not the ones at the start
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.5)
+    export_onnx(model, tmp_path / "m.onnx", input_size=32, dynamic_hw=False, verify=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("HardSigmoid") == 3 and ops.count("HardSwish") == 1
+    kept = [n.name for n in proto.graph.node if n.op_type == "HardSigmoid"][1]  # self.kept's gate
+    done = onnx_rewrites.hard_gates_as_clips(proto, skip=[kept])
+    assert len(done) == 3 and kept not in done
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("HardSigmoid") == 1 and "HardSwish" not in ops and ops.count("Clip") == 3
+    assert sum(n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+               for n in proto.graph.node) == 2  # the HardSwish's and the shared input's affines
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "c.onnx"))
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    run = [quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("m.onnx", "c.onnx")]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+
+    info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[kept], show_progress=False)
+    assert info["hard_gates_as_clips"] == 3
+    ran = [n.op_type for n in quantize.onnxruntime_graph(tmp_path / "q.onnx").node]
+    assert ran.count("HardSigmoid") == 1 and "HardSwish" not in ran and "Clip" not in ran
+    monkeypatch.setattr(quantize, "hard_gates_as_clips", lambda proto, **kwargs: [])
+    quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "r.onnx", x, exclude=[kept], show_progress=False)
+    got, want = (quantize._session(tmp_path / f).run(None, {"input": x})[0] for f in ("q.onnx", "r.onnx"))
+    ran = [n.op_type for n in quantize.onnxruntime_graph(tmp_path / "r.onnx").node]
+    assert ran.count("HardSigmoid") + ran.count("HardSwish") == 4  # in float, onnxruntime's own form
+    np.testing.assert_allclose(got, want, atol=3 * float(np.abs(want).max()) / 255)  # a few rounding steps
+
+
 def test_quantized_files_hand_out_float_outputs(tmp_path: Path) -> None:
     """The classifier's output is not rounded to uint8: the graph output comes from the Gemm
     itself, which onnxruntime still runs as an integer QGemm (float output), and its values
