@@ -4,12 +4,12 @@ provider run more of a quantized model on integer kernels (or let the quantizer 
 onnxruntime runs a quantized op on uint8 only where it has a kernel for it (QLinearConv,
 QLinearGlobalAveragePool, QLinearMatMul, ...); any other op between a DequantizeLinear and a
 QuantizeLinear runs in float and pays for both. Each rewrite here turns a pattern of the
-exported graph (mostly its attention modules') into the same function written with ops that do have such a kernel,
-or in the memory order the quantized convs already use: spatial and one-axis means as pools
-and depthwise convs, GC's attention pooling on channels-last rows, hard sigmoids and hard
-swishes as Clips of a conv, narrow grouped convs as dense ones. The others prepare or finish
-the quantizer's file (biases of their own, outputs in float, pools its kernel would refuse
-back as means). Each one's docstring holds what it measured;
+exported graph (mostly its attention modules') into the same function written with ops that do
+have such a kernel, or in the memory order the quantized convs already use: spatial and
+one-axis means as pools and depthwise convs, GC's attention pooling on channels-last rows,
+hard sigmoids and hard swishes as Clips of a conv, narrow grouped convs as dense ones. The
+others prepare or finish the quantizer's file (biases of their own, outputs in float, pools
+its kernel would refuse back as means). Each one's docstring holds what it measured;
 :func:`attnsurgeon.quantize.quantize_int8` applies them.
 """
 
