@@ -760,6 +760,16 @@ def _fmt_size(n: int) -> str:
     return si(n, "B")
 
 
+# how the summary names each graph rewrite's count (its --json key): one, several, what became of them
+_REWRITE_WORDS = (
+    ("means_as_pools", "mean", "means", "over H, W as uint8 GlobalAveragePool"),
+    ("axis_means_as_convs", "mean", "means", "over H or W as uint8 depthwise conv"),
+    ("pools_channels_last", "attention pooling", "attention poolings", "on channels-last rows"),
+    ("hard_gates_as_clips", "hard sigmoid or swish", "hard sigmoids or swishes", "as Clip of a uint8 conv"),
+    ("grouped_as_dense", "narrow grouped conv", "narrow grouped convs", "as dense"),
+)
+
+
 def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
     """Print the float graph's check (as for fp32) and then the converted file's figures."""
     from rich.markup import escape
@@ -775,16 +785,10 @@ def print_quantized_summary(console: Any, data: dict[str, Any]) -> None:
         console.print(text, style=style, highlight=False, soft_wrap=True)
 
     if q["precision"] == "int8":
-        pools, dense, axis = q.get("means_as_pools"), q.get("grouped_as_dense"), q.get("axis_means_as_convs")
-        rows, hard = q.get("pools_channels_last"), q.get("hard_gates_as_clips")
+        rewrites = "".join(f"; {n} {one if n == 1 else many} {how}" for key, one, many, how in _REWRITE_WORDS
+                           if (n := q.get(key)))
         line(f"[bold]int8[/]: {q['method']}, {q['format']}, weights {q['weights']}, activations "
-             f"{q['activations']} ({q['calibrate_method']})"
-             + (f"; {pools} mean{'s' if pools != 1 else ''} over H, W as uint8 GlobalAveragePool" if pools else "")
-             + (f"; {axis} mean{'s' if axis != 1 else ''} over H or W as uint8 depthwise conv" if axis else "")
-             + (f"; {rows} attention pooling{'s' if rows != 1 else ''} on channels-last rows" if rows else "")
-             + (f"; {hard} hard sigmoid{'s' if hard != 1 else ''} or swish{'es' if hard != 1 else ''} as Clip "
-                "of a uint8 conv" if hard else "")
-             + (f"; {dense} narrow grouped conv{'s' if dense != 1 else ''} as dense" if dense else "")
+             f"{q['activations']} ({q['calibrate_method']}){rewrites}"
              + ("; outputs in float (the last op's result not rounded to uint8)" if q.get("float_outputs") else ""))
     else:
         line(f"[bold]fp16[/]: {q['method']} (keep_io_types: float32 input and output)")

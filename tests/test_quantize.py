@@ -620,6 +620,7 @@ def test_hard_gates_become_clips_of_uint8_convs(tmp_path: Path, monkeypatch: pyt
     function in float; in INT8 onnxruntime then runs none of them in float, and the file gives
     what the file quantized without the rewrite gives, to about a rounding step."""
     import onnx
+    from rich.console import Console
 
     from attnsurgeon.layers.squeeze_excite import SqueezeExcite
     from attnsurgeon.onnx_export import export_onnx
@@ -664,6 +665,12 @@ def test_hard_gates_become_clips_of_uint8_convs(tmp_path: Path, monkeypatch: pyt
 
     info = quantize.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx", x, exclude=[kept], show_progress=False)
     assert info["hard_gates_as_clips"] == 3
+    summary = quantize.export_quantized(model, tmp_path / "e.onnx", precision="int8", input_size=32, opset=18,
+                                        images=x, min_agreement=0.0, show_progress=False)
+    console = Console(record=True, width=400)
+    quantize.print_quantized_summary(console, summary)
+    n = summary["quantized"]["hard_gates_as_clips"]
+    assert n >= 3 and f"; {n} hard sigmoids or swishes as Clip of a uint8 conv" in console.export_text()
     ran = [n.op_type for n in quantize.onnxruntime_graph(tmp_path / "q.onnx").node]
     assert ran.count("HardSigmoid") == 1 and "HardSwish" not in ran and "Clip" not in ran
     monkeypatch.setattr(quantize, "hard_gates_as_clips", lambda proto, **kwargs: [])
